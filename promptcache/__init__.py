@@ -1,0 +1,9 @@
+"""promptcache: a self-hosted prompt-caching LLM engine and server."""
+
+from promptcache.engine.config import EngineConfig
+from promptcache.engine.llm import LLM
+from promptcache.engine.request import RequestOutput, Usage
+from promptcache.engine.sampling import SamplingParams
+
+__all__ = ["LLM", "EngineConfig", "RequestOutput", "SamplingParams", "Usage"]
+__version__ = "0.1.0"

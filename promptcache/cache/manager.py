@@ -1,0 +1,262 @@
+"""Which KV blocks each request uses: prefix matching, allocation, commit, release.
+
+The manager owns every request's block table (a list of blocks, in token order) and the
+"pending" map that lets a request see that blocks it wants are being computed right now by
+another request (in-flight sharing). It never sees tensors.
+
+Index arithmetic for one request, in tokens::
+
+    [0, cached) reused | [cached, computed) done | [computed, n) still to run
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from promptcache.cache.block_pool import Block, BlockPool
+from promptcache.cache.hashing import BlockHash
+
+# Provider retention names -> seconds of idle time a block is kept (refreshed on every hit).
+RETENTION_NAMES = {"5m": 300.0, "in_memory": 600.0, "1h": 3600.0, "24h": 86400.0}
+
+
+def parse_ttl(value: str | float | int | None) -> float:
+    """``"5m"``, ``"1h"``, ``"24h"``, ``"in_memory"``, ``"300s"``, ``"30m"`` or seconds -> seconds."""
+    if value is None:
+        return 0.0
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif value in RETENTION_NAMES:
+        seconds = RETENTION_NAMES[value]
+    else:
+        units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+        try:
+            seconds = float(value[:-1]) * units[value[-1]]
+        except (KeyError, ValueError, IndexError):
+            raise ValueError(f"invalid ttl {value!r}: use e.g. '300s', '5m', '1h', '24h'") from None
+    if seconds < 0:
+        raise ValueError(f"ttl must not be negative, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long each block of a request stays cached after its last use.
+
+    ``default_ttl_s`` covers every block; a breakpoint ``(end_token, ttl_s)`` covers the full blocks
+    ending at or before ``end_token`` (Anthropic's ``cache_control`` on a block). A block takes the
+    longest ttl among what covers it.
+    """
+
+    default_ttl_s: float = 0.0
+    breakpoints: tuple[tuple[int, float], ...] = ()
+
+    def ttl_for_block(self, block_index: int, block_size: int) -> float:
+        block_end = (block_index + 1) * block_size
+        ttl = self.default_ttl_s
+        for end_token, bp_ttl in self.breakpoints:
+            if block_end <= end_token:
+                ttl = max(ttl, bp_ttl)
+        return ttl
+
+
+NO_RETENTION = Retention()
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    blocks: tuple[Block, ...]
+    num_tokens: int  # reused tokens (whole blocks)
+    num_pending_blocks: int  # blocks right after the hit that another request is computing now
+
+
+@dataclass
+class _Table:
+    blocks: list[Block] = field(default_factory=list)
+    num_committed_blocks: int = 0
+    retention: Retention = NO_RETENTION
+    pending: list[BlockHash] = field(default_factory=list)
+
+
+class KVCacheManager:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_caching: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, clock)
+        self.tables: dict[str, _Table] = {}
+        self.pending: dict[BlockHash, str] = {}  # hash -> request computing it now
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.tables[request_id].blocks]
+
+    def match(self, request_id: str, block_hashes: Sequence[BlockHash], num_tokens: int) -> CacheHit:
+        """Longest run of cached full blocks at the start of the request's tokens.
+
+        Capped so that at least the last token is computed: its logits are needed to sample.
+        """
+        if not self.enable_caching:
+            return CacheHit((), 0, 0)
+        max_hit_blocks = (num_tokens - 1) // self.block_size  # the last token must run
+        hit: list[Block] = []
+        for h in block_hashes[:max_hit_blocks]:
+            block = self.pool.get_cached(h)
+            if block is None:
+                break
+            hit.append(block)
+        pending = 0
+        for h in block_hashes[len(hit) : max_hit_blocks]:
+            owner = self.pending.get(h)
+            if owner is None or owner == request_id:
+                break
+            pending += 1
+        return CacheHit(tuple(hit), len(hit) * self.block_size, pending)
+
+    # ---- allocation ----------------------------------------------------------------------------
+
+    def allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        hit: CacheHit | None = None,
+        retention: Retention = NO_RETENTION,
+        pending_hashes: Sequence[BlockHash] = (),
+    ) -> list[int] | None:
+        """Make the request's block table cover ``num_tokens`` tokens; None (and no change) if full.
+
+        The first call for a request passes its ``hit``: those blocks are pinned and start the table.
+        ``pending_hashes`` are the full prompt blocks this request will compute; other requests that
+        want them wait (``CacheHit.num_pending_blocks``) instead of computing them a second time.
+        The caller owns the table until it calls ``free(request_id)``, which it must do on finish,
+        abort and preemption alike.
+        """
+        table = self.tables.get(request_id)
+        hit_blocks = hit.blocks if (hit is not None and table is None) else ()
+        have = len(table.blocks) if table is not None else len(hit_blocks)
+        num_new = max(0, self.blocks_needed(num_tokens) - have)
+        # pinning a hit block that sits in the free queues takes it out of them
+        hit_from_free = sum(1 for b in hit_blocks if b.ref_cnt == 0)
+        if num_new > self.pool.num_free_blocks - hit_from_free:
+            return None
+        if table is None:
+            table = self.tables[request_id] = _Table(retention=retention)
+            for i, block in enumerate(hit_blocks):
+                self.pool.touch(block, retention.ttl_for_block(i, self.block_size))
+            table.blocks.extend(hit_blocks)
+            table.num_committed_blocks = len(hit_blocks)
+        for h in pending_hashes:
+            if self.enable_caching and h not in self.pending and self.pool.get_cached(h) is None:
+                self.pending[h] = request_id
+                table.pending.append(h)
+        new_ids = []
+        for _ in range(num_new):
+            block = self.pool.take_new()
+            assert block is not None  # capacity was checked above
+            table.blocks.append(block)
+            new_ids.append(block.block_id)
+        return new_ids
+
+    def commit(self, request_id: str, block_hashes: Sequence[BlockHash], num_computed_tokens: int) -> list[int]:
+        """Index the request's blocks that are now full and computed; return the newly indexed indices.
+
+        An index is left out when another block already holds the same content (two requests that
+        computed it at once): that copy stays private and returns to the pool on free.
+        """
+        table = self.tables[request_id]
+        num_full = min(num_computed_tokens // self.block_size, len(block_hashes), len(table.blocks))
+        newly: list[int] = []
+        for i in range(table.num_committed_blocks, num_full):
+            h = block_hashes[i]
+            if self.pending.get(h) == request_id:
+                del self.pending[h]
+            block = table.blocks[i]
+            block.ttl_s = max(block.ttl_s, table.retention.ttl_for_block(i, self.block_size))
+            if self.enable_caching and self.pool.index(block, h):
+                newly.append(i)
+        table.num_committed_blocks = max(table.num_committed_blocks, num_full)
+        return newly
+
+    def free(self, request_id: str) -> None:
+        """Release the request's blocks tail-first, so its deepest blocks are evicted first."""
+        table = self.tables.pop(request_id, None)
+        if table is None:
+            return
+        for h in table.pending:
+            if self.pending.get(h) == request_id:
+                del self.pending[h]
+        for block in reversed(table.blocks):
+            self.pool.release(block)
+
+    def reset_prefix_cache(self) -> int:
+        self.pending.clear()
+        for table in self.tables.values():
+            table.pending.clear()
+        return self.pool.drop_all_hashes()
+
+    # ---- invariants ----------------------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless every block is in exactly one place and counts agree."""
+        pool = self.pool
+        where: dict[int, str] = {}
+
+        def place(block: Block, name: str) -> None:
+            assert block.block_id not in where, f"block {block.block_id} in {where[block.block_id]} and {name}"
+            where[block.block_id] = name
+
+        for b in pool.empty:
+            assert b.ref_cnt == 0 and b.block_hash is None, f"empty block {b} has ref or hash"
+            place(b, "empty")
+        for b in pool.lru:
+            assert b.ref_cnt == 0 and b.block_hash is not None, f"lru block {b} has ref or no hash"
+            place(b, "lru")
+        live = [b for _, tok, b in pool.retained if tok == b.heap_token]
+        assert len(live) == pool.num_retained, f"retained count {pool.num_retained} != {len(live)}"
+        for b in live:
+            assert b.ref_cnt == 0 and b.block_hash is not None, f"retained block {b} has ref or no hash"
+            place(b, "retained")
+        refs: dict[int, int] = {}
+        for table in self.tables.values():
+            for b in table.blocks:
+                refs[b.block_id] = refs.get(b.block_id, 0) + 1
+        for b in pool.blocks:
+            assert b.ref_cnt == refs.get(b.block_id, 0), f"block {b.block_id} ref {b.ref_cnt} != tables"
+            if b.ref_cnt:
+                place(b, "in use")
+        assert len(where) == pool.num_blocks, f"{pool.num_blocks - len(where)} blocks are nowhere"
+        for h, b in pool.cached.items():
+            assert b.block_hash == h, f"hash map entry for block {b.block_id} disagrees"
+        hashed = sum(1 for b in pool.blocks if b.block_hash is not None)
+        assert hashed == len(pool.cached), f"{hashed} hashed blocks but {len(pool.cached)} indexed"
+        for h, owner in self.pending.items():
+            assert owner in self.tables and h in self.tables[owner].pending, "stale pending entry"
+
+    def stats(self) -> dict[str, int]:
+        pool = self.pool
+        in_use = sum(1 for b in pool.blocks if b.ref_cnt)
+        return {
+            "blocks_total": pool.num_blocks,
+            "blocks_in_use": in_use,
+            "blocks_cached": len(pool.lru) + pool.num_retained,
+            "blocks_empty": len(pool.empty),
+            "blocks_evicted": pool.counters.blocks_evicted,
+            "early_evictions": pool.counters.early_evictions,
+        }

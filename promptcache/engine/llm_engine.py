@@ -1,0 +1,241 @@
+"""The synchronous engine: add requests, call ``step()`` until they finish.
+
+One step is: schedule -> run the model -> commit newly full blocks and process outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from promptcache.cache import NO_RETENTION, KVCacheManager, Retention, namespace_hash
+from promptcache.engine.config import EngineConfig
+from promptcache.engine.model_runner import ModelRunner, SeqInput
+from promptcache.engine.output import OutputState
+from promptcache.engine.request import Request, RequestOutput, Status
+from promptcache.engine.sampling import SamplingParams
+from promptcache.engine.scheduler import ScheduledChunk, Scheduler
+from promptcache.tokenizer import Tokenizer
+
+
+@dataclass
+class EngineCounters:
+    requests_added: int = 0
+    prompt_tokens: int = 0  # prompt tokens of every admitted request
+    cached_tokens: int = 0  # ... of which were reused from the cache
+    computed_tokens: int = 0  # tokens that ran through the model (prompt, recompute and decode)
+    generated_tokens: int = 0
+    cache_write_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config or EngineConfig()
+        self.runner = ModelRunner(self.config)
+        self.tokenizer = Tokenizer(self.runner.model_dir)
+        self.max_model_len = self.runner.max_model_len
+        self.block_size = self.config.block_size
+        self.kv = KVCacheManager(
+            self.runner.num_blocks, self.block_size, self.config.enable_prefix_caching, clock
+        )
+        self.scheduler = Scheduler(self.config, self.kv, clock)
+        self.counters = EngineCounters()
+        self.eos_token_ids = self._eos_ids()
+        self.model_name = self.config.model or "default"
+        # The namespace's model identity: the checkpoint's config and weights' names and sizes, so a
+        # cache entry is never served to a different model that happens to share a directory name.
+        ident = hashlib.sha256((self.runner.model_dir / "config.json").read_bytes())
+        for f in sorted(self.runner.model_dir.glob("*.safetensors")):
+            ident.update(f"{f.name}:{f.stat().st_size}".encode())
+        self.model_identity = ident.hexdigest()
+        self._outputs: dict[str, OutputState] = {}
+        self._requests: dict[str, Request] = {}
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (self.runner.loaded.generation_config, self.runner.loaded.hf_config):
+            eos = src.get("eos_token_id")
+            if eos is not None:
+                ids.update(eos if isinstance(eos, list) else [eos])
+                break
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (never later) for a request that can never run."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n} tokens but the model's context is {self.max_model_len} tokens "
+                "(the prompt must leave room for at least one generated token)"
+            )
+        vocab = self.runner.loaded.arch.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {vocab})")
+        worst = min(n + params.max_tokens, self.max_model_len)
+        need = self.kv.blocks_needed(worst)
+        if need > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"the request needs {need} KV blocks ({n} prompt + {params.max_tokens} max tokens) but "
+                f"the cache has only {self.kv.pool.num_blocks}; raise --kv-cache-memory or lower max_tokens"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        tenant: str | None = None,
+        retention: Retention = NO_RETENTION,
+    ) -> Request:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.validate_prompt(prompt_token_ids, params)
+        root = namespace_hash(self.model_identity, tenant, self.config.hash_seed)
+        req = Request(
+            request_id, prompt_token_ids, params, root, self.block_size, retention, self.config.hash_seed
+        )
+        self._requests[request_id] = req
+        self._outputs[request_id] = OutputState(req, self.tokenizer, self.eos_token_ids)
+        self.counters.requests_added += 1
+        self.scheduler.add(req)
+        return req
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its blocks (a client went away). False if it is unknown."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, "abort")
+        self._cleanup(req)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        results = self.runner.execute([self._seq_input(c) for c in chunks])
+        outputs = []
+        for chunk in chunks:
+            out = self._after_chunk(chunk, results.get(chunk.request.request_id))
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _seq_input(self, chunk: ScheduledChunk) -> SeqInput:
+        req = chunk.request
+        start = req.num_computed_tokens
+        return SeqInput(
+            request_id=req.request_id,
+            token_ids=req.all_token_ids[start : start + chunk.num_tokens],
+            start_pos=start,
+            block_ids=self.kv.block_ids(req.request_id),
+            sample=chunk.reaches_end and req.params.max_tokens > 0,
+            params=req.params,
+        )
+
+    def _after_chunk(self, chunk: ScheduledChunk, result) -> RequestOutput | None:
+        req = chunk.request
+        reaches_end = chunk.reaches_end
+        req.num_computed_tokens += chunk.num_tokens
+        self.counters.computed_tokens += chunk.num_tokens
+        self._account_writes(req, self.kv.commit(req.request_id, req.block_hashes, req.num_computed_tokens))
+        if not reaches_end:
+            return None
+        if req.params.max_tokens == 0:  # pre-warm: the prompt is cached, nothing to generate
+            self._finish(req, "length")
+            return self._output(req)
+        token, logprob = result
+        req.append_token(token)
+        self.counters.generated_tokens += 1
+        if req.logprobs is not None and logprob is not None:
+            req.logprobs.append(logprob)
+        reason = self._outputs[req.request_id].on_token(token, self.max_model_len)
+        if reason is not None:
+            self._finish(req, reason)
+        return self._output(req)
+
+    def _account_writes(self, req: Request, newly_indexed: list[int]) -> None:
+        bs, n_prompt = self.block_size, req.num_prompt_tokens
+        for i in newly_indexed:
+            written = max(0, min((i + 1) * bs, n_prompt) - i * bs)  # prompt tokens in block i
+            if written:
+                ttl = req.retention.ttl_for_block(i, bs)
+                by_ttl = req.usage.cache_write_tokens_by_ttl
+                by_ttl[ttl] = by_ttl.get(ttl, 0) + written
+                req.usage.cache_write_tokens += written
+                self.counters.cache_write_tokens += written
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.is_finished:
+            return
+        if req.first_scheduled_time is not None:
+            self.counters.prompt_tokens += req.num_prompt_tokens
+            self.counters.cached_tokens += req.usage.cached_tokens
+        self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
+        self.scheduler.finish(req, reason)
+        self._outputs[req.request_id].finish_text(reason)
+        self.runner.sampler.forget(req.request_id)
+
+    def _cleanup(self, req: Request) -> None:
+        self._requests.pop(req.request_id, None)
+        self._outputs.pop(req.request_id, None)
+
+    def _output(self, req: Request) -> RequestOutput:
+        state = self._outputs[req.request_id]
+        finished = req.status is Status.FINISHED
+        new_text, new_tokens = state.take_new(finished)
+        req.usage.completion_tokens = len(req.output_token_ids)
+        out = RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            text=state.text if finished else state.text[: state.num_emitted_chars],
+            token_ids=list(req.output_token_ids),
+            new_text=new_text,
+            new_token_ids=new_tokens,
+            finished=finished,
+            finish_reason=req.finish_reason,
+            usage=req.usage,
+            logprobs=req.logprobs,
+            stop_reason=req.stop_reason,
+        )
+        if finished:
+            self._cleanup(req)
+        return out
+
+    # ---- cache control and inspection ----------------------------------------------------------
+
+    def reset_prefix_cache(self) -> int:
+        return self.kv.reset_prefix_cache()
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+
+    def stats(self) -> dict[str, int]:
+        c = self.counters
+        return {
+            "requests_added": c.requests_added,
+            "requests_running": len(self.scheduler.running),
+            "requests_waiting": len(self.scheduler.waiting),
+            "prompt_tokens": c.prompt_tokens,
+            "cached_tokens": c.cached_tokens,
+            "computed_tokens": c.computed_tokens,
+            "generated_tokens": c.generated_tokens,
+            "cache_write_tokens": c.cache_write_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            **self.kv.stats(),
+        }

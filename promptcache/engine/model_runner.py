@@ -1,0 +1,130 @@
+"""The one place that sees both block ids and tensors.
+
+Owns the model and the paged KV storage; turns a step's scheduled chunks into a flat token batch
+plus attention metadata, runs the model, and samples where a chunk reaches its request's end.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from promptcache.engine.config import EngineConfig, parse_bytes
+from promptcache.engine.request import TokenLogprob
+from promptcache.engine.sampler import Sampler
+from promptcache.engine.sampling import SamplingParams
+from promptcache.model.attention import AttentionMetadata
+from promptcache.model.loader import LoadedModel, load_model, resolve_model_dir
+
+MAX_DEFAULT_MODEL_LEN = 32768
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" or cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use auto, bfloat16, float16 or float32")
+    return table[name]
+
+
+@dataclass(frozen=True)
+class SeqInput:
+    """One request's slice of a step, as plain data (no request object crosses into tensors)."""
+
+    request_id: str
+    token_ids: list[int]  # the tokens to run this step
+    start_pos: int  # position of token_ids[0]; [0, start_pos) are already in the cache
+    block_ids: list[int]  # the request's block table, covering at least start_pos + len(token_ids)
+    sample: bool  # this chunk ends at the request's last token: sample the next one
+    params: SamplingParams
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        if config.device in ("auto", "cpu") and not os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        self.model_dir = resolve_model_dir(config.model)
+        max_len = config.max_model_len or MAX_DEFAULT_MODEL_LEN
+        self.loaded: LoadedModel = load_model(self.model_dir, self.dtype, self.device, max_len)
+        arch = self.loaded.arch
+        self.max_model_len = min(max_len, arch.max_position_embeddings)
+        self.block_size = config.block_size
+        elem = torch.finfo(self.dtype).bits // 8
+        self.kv_bytes_per_token = arch.kv_bytes_per_token * elem
+        self.num_blocks = config.num_blocks or max(
+            1, parse_bytes(config.kv_cache_memory) // (self.kv_bytes_per_token * self.block_size)
+        )
+        num_slots = self.num_blocks * self.block_size
+        # per layer [2 (k, v), num_slots, kv_heads, head_dim]; torch.empty: pages are touched lazily
+        self.kv_caches = [
+            torch.empty(2, num_slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype, device=self.device)
+            for _ in range(arch.num_layers)
+        ]
+        self.sampler = Sampler(config.seed)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * self.block_size * self.kv_bytes_per_token
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        # slots of positions [start, end): block_ids[p // bs] * bs + p % bs
+        bs = self.block_size
+        first, last = start // bs, (end - 1) // bs + 1
+        table = torch.tensor(block_ids[first:last], dtype=torch.long)
+        slots = (table.unsqueeze(1) * bs + torch.arange(bs)).view(-1)  # [n_blocks * bs]
+        return slots[start - first * bs : end - first * bs]
+
+    def execute(self, seqs: list[SeqInput]) -> dict[str, tuple[int, TokenLogprob | None]]:
+        """Run one step; returns the sampled token (and logprobs) of every sequence that samples."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_parts, context_slots, seq_lens, starts = [], [], [], [0]
+        for s in seqs:
+            end = s.start_pos + len(s.token_ids)
+            input_ids.extend(s.token_ids)
+            positions.extend(range(s.start_pos, end))
+            ctx = self._slots(s.block_ids, 0, end)  # [end]
+            context_slots.append(ctx.to(self.device))
+            slot_parts.append(ctx[s.start_pos :])
+            seq_lens.append(end)
+            starts.append(starts[-1] + len(s.token_ids))
+        attn = AttentionMetadata(
+            slot_mapping=torch.cat(slot_parts).to(self.device),
+            query_start_loc=starts,
+            seq_lens=seq_lens,
+            context_slots=context_slots,
+        )
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.loaded.model(ids_t, pos_t, attn, self.kv_caches)  # [num_tokens, hidden]
+        rows = [i for i, s in enumerate(seqs) if s.sample]
+        if not rows:
+            return {}
+        last = torch.tensor([starts[i + 1] - 1 for i in rows], device=self.device)
+        logits = self.loaded.model.compute_logits(hidden.index_select(0, last))  # [len(rows), vocab]
+        tokens, logprobs = self.sampler.sample(
+            logits, [seqs[i].request_id for i in rows], [seqs[i].params for i in rows]
+        )
+        return {seqs[i].request_id: (tokens[j], logprobs[j]) for j, i in enumerate(rows)}

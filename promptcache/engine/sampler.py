@@ -1,0 +1,68 @@
+"""Turn last-token logits into next tokens: greedy, temperature, top-k, top-p, seeded; logprobs."""
+
+from __future__ import annotations
+
+import torch
+
+from promptcache.engine.request import TokenLogprob
+from promptcache.engine.sampling import SamplingParams
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self._generators: dict[str, torch.Generator] = {}
+        self._base = torch.Generator().manual_seed(seed)
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
+        gen = self._generators.get(request_id)
+        if gen is None:
+            # a request's seed alone fixes its samples, whatever else shares the batch
+            seed = params.seed if params.seed is not None else int(
+                torch.randint(0, 2**62, (1,), generator=self._base).item()
+            )
+            gen = self._generators[request_id] = torch.Generator().manual_seed(seed)
+        return gen
+
+    def sample(
+        self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        # logits: [B, vocab] float32
+        logits = logits.cpu()
+        tokens = logits.argmax(dim=-1).tolist()
+        for row, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
+            if not p.greedy:
+                tokens[row] = self._sample_row(logits[row], p, self._generator(rid, p))
+        need_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
+        logprobs: list[TokenLogprob | None] = [None] * len(params)
+        if need_lp:
+            lp = torch.log_softmax(logits[need_lp], dim=-1)  # [k, vocab]
+            for j, row in enumerate(need_lp):
+                logprobs[row] = _token_logprob(lp[j], tokens[row], params[row].logprobs or 0)
+        return tokens, logprobs
+
+    @staticmethod
+    def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+        scaled = logits / p.temperature  # [vocab]
+        if p.top_k > 0 and p.top_k < scaled.shape[-1]:
+            kth = torch.topk(scaled, p.top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(scaled, descending=True)
+            cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+            # keep the smallest set whose mass reaches top_p (always at least the top token)
+            drop = cum - torch.softmax(sorted_logits, dim=-1) >= p.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, sorted_logits)
+        probs = torch.softmax(scaled, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def _token_logprob(lp: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        values, ids = torch.topk(lp, k)
+        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(lp[token].item()), top)

@@ -1,0 +1,130 @@
+"""Continuous batching with chunked prefill, prefix reuse and preemption by recompute.
+
+Each step spends a token budget: running requests first (decodes before unfinished prefills, so
+streams keep flowing while a long prompt is chunked), then waiting requests in arrival order.
+A waiting request whose next blocks are being computed by a running request waits for them
+(bounded by ``inflight_wait_s``) instead of computing the same prefix twice.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from promptcache.cache import KVCacheManager
+from promptcache.engine.config import EngineConfig
+from promptcache.engine.request import Request, Status
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request: Request
+    num_tokens: int  # run tokens [num_computed_tokens, num_computed_tokens + num_tokens)
+
+    @property
+    def reaches_end(self) -> bool:
+        """This chunk ends at the request's last token, so its logits give the next token."""
+        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, clock: Callable[[], float]) -> None:
+        self.config = config
+        self.kv = kv
+        self.clock = clock
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request, reason: str) -> None:
+        request.status = Status.FINISHED
+        request.finish_reason = reason
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request.request_id)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        scheduled: set[str] = set()
+        # decodes (one token left to compute) before partial prefills; stable in arrival order
+        for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
+            if budget == 0:
+                break
+            if req.request_id in scheduled or req.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._grow(req, num_new, scheduled):
+                continue
+            chunks.append(ScheduledChunk(req, num_new))
+            scheduled.add(req.request_id)
+            budget -= num_new
+        budget = self._admit_waiting(budget, chunks)
+        return chunks
+
+    def _grow(self, req: Request, num_new: int, scheduled: set[str]) -> bool:
+        """Make room for ``num_new`` more tokens of a running request, preempting newer ones."""
+        while self.kv.allocate(req.request_id, req.num_computed_tokens + num_new) is None:
+            victims = [r for r in self.running if r.request_id not in scheduled and r is not req]
+            victim = victims[-1] if victims else req
+            self.preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def preempt(self, req: Request) -> None:
+        """Drop a running request's blocks (they stay cached) and queue it to be recomputed first."""
+        self.kv.free(req.request_id)
+        self.running.remove(req)
+        req.status = Status.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        held_back: list[Request] = []
+        now = self.clock()
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.popleft()
+            hit = self.kv.match(req.request_id, req.block_hashes, req.num_tokens)
+            if hit.num_pending_blocks and self._may_wait(req, now):
+                held_back.append(req)  # its prefix is being computed right now: reuse it instead
+                continue
+            num_new = min(req.num_tokens - hit.num_tokens, budget)
+            # the full prompt blocks it will compute: others wanting them wait for this request
+            pending = req.block_hashes[len(hit.blocks) : req.num_prompt_blocks]
+            ids = self.kv.allocate(
+                req.request_id, hit.num_tokens + num_new, hit, req.retention, pending_hashes=pending
+            )
+            if ids is None:
+                self.waiting.appendleft(req)  # first come, first served: nobody jumps the queue
+                break
+            req.num_computed_tokens = hit.num_tokens
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+                req.num_cached_tokens = hit.num_tokens
+                req.usage.cached_tokens = min(hit.num_tokens, req.num_prompt_tokens)
+            req.status = Status.RUNNING
+            req.wait_started = None
+            self.running.append(req)
+            chunks.append(ScheduledChunk(req, num_new))
+            budget -= num_new
+        self.waiting.extendleft(reversed(held_back))
+        return budget
+
+    def _may_wait(self, req: Request, now: float) -> bool:
+        if req.wait_started is None:
+            req.wait_started = now
+        return now - req.wait_started < self.config.inflight_wait_s

@@ -1,0 +1,121 @@
+"""Paged attention: K/V live in preallocated per-layer slot tensors; sequences address them by slot.
+
+The model never sees a request or a block object. The engine hands it an ``AttentionMetadata``
+(plain tensors and ints) as an argument of ``forward``; there is no module-level context.
+
+Storage layout, per layer: ``kv_cache[2, num_slots, num_kv_heads, head_dim]`` where slot
+``block_id * block_size + offset`` holds the token at ``offset`` in block ``block_id``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """What attention needs for one forward over a flat batch of tokens from several sequences.
+
+    Tokens of sequence ``i`` are ``[query_start_loc[i], query_start_loc[i+1])`` in the batch; they
+    are the *last* ``n_i`` tokens of a context of ``seq_lens[i]`` tokens, the earlier ones already
+    in the cache at ``context_slots[i][:seq_lens[i] - n_i]``.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V is written
+    query_start_loc: list[int]  # [num_seqs + 1]
+    seq_lens: list[int]  # [num_seqs] context length including this step's tokens
+    context_slots: list[torch.Tensor]  # per sequence [seq_len] int64 slots of the whole context
+    _uniform_decode: bool | None = field(default=None, repr=False)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def is_uniform_decode(self) -> bool:
+        """Every sequence contributes exactly one query token (pure decode step)."""
+        if self._uniform_decode is None:
+            self._uniform_decode = len(self.query_start_loc) - 1 == self.query_start_loc[-1]
+        return self._uniform_decode
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    # kv_cache: [2, num_slots, kvh, d]; k, v: [num_tokens, kvh, d]
+    kv_cache[0].index_copy_(0, slots, k)
+    kv_cache[1].index_copy_(0, slots, v)
+
+
+def _causal_suffix_mask(num_q: int, ctx: int, device: torch.device) -> torch.Tensor:
+    # query i sits at absolute position ctx - num_q + i and sees keys [0, that position]
+    q_pos = torch.arange(ctx - num_q, ctx, device=device).unsqueeze(1)  # [num_q, 1]
+    k_pos = torch.arange(ctx, device=device).unsqueeze(0)  # [1, ctx]
+    return k_pos <= q_pos  # [num_q, ctx] bool, True = attend
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    # q: [n, H, d]; k, v: [ctx, kvh, d] -> [n, H, d]
+    num_q, ctx = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # head-major
+    gqa = qh.shape[0] != kh.shape[0]
+    if num_q == ctx:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    elif num_q == 1:
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
+    else:
+        mask = _causal_suffix_mask(num_q, ctx, q.device)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(0, 1)
+
+
+def _attend_decode_batch(
+    q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """One query per sequence: pad contexts to the longest and run one batched SDPA."""
+    # q: [B, H, d]
+    num_seqs, max_ctx = attn.num_seqs, max(attn.seq_lens)
+    kvh, d = kv_cache.shape[2], kv_cache.shape[3]
+    slots = torch.zeros(num_seqs, max_ctx, dtype=torch.long, device=q.device)
+    mask = torch.zeros(num_seqs, 1, 1, max_ctx, dtype=torch.bool, device=q.device)
+    for i, s in enumerate(attn.context_slots):
+        slots[i, : s.shape[0]] = s
+        mask[i, 0, 0, : s.shape[0]] = True
+    flat = slots.view(-1)
+    k = kv_cache[0].index_select(0, flat).view(num_seqs, max_ctx, kvh, d).transpose(1, 2)
+    v = kv_cache[1].index_select(0, flat).view(num_seqs, max_ctx, kvh, d).transpose(1, 2)
+    qh = q.unsqueeze(2)  # [B, H, 1, d]
+    gqa = qh.shape[1] != kvh
+    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.squeeze(2)  # [B, H, d]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Store this step's K/V, then attend every query over its sequence's full context.
+
+    q: [num_tokens, H, d]; k, v: [num_tokens, kvh, d]; returns [num_tokens, H, d].
+    """
+    write_kv(kv_cache, k, v, attn.slot_mapping)
+    if attn.is_uniform_decode and attn.num_seqs > 1:
+        return _attend_decode_batch(q, kv_cache, attn, scale)
+    outs = []
+    for i in range(attn.num_seqs):
+        start, end = attn.query_start_loc[i], attn.query_start_loc[i + 1]
+        num_q, ctx = end - start, attn.seq_lens[i]
+        if num_q == ctx:
+            # nothing cached before this chunk: the fresh K/V are the whole context, skip the gather
+            k_ctx, v_ctx = k[start:end], v[start:end]
+        else:
+            slots = attn.context_slots[i]
+            k_ctx = kv_cache[0].index_select(0, slots)
+            v_ctx = kv_cache[1].index_select(0, slots)
+        outs.append(_attend_one(q[start:end], k_ctx, v_ctx, scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

@@ -1,0 +1,185 @@
+"""Decoder-only transformers: the Llama family (Llama, Mistral, Qwen2, Qwen3) and GPT-2.
+
+``forward(input_ids, positions, attn, kv_caches) -> hidden`` over a flat batch of tokens; the
+attention metadata and the per-layer KV tensors come in as arguments. Projections are fused at
+load time (q|k|v, gate|up) so each layer runs a few large matmuls instead of many small ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptcache.model.attention import AttentionMetadata, paged_attention
+from promptcache.model.config import ArchConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same order of operations as transformers: normalise in float32, scale in the input dtype.
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotate-half RoPE with cos/sin tables precomputed for every position."""
+
+    def __init__(self, cfg: ArchConfig, max_len: int) -> None:
+        super().__init__()
+        self.cfg, self.max_len = cfg, max_len
+        self.cos = self.sin = torch.empty(0)
+
+    def build(self, device: torch.device) -> None:
+        """Tables in float32 on ``device``; called after weights load (the module starts on meta)."""
+        inv_freq = torch.tensor(self.cfg.rope.inv_freq(self.cfg.head_dim), dtype=torch.float32)
+        pos = torch.arange(self.max_len, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)  # [max_len, d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [max_len, d]
+        self.cos, self.sin = emb.cos().to(device), emb.sin().to(device)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        # q: [T, H, d], k: [T, kvh, d], positions: [T]
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, d]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _act(name: str):
+    if name in ("silu", "swish"):
+        return F.silu
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_cache: torch.Tensor,
+        rotary: Rotary | None,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:
+            q, k = rotary(q, k, positions)
+        out = paged_attention(q, k, v, kv_cache, attn, self.scale)  # [T, H, d]
+        return self.o(out.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.gated = cfg.family == "llama"
+        self.act = _act(cfg.hidden_act)
+        up_out = 2 * cfg.intermediate_size if self.gated else cfg.intermediate_size
+        self.up = nn.Linear(cfg.hidden_size, up_out, bias=cfg.mlp_bias)  # gate|up when gated
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        norm = (lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps)) if cfg.family == "llama" else (
+            lambda: nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        )
+        self.attn_norm = norm()
+        self.attn = Attention(cfg)
+        self.mlp_norm = norm()
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, attn, kv_cache, rotary):
+        x = x + self.attn(self.attn_norm(x), positions, attn, kv_cache, rotary)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM over a flat token batch with paged KV storage."""
+
+    def __init__(self, cfg: ArchConfig, max_model_len: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos_embed = (
+            nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.family == "gpt2" else None
+        )
+        self.rotary = Rotary(cfg, self.max_model_len) if cfg.family == "llama" else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = (
+            RMSNorm(cfg.hidden_size, cfg.norm_eps)
+            if cfg.family == "llama"
+            else nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        )
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def finish_loading(self, device: torch.device) -> None:
+        if self.cfg.tie_word_embeddings:  # to_empty() unties shared parameters; tie them again
+            self.lm_head.weight = self.embed.weight
+        if self.rotary is not None:
+            self.rotary.build(device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
+        # input_ids, positions: [T] -> hidden: [T, hidden]
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, positions, attn, kv_cache, self.rotary)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [N, hidden] -> logits [N, vocab] in float32 (sampling and logprobs want full precision)
+        return self.lm_head(hidden).float()
