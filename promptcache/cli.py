@@ -1,0 +1,130 @@
+"""``promptcache`` command line: generate, make-model, serve, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds an engine (see ``engine_config_from_args``)."""
+    p.add_argument("--model", default=None, help="checkpoint directory, hub id, or random:<shape> "
+                   "(default: the embedded demo model)")
+    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB, 4GiB")
+    p.add_argument("--no-prefix-cache", action="store_true", help="disable prefix reuse (for comparisons)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from promptcache.engine.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=not args.no_prefix_cache,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from promptcache.engine.llm_engine import LLMEngine
+    from promptcache.engine.sampling import SamplingParams
+
+    engine = LLMEngine(engine_config_from_args(args))
+    tok = engine.tokenizer
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
+    else:
+        ids = tok.encode(args.prompt)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=args.stop or [],
+    )
+    start = time.perf_counter()
+    engine.add_request("cli", ids, params)
+    first = None
+    out = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if first is None:
+                first = time.perf_counter() - start
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+    total = time.perf_counter() - start
+    sys.stdout.write("\n")
+    if out is not None:
+        u = out.usage
+        print(f"[{u.prompt_tokens} prompt tokens, {u.completion_tokens} generated, finish={out.finish_reason}, "
+              f"ttft {first or 0:.3f}s, total {total:.3f}s]", file=sys.stderr)
+    return 0
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    from promptcache.model.shapes import write_checkpoint
+
+    out = write_checkpoint(args.shape, args.out, dtype=args.dtype, seed=args.seed)
+    print(f"wrote random-weight {args.shape} checkpoint to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="promptcache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="one-shot generation, streamed to the terminal")
+    add_engine_args(g)
+    g.add_argument("prompt", nargs="?", default="The quick brown fox")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append")
+    g.set_defaults(func=_generate)
+
+    m = sub.add_parser("make-model", help="write a random-weight Hugging Face checkpoint of a named shape")
+    m.add_argument("--shape", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_make_model)
+
+    try:
+        from promptcache.server.cli import add_serve_parser
+    except ImportError:
+        pass
+    else:
+        add_serve_parser(sub)
+    try:
+        from promptcache.bench.cli import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"promptcache: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

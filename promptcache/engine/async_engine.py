@@ -1,0 +1,134 @@
+"""Runs the engine loop on a background thread and streams outputs to asyncio callers.
+
+The server awaits ``generate()``; the thread owns the engine and steps it whenever there is work.
+Adds and aborts are applied between steps under one lock, so the engine itself stays
+single-threaded. Leaving the ``generate()`` iterator early (a client disconnect) aborts the request
+and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from promptcache.cache import NO_RETENTION, Retention
+from promptcache.engine.llm_engine import LLMEngine
+from promptcache.engine.request import RequestOutput
+from promptcache.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineOverloaded(RuntimeError):
+    """Too many requests queued; the caller should answer 429/503 with Retry-After."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"the server is overloaded; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._thread = threading.Thread(target=self._loop, name="promptcache-engine", daemon=True)
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` between steps (stats, integrity checks, cache resets)."""
+        with self._lock:
+            return fn(self.engine)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        tenant: str | None = None,
+        retention: Retention = NO_RETENTION,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as steps produce them; the last one has ``finished``.
+
+        Raises ValueError for a request that can never run, EngineOverloaded when the queue is full.
+        """
+        if self._error is not None:
+            raise EngineDead(f"the engine loop stopped: {self._error!r}")
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        with self._lock:
+            if self.num_waiting >= self.max_waiting:
+                raise EngineOverloaded(retry_after_s=max(1, self.num_waiting // 8))
+            self.engine.add_request(request_id, prompt_token_ids, params, tenant, retention)
+            self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineDead(f"the engine failed: {item!r}") from item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._queues.pop(request_id, None)
+            self.engine.abort_request(request_id)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            with self._lock:
+                busy = self.engine.has_unfinished_requests()
+                try:
+                    outputs = self.engine.step() if busy else []
+                except BaseException as e:  # a bug must not leave callers hanging forever
+                    log.exception("engine step failed")
+                    self._error = e
+                    self._fail_all(e)
+                    return
+                deliveries = []
+                for out in outputs:
+                    target = self._queues.get(out.request_id)
+                    if target is not None:
+                        deliveries.append((target, out))
+                    if out.finished:
+                        self._queues.pop(out.request_id, None)
+            for (loop, queue), out in deliveries:
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+            if not busy:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for loop, queue in self._queues.values():
+            loop.call_soon_threadsafe(queue.put_nowait, error)
+        self._queues.clear()
