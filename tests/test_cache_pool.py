@@ -1,0 +1,197 @@
+"""Block pool and KV cache manager: exact block ids, eviction order, retention, integrity."""
+
+from __future__ import annotations
+
+import pytest
+
+from promptcache.cache import KVCacheManager, Retention, hash_blocks, namespace_hash, parse_ttl
+from promptcache.cache.hashing import hash_block
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+ROOT = namespace_hash("model", "tenant")
+
+
+def hashes(tokens: list[int], bs: int = 4):
+    return hash_blocks(ROOT, tokens, bs)
+
+
+def run(kv: KVCacheManager, rid: str, tokens: list[int], retention: Retention = Retention()):
+    """Admit, 'compute' and commit a request the way the scheduler does; returns (hit tokens, ids)."""
+    hs = hashes(tokens, kv.block_size)
+    hit = kv.match(rid, hs, len(tokens))
+    ids = kv.allocate(rid, len(tokens), hit, retention)
+    assert ids is not None
+    kv.commit(rid, hs, len(tokens))
+    kv.check_integrity()
+    return hit.num_tokens, kv.block_ids(rid)
+
+
+def test_hashes_chain_and_namespace():
+    a = hash_blocks(ROOT, list(range(8)), 4)
+    b = hash_blocks(ROOT, [0, 1, 2, 3, 9, 9, 9, 9], 4)
+    assert a[0] == b[0] and a[1] != b[1]
+    other = hash_blocks(namespace_hash("model", "other"), list(range(8)), 4)
+    assert other[0] != a[0]
+    # same tokens under a different parent differ: a block's address depends on all before it
+    assert hash_block(a[0], [4, 5, 6, 7]) == a[1] != hash_block(ROOT, [4, 5, 6, 7])
+    # tags keep kinds apart: tenant "ab" vs tenant "a" never collide
+    assert namespace_hash("m", "ab") != namespace_hash("m", "a")
+    # reproducible with the same seed, different with another
+    assert hash_blocks(ROOT, list(range(8)), 4) == a
+    assert hash_blocks(ROOT, list(range(8)), 4, seed=b"other")[0] != a[0]
+
+
+def test_match_caps_last_token_and_reports_tokens():
+    kv = KVCacheManager(num_blocks=8, block_size=4, clock=Clock())
+    assert run(kv, "a", list(range(8))) == (0, [0, 1])
+    kv.free("a")
+    # same 8 tokens: only 1 block may hit, the last token must run
+    hit, ids = run(kv, "b", list(range(8)))
+    assert hit == 4 and ids[0] == 0 and ids[1] != 1
+    kv.free("b")
+    hit, _ = run(kv, "c", list(range(9)))
+    assert hit == 8
+
+
+def test_free_tail_first_evicts_deepest_first():
+    clock = Clock()
+    kv = KVCacheManager(num_blocks=4, block_size=4, clock=clock)
+    run(kv, "a", list(range(16)))  # blocks 0..3, all cached
+    kv.free("a")
+    assert [b.block_id for b in kv.pool.lru] == [3, 2, 1, 0]
+    # a new unrelated request of 2 blocks evicts the two deepest blocks of "a"
+    _, ids = run(kv, "b", [100 + i for i in range(8)])
+    assert ids == [3, 2]
+    assert kv.pool.counters.blocks_evicted == 2
+    kv.free("b")
+    hit, _ = run(kv, "c", list(range(16)))  # "a"'s first two blocks are still there
+    assert hit == 8
+
+
+def test_rehit_removes_from_middle_of_lru():
+    kv = KVCacheManager(num_blocks=6, block_size=4, clock=Clock())
+    run(kv, "a", list(range(4)) + [0])  # block 0 (1 full)
+    kv.free("a")
+    run(kv, "b", list(range(50, 54)) + [0])
+    kv.free("b")
+    run(kv, "c", list(range(90, 94)) + [0])
+    kv.free("c")
+    lru = [b.block_id for b in kv.pool.lru]  # the full first blocks of a, b, c (tails were partial)
+    assert len(lru) == 3
+    hit, ids = run(kv, "d", list(range(50, 54)) + [7])  # re-hit the middle one
+    assert hit == 4 and ids[0] == lru[1]
+    assert [b.block_id for b in kv.pool.lru] == [lru[0], lru[2]]
+
+
+def test_allocate_returns_none_when_full_and_changes_nothing():
+    kv = KVCacheManager(num_blocks=3, block_size=4, clock=Clock())
+    run(kv, "a", list(range(8)))
+    assert kv.allocate("b", 12) is None
+    assert "b" not in kv.tables
+    kv.check_integrity()
+
+
+def test_retention_order_and_early_evictions():
+    clock = Clock()
+    kv = KVCacheManager(num_blocks=4, block_size=4, clock=clock)
+    run(kv, "long", list(range(4)) + [0], Retention(default_ttl_s=3600))  # block 0, 1 h
+    kv.free("long")
+    run(kv, "short", list(range(10, 14)) + [0], Retention(default_ttl_s=300))  # block 1, 5 min
+    kv.free("short")
+    run(kv, "plain", list(range(20, 24)) + [0])  # block 2, no retention
+    kv.free("plain")
+    assert kv.pool.num_retained == 2
+    # four fresh blocks: empty block 3 first, then the unretained one, then earliest expiry, then 1 h
+    _, ids = run(kv, "big", list(range(100, 116)))
+    assert ids == [3, 2, 1, 0]
+    assert kv.pool.counters.blocks_evicted == 3
+    assert kv.pool.counters.early_evictions == 2
+
+
+def test_expired_blocks_rejoin_lru_by_last_use():
+    clock = Clock()
+    kv = KVCacheManager(num_blocks=3, block_size=4, clock=clock)
+    run(kv, "r", list(range(4)) + [0], Retention(default_ttl_s=60))  # block 0
+    kv.free("r")
+    clock.now += 10
+    run(kv, "p", list(range(10, 14)) + [0])  # block 1, unretained, used later than block 0
+    kv.free("p")
+    clock.now += 100  # block 0's retention is over
+    _, ids = run(kv, "x", list(range(50, 58)))
+    assert ids == [2, 0]  # empty first, then block 0: expired and least recently used
+    assert kv.pool.counters.early_evictions == 0
+
+
+def test_hit_refreshes_retention():
+    clock = Clock()
+    kv = KVCacheManager(num_blocks=3, block_size=4, clock=clock)
+    run(kv, "a", list(range(4)) + [0], Retention(default_ttl_s=300))
+    kv.free("a")
+    clock.now += 250
+    hit, _ = run(kv, "b", list(range(4)) + [1])
+    assert hit == 4
+    kv.free("b")
+    assert kv.pool.blocks[0].expires_at == clock.now + 300
+
+
+def test_breakpoint_ttl_covers_blocks_before_it():
+    r = Retention(default_ttl_s=0, breakpoints=((8, 3600.0), (14, 300.0)))
+    assert [r.ttl_for_block(i, 4) for i in range(4)] == [3600.0, 3600.0, 300.0, 0.0]
+
+
+def test_pending_blocks_are_reported_to_others():
+    kv = KVCacheManager(num_blocks=16, block_size=4, clock=Clock())
+    tokens = list(range(20))
+    hs = hashes(tokens)
+    hit = kv.match("a", hs, 20)
+    assert kv.allocate("a", 8, hit, pending_hashes=hs[:5]) is not None
+    assert kv.match("b", hs, 20).num_pending_blocks == 4  # capped: the last token must run
+    kv.commit("a", hs, 8)
+    m = kv.match("b", hs, 20)
+    assert (m.num_tokens, m.num_pending_blocks) == (8, 2)
+    kv.free("a")
+    assert kv.match("b", hs, 20).num_pending_blocks == 0
+    kv.check_integrity()
+
+
+def test_duplicate_content_is_indexed_once():
+    kv = KVCacheManager(num_blocks=8, block_size=4, clock=Clock())
+    tokens = list(range(9))
+    hs = hashes(tokens)
+    for rid in ("a", "b"):  # both computed it at once (no sharing)
+        assert kv.allocate(rid, 9, kv.match(rid, hs, 9)) is not None
+    assert kv.commit("a", hs, 9) == [0, 1]
+    assert kv.commit("b", hs, 9) == []
+    kv.free("a")
+    kv.free("b")
+    kv.check_integrity()
+    assert len(kv.pool.cached) == 2
+
+
+def test_reset_and_disabled_caching():
+    kv = KVCacheManager(num_blocks=4, block_size=4, clock=Clock())
+    run(kv, "a", list(range(9)))
+    kv.free("a")
+    assert kv.reset_prefix_cache() == 2
+    kv.check_integrity()
+    assert run(kv, "b", list(range(9)))[0] == 0
+    off = KVCacheManager(num_blocks=4, block_size=4, enable_caching=False, clock=Clock())
+    run(off, "a", list(range(9)))
+    off.free("a")
+    assert run(off, "b", list(range(9)))[0] == 0
+    assert not off.pool.cached
+
+
+def test_parse_ttl():
+    assert parse_ttl("5m") == 300 and parse_ttl("1h") == 3600 and parse_ttl("24h") == 86400
+    assert parse_ttl("30m") == 1800 and parse_ttl("300s") == 300 and parse_ttl(12) == 12
+    with pytest.raises(ValueError):
+        parse_ttl("soon")

@@ -1,0 +1,116 @@
+"""The prompt cache end to end on random:tiny: exact reuse counts, identical greedy outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from promptcache import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 4000, (n,), generator=g).tolist()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("random:tiny", dtype="float32", num_blocks=512)
+
+
+@pytest.fixture(scope="module")
+def llm_off():
+    return LLM("random:tiny", dtype="float32", num_blocks=512, enable_prefix_caching=False)
+
+
+def test_extended_prompt_reuses_block_aligned_prefix(llm, llm_off):
+    llm.reset_prefix_cache()
+    a = ids(600, 1)
+    first = llm.generate([a], GREEDY)[0]
+    assert first.usage.cached_tokens == 0 and first.usage.prompt_tokens == 600
+    longer = a + ids(40, 2)
+    second = llm.generate([longer], GREEDY)[0]
+    assert second.usage.cached_tokens == 592
+    assert second.usage.cache_write_tokens == 640 - 592
+    assert second.token_ids == llm_off.generate([longer], GREEDY)[0].token_ids
+    assert llm_off.generate([longer], GREEDY)[0].usage.cached_tokens == 0
+    llm.engine.check_integrity()
+
+
+def test_second_turn_reuses_prompt_and_reply(llm):
+    llm.reset_prefix_cache()
+    turn1 = ids(300, 3)
+    reply = llm.generate([turn1], SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True))[0]
+    turn2 = turn1 + reply.token_ids + ids(30, 4)
+    out = llm.generate([turn2], GREEDY)[0]
+    # the reply's last token was sampled, never run, so its K/V does not exist: everything before it
+    # that fills whole blocks is reused
+    computed_in_turn1 = len(turn1) + len(reply.token_ids) - 1
+    assert out.usage.cached_tokens == computed_in_turn1 // 16 * 16 == 320
+    assert out.usage.cached_tokens > len(turn1)
+
+
+def test_tenants_never_share(llm):
+    llm.reset_prefix_cache()
+    prompt = ids(200, 5)
+    assert llm.generate([prompt], GREEDY, tenant="a")[0].usage.cached_tokens == 0
+    assert llm.generate([prompt], GREEDY, tenant="b")[0].usage.cached_tokens == 0
+    assert llm.generate([prompt], GREEDY, tenant="a")[0].usage.cached_tokens == 192
+
+
+def test_eight_simultaneous_requests_compute_shared_prefix_once(llm, llm_off):
+    llm.reset_prefix_cache()
+    prefix = ids(1024, 6)
+    prompts = [prefix + ids(32, 100 + i) for i in range(8)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    before = llm.stats()["computed_tokens"]
+    outs = llm.generate(prompts, params)
+    computed = llm.stats()["computed_tokens"] - before
+    # the prefix once, every suffix once, 3 decode steps each (the 4th token is never run)
+    assert computed == 1024 + 8 * 32 + 8 * 3
+    assert [o.usage.cached_tokens for o in outs] == [0] + [1024] * 7
+    assert [o.token_ids for o in outs] == [o.token_ids for o in llm_off.generate(prompts, params)]
+    llm.engine.check_integrity()
+
+
+def test_working_set_ten_times_the_pool():
+    small = LLM("random:tiny", dtype="float32", num_blocks=24)  # 384 tokens of KV
+    off = LLM("random:tiny", dtype="float32", num_blocks=24, enable_prefix_caching=False)
+    prompts = [ids(220, 200 + i) for i in range(6)] * 3  # 18 requests, ~4000 distinct tokens
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outs = small.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in off.generate(prompts, params)]
+    stats = small.stats()
+    assert stats["blocks_evicted"] > 0
+    assert stats["blocks_in_use"] == 0
+    small.engine.check_integrity()
+
+
+def test_too_large_request_is_a_clear_error():
+    small = LLM("random:tiny", dtype="float32", num_blocks=4)
+    with pytest.raises(ValueError, match="needs 5 KV blocks"):
+        small.generate([ids(70, 1)], SamplingParams(max_tokens=8))
+    with pytest.raises(ValueError, match="context is"):
+        LLM("random:tiny", dtype="float32", num_blocks=8, max_model_len=64).generate([ids(70, 1)])
+
+
+def test_retention_and_usage_by_ttl(llm):
+    from promptcache.cache import Retention
+
+    llm.reset_prefix_cache()
+    prompt = ids(100, 9)
+    out = llm.generate([prompt], GREEDY, retention=Retention(breakpoints=((64, 3600.0), (96, 300.0))))[0]
+    by_ttl = out.usage.cache_write_tokens_by_ttl
+    assert by_ttl[3600.0] == 64 and by_ttl[300.0] == 32
+    assert llm.engine.kv.pool.num_retained == 6
+
+
+def test_prewarm_with_zero_max_tokens(llm):
+    llm.reset_prefix_cache()
+    prompt = ids(100, 11)
+    warm = llm.generate([prompt], SamplingParams(max_tokens=0))[0]
+    assert warm.token_ids == [] and warm.finish_reason == "length"
+    assert warm.usage.cache_write_tokens == 96
+    assert llm.generate([prompt], GREEDY)[0].usage.cached_tokens == 96
