@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Test models are tiny: one thread avoids OpenMP barrier stalls (tens of ms per op when the two
+# cores are shared with anything else) and keeps timing-free tests fast and steady.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import shutil
 from pathlib import Path
 

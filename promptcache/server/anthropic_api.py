@@ -1,0 +1,102 @@
+"""The Anthropic dialect: ``/v1/messages`` (plain and SSE) and ``/v1/messages/count_tokens``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from promptcache.engine.request import RequestOutput
+from promptcache.server.anthropic_prompt import build_prompt, usage_dict
+from promptcache.server.errors import ApiError, anthropic_error_body
+from promptcache.server.generation import EventStream, Generation
+from promptcache.server.schemas_anthropic import CountTokensRequest, MessagesRequest
+from promptcache.server.state import get_state, new_id, sampling_params, tenant_of
+
+router = APIRouter(tags=["Anthropic"])
+Tenant = Annotated[str | None, Depends(tenant_of)]
+
+
+def _event(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _stop(out: RequestOutput) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence) in Anthropic's words."""
+    if out.finish_reason == "length":
+        return "max_tokens", None
+    if isinstance(out.stop_reason, str):
+        return "stop_sequence", out.stop_reason
+    return "end_turn", None
+
+
+def _message(rid: str, model: str, out: RequestOutput, streaming_start: bool = False) -> dict[str, Any]:
+    if streaming_start:
+        content: list[dict[str, Any]] = []
+        stop_reason, stop_sequence = None, None
+    else:
+        content = [{"type": "text", "text": out.text}] if out.text else []
+        stop_reason, stop_sequence = _stop(out)
+    return {"id": rid, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage_dict(out.usage)}
+
+
+@router.post("/v1/messages", summary="Create a message (Anthropic), streamed with stream=true",
+             response_model=None)
+async def create_message(body: MessagesRequest, request: Request, tenant: Tenant) -> Response:
+    state = get_state(request)
+    model = state.check_model(body.model, anthropic=True)
+    prompt = await run_in_threadpool(build_prompt, state.tokenizer, body)
+    params = sampling_params(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                             top_k=body.top_k, stop=body.stop_sequences)
+    rid = new_id("msg_")
+    gen = await Generation.start(state, request, "/v1/messages", rid, prompt.token_ids, params, tenant,
+                                 prompt.retention)
+    if body.stream:
+        return EventStream(_message_stream(gen, rid, model))
+    out = await gen.final(request)
+    return JSONResponse(_message(rid, model, out))
+
+
+async def _message_stream(gen: Generation, rid: str, model: str) -> AsyncGenerator[str, None]:
+    """message_start (with the input usage, known once the prompt ran), text deltas in one content
+    block (opened at the first text), message_delta with the cumulative usage, message_stop."""
+    try:
+        out = gen.first
+        yield _event("message_start", {"type": "message_start", "message": _message(rid, model, out, True)})
+        yield _event("ping", {"type": "ping"})
+        block_open = False
+        while True:
+            if out.new_text:
+                if not block_open:
+                    block_open = True
+                    yield _event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                         "content_block": {"type": "text", "text": ""}})
+                yield _event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                     "delta": {"type": "text_delta", "text": out.new_text}})
+            if out.finished:
+                break
+            out = await gen.next()
+        if block_open:
+            yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        stop_reason, stop_sequence = _stop(out)
+        yield _event("message_delta", {"type": "message_delta",
+                                       "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                                       "usage": usage_dict(out.usage)})
+        yield _event("message_stop", {"type": "message_stop"})
+    except ApiError as e:  # the engine failed mid-stream: the status is already 200, say it in-band
+        yield _event("error", anthropic_error_body(e.status, e.message))
+    finally:
+        await gen.close()
+
+
+@router.post("/v1/messages/count_tokens", summary="Count a request's prompt tokens (Anthropic)")
+async def count_tokens(body: CountTokensRequest, request: Request, tenant: Tenant) -> dict[str, int]:
+    state = get_state(request)
+    state.check_model(body.model, anthropic=True)
+    prompt = await run_in_threadpool(build_prompt, state.tokenizer, body, False)
+    return {"input_tokens": len(prompt.token_ids)}

@@ -1,0 +1,134 @@
+"""Anthropic requests -> template messages, cache breakpoints and the retention they ask for.
+
+``cache_control`` rules, checked in the order Anthropic processes blocks (tools, system, messages,
+then the top-level automatic breakpoint), each violation a 400 with Anthropic's wording:
+
+- not on an empty text block;
+- at most 4 breakpoints in all;
+- a ``1h`` breakpoint may not come after a ``5m`` one.
+
+Each breakpoint's ttl becomes the retention of the full KV blocks it covers (everything before it);
+blocks after the last breakpoint are cached too, without retention (plain LRU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from promptcache.cache import Retention, parse_ttl
+from promptcache.engine.request import Usage
+from promptcache.server.errors import ApiError
+from promptcache.server.prompt import Cut, TemplateMessage, build_chat_prompt
+from promptcache.server.schemas_anthropic import CacheControl, ContentBlock, CountTokensRequest
+from promptcache.tokenizer import Tokenizer
+
+MAX_BREAKPOINTS = 4
+ONE_HOUR_S = 3600.0
+EMPTY_BLOCK_MESSAGE = "cache_control cannot be set for empty text blocks"
+TTL_ORDER_MESSAGE = ("a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block. "
+                     "Note that blocks are processed in the following order: `tools`, `system`, `messages`.")
+
+
+@dataclass(frozen=True)
+class Breakpoint:
+    path: str  # JSON path of the cache_control field, for error messages
+    ttl: str  # "5m" | "1h"
+    cut: Cut
+
+
+@dataclass(frozen=True)
+class AnthropicPrompt:
+    token_ids: list[int]
+    retention: Retention
+
+
+def _text_parts(blocks: str | Sequence[ContentBlock], path: str, message: int,
+                breakpoints: list[Breakpoint]) -> tuple[str, ...]:
+    if isinstance(blocks, str):
+        return (blocks,)
+    parts = []
+    for j, block in enumerate(blocks):
+        where = f"{path}.{j}"
+        if block.type != "text":
+            raise ApiError(400, f"{where}.type: content blocks of type {block.type!r} are not supported "
+                                "by this server (text only)")
+        if block.text is None:
+            raise ApiError(400, f"{where}.text: Field required")
+        if block.cache_control is not None:
+            if not block.text:
+                raise ApiError(400, f"{where}.cache_control: {EMPTY_BLOCK_MESSAGE}")
+            breakpoints.append(Breakpoint(f"{where}.cache_control", block.cache_control.ttl, Cut(message, j)))
+        parts.append(block.text)
+    return tuple(parts)
+
+
+def parse_request(
+    req: CountTokensRequest,
+) -> tuple[list[TemplateMessage], list[dict[str, Any]], list[Breakpoint]]:
+    """Validate and convert; breakpoints come back in processing order (tools, system, messages)."""
+    breakpoints: list[Breakpoint] = []
+    tools = []
+    for k, tool in enumerate(req.tools or []):
+        tools.append({"type": "function", "function": {
+            "name": tool.name, "description": tool.description or "", "parameters": tool.input_schema or {}}})
+        if tool.cache_control is not None:
+            path = f"tools.{k}.cache_control"
+            breakpoints.append(Breakpoint(path, tool.cache_control.ttl, Cut(None, tool=k)))
+    messages = []
+    if req.system is not None:
+        messages.append(TemplateMessage("system", _text_parts(req.system, "system", 0, breakpoints)))
+    for i, m in enumerate(req.messages):
+        parts = _text_parts(m.content, f"messages.{i}.content", len(messages), breakpoints)
+        messages.append(TemplateMessage(m.role, parts))
+    if req.cache_control is not None:
+        breakpoints.append(_automatic(req.cache_control, messages))
+    _check_breakpoints(breakpoints)
+    return messages, tools, breakpoints
+
+
+def _automatic(cc: CacheControl, messages: list[TemplateMessage]) -> Breakpoint:
+    """Top-level ``cache_control``: a breakpoint on the last block of the last message."""
+    last = len(messages) - 1
+    if not messages[last].parts or not messages[last].parts[-1]:
+        raise ApiError(400, f"cache_control: {EMPTY_BLOCK_MESSAGE}")
+    return Breakpoint("cache_control", cc.ttl, Cut(last, len(messages[last].parts) - 1))
+
+
+def _check_breakpoints(breakpoints: list[Breakpoint]) -> None:
+    if len(breakpoints) > MAX_BREAKPOINTS:
+        raise ApiError(400, f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. "
+                            f"Found {len(breakpoints)}.")
+    seen_5m = False
+    for bp in breakpoints:
+        if bp.ttl == "1h" and seen_5m:
+            raise ApiError(400, f"{bp.path}.ttl: {TTL_ORDER_MESSAGE}")
+        seen_5m = seen_5m or bp.ttl == "5m"
+
+
+def build_prompt(tok: Tokenizer, req: CountTokensRequest, with_breakpoints: bool = True) -> AnthropicPrompt:
+    messages, tools, breakpoints = parse_request(req)
+    cuts = [bp.cut for bp in breakpoints] if with_breakpoints else []
+    try:
+        prompt = build_chat_prompt(tok, messages, tools, cuts)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    marks = tuple((end, parse_ttl(bp.ttl)) for end, bp in zip(prompt.cut_tokens, breakpoints, strict=False))
+    return AnthropicPrompt(prompt.token_ids, Retention(0.0, marks))
+
+
+def usage_dict(u: Usage) -> dict[str, Any]:
+    """Anthropic's convention: ``input_tokens`` excludes cache reads and writes; the three add up to
+    the prompt. Writes are the prompt tokens newly stored in blocks a breakpoint covers (ttl > 0)."""
+    by_ttl = u.cache_write_tokens_by_ttl
+    written_1h = sum(n for ttl, n in by_ttl.items() if ttl >= ONE_HOUR_S)
+    written_5m = sum(n for ttl, n in by_ttl.items() if 0 < ttl < ONE_HOUR_S)
+    creation = written_5m + written_1h
+    return {
+        "input_tokens": u.prompt_tokens - u.cached_tokens - creation,
+        "cache_creation_input_tokens": creation,
+        "cache_read_input_tokens": u.cached_tokens,
+        "cache_creation": {"ephemeral_5m_input_tokens": written_5m, "ephemeral_1h_input_tokens": written_1h},
+        "output_tokens": u.completion_tokens,
+    }

@@ -1,0 +1,68 @@
+"""The FastAPI application: both dialects on one async engine, plus /health, /metrics and /docs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from promptcache.engine.async_engine import AsyncEngine
+from promptcache.server import anthropic_api, openai_api
+from promptcache.server.errors import install_error_handlers
+from promptcache.server.metrics import ServerMetrics, StatusCounterMiddleware
+from promptcache.server.state import ServerState, get_state
+
+DESCRIPTION = """Self-hosted prompt-caching LLM server.
+
+Speaks the OpenAI (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) and Anthropic
+(`/v1/messages`, `/v1/messages/count_tokens`) dialects and reports prompt caching in each one's
+usage fields. With an API-key file, each key's tenant is its own cache namespace."""
+
+
+def create_app(
+    aengine: AsyncEngine,
+    api_keys: dict[str, str] | None = None,
+    model_names: Sequence[str] | None = None,
+) -> FastAPI:
+    """An app serving ``aengine`` (which the caller starts and shuts down).
+
+    ``api_keys`` maps API keys to tenant names; None leaves the server open and single-tenant.
+    ``model_names`` are the ids clients may send (default: the engine's model name); the first one
+    is listed first and reported in responses.
+    """
+    names = tuple(model_names or (aengine.engine.model_name,))
+    if not names or any(not n for n in names):
+        raise ValueError("model_names must be non-empty strings")
+    app = FastAPI(title="promptcache", description=DESCRIPTION, version="0.1.0")
+    metrics = ServerMetrics(aengine)
+    app.state.server = ServerState(aengine=aengine, api_keys=api_keys, model_names=names, metrics=metrics)
+    install_error_handlers(app)
+    app.include_router(openai_api.router)
+    app.include_router(anthropic_api.router)
+
+    @app.get("/health", tags=["Server"], summary="Liveness: 200 while the engine loop runs")
+    async def health(request: Request) -> JSONResponse:
+        aeng = get_state(request).aengine
+        # AsyncEngine records the exception that stopped its loop; no public accessor yet
+        error = getattr(aeng, "_error", None)
+        if error is not None:
+            return JSONResponse({"status": "error", "error": repr(error)}, status_code=503)
+        stats = await run_in_threadpool(aeng.call, _health_stats)
+        return JSONResponse({"status": "ok", "model": names[0], **stats})
+
+    @app.get("/metrics", tags=["Server"], summary="Prometheus metrics")
+    async def prometheus(request: Request) -> Response:
+        body = await run_in_threadpool(get_state(request).metrics.render)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(StatusCounterMiddleware, metrics=metrics)
+    return app
+
+
+def _health_stats(engine: Any) -> dict[str, int]:
+    stats = engine.stats()
+    return {k: stats[k] for k in ("requests_running", "requests_waiting", "blocks_total", "blocks_in_use")}

@@ -1,0 +1,143 @@
+"""Errors in each dialect's envelope: OpenAI ``{"error": {...}}``, Anthropic ``{"type": "error", ...}``.
+
+Every failure the server can foresee is an ``ApiError``; the handlers below also turn FastAPI's
+validation errors (422) into 400s and unknown routes into 404s, in the caller's dialect, so a
+client never sees a bare 500 or a FastAPI-shaped body.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+# OpenAI error "type" for a status; Anthropic's differ (see _ANTHROPIC_TYPES).
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+                 405: "invalid_request_error", 429: "requests", 503: "server_error"}
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+class ApiError(Exception):
+    """A failure the client should see as ``status`` with ``message`` in its dialect's envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+def is_anthropic(request: Request) -> bool:
+    """Which envelope to answer in: the Messages routes, or any request from an Anthropic client."""
+    return request.url.path.startswith("/v1/messages") or "anthropic-version" in request.headers
+
+
+def openai_error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    err_type = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    err_type = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": err_type, "message": message}}
+
+
+def error_response(request: Request, err: ApiError) -> JSONResponse:
+    if is_anthropic(request):
+        body = anthropic_error_body(err.status, err.message)
+    else:
+        body = openai_error_body(err.status, err.message, err.param, err.code)
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+# ---- validation errors (FastAPI's 422) -> 400 ---------------------------------------------------
+
+_TYPE_TAG = re.compile(r"^[A-Z]\w*$|[\[\]'(]|^(str|int|float|bool|list|dict|none|literal|json-or-python)$")
+
+
+def _field_path(loc: Sequence[int | str], anthropic: bool) -> str:
+    """``("body", "messages", 0, "str", "content")`` -> ``messages.0.content`` / ``messages[0].content``.
+
+    Pydantic puts union member names ("str", "list[TextBlock]", "TextBlock") into locations; they mean
+    nothing to a client, so they are dropped.
+    """
+    parts = [p for p in loc[1:] if isinstance(p, int) or not _TYPE_TAG.search(str(p))] if loc else []
+    if anthropic:
+        return ".".join(str(p) for p in parts)
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def validation_message(exc: RequestValidationError, anthropic: bool) -> tuple[str, str | None]:
+    errors = list(exc.errors())
+    if not errors:
+        return "invalid request body", None
+    # with unions pydantic reports every branch; the deepest location is the one the client meant
+    err = max(errors, key=lambda e: len(e.get("loc", ())))
+    if err.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+    path = _field_path(err.get("loc", ()), anthropic)
+    msg = str(err.get("msg", "invalid value"))
+    if err.get("type") == "missing" and not path:
+        return "the request body is missing or empty", None
+    return (f"{path}: {msg}" if path else msg), (path or None)
+
+
+# ---- handlers -----------------------------------------------------------------------------------
+
+async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(request, exc)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message, param = validation_message(exc, is_anthropic(request))
+    return error_response(request, ApiError(400, message, param=param))
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed for {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return error_response(request, ApiError(exc.status_code, message, headers=dict(exc.headers or {})))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(request, ApiError(500, f"internal server error: {type(exc).__name__}"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)

@@ -1,0 +1,137 @@
+"""One request's run on the async engine, shared by both dialects.
+
+``Generation.start`` submits the request and waits for its first output *before* any response is
+sent, so every refusal (prompt too long, queue full, bad sampling values) is still a proper HTTP
+error. Afterwards the stream is read with ``next()`` and must be ``close()``d: closing a generation
+that has not finished aborts the engine request and frees its KV blocks. Waits race the client's
+connection, so a client that hangs up — while queued, during prefill, or mid-stream — frees its
+blocks at once instead of when the answer would have been complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from promptcache.cache import NO_RETENTION, Retention
+from promptcache.engine.async_engine import EngineDead, EngineOverloaded
+from promptcache.engine.request import RequestOutput
+from promptcache.engine.sampling import SamplingParams
+from promptcache.server.errors import ApiError
+from promptcache.server.state import ServerState
+
+T = TypeVar("T")
+
+
+async def _client_gone(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def race_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """``await work``, unless the client disconnects first: then cancel it and raise a 499."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        watch.cancel()
+        raise
+    watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ApiError(499, "the client closed the request")
+
+
+class Generation:
+    def __init__(self, stream: AsyncIterator[RequestOutput], first: RequestOutput) -> None:
+        self._stream = stream
+        self.first = first
+
+    @classmethod
+    async def start(
+        cls,
+        state: ServerState,
+        request: Request,
+        endpoint: str,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        tenant: str | None,
+        retention: Retention = NO_RETENTION,
+    ) -> Generation:
+        started = time.monotonic()
+        stream = state.aengine.generate(request_id, prompt_token_ids, params, tenant, retention)
+        try:
+            first = await race_disconnect(request, _next(stream))
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        except EngineOverloaded as e:
+            raise ApiError(429, str(e), code="rate_limit_exceeded",
+                           headers={"Retry-After": str(e.retry_after_s)}) from None
+        except EngineDead as e:
+            raise ApiError(503, str(e)) from None
+        except StopAsyncIteration:
+            raise ApiError(500, "the engine ended the request without an output") from None
+        state.metrics.observe_ttft(endpoint, started)
+        return cls(stream, first)
+
+    async def next(self) -> RequestOutput:
+        try:
+            return await _next(self._stream)
+        except EngineDead as e:
+            raise ApiError(503, str(e)) from None
+
+    async def close(self) -> None:
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def final(self, request: Request) -> RequestOutput:
+        """Read to the end (non-streaming responses); aborts if the client goes away meanwhile."""
+        try:
+            return await race_disconnect(request, self._collect())
+        finally:
+            await self.close()
+
+    async def _collect(self) -> RequestOutput:
+        out = self.first
+        while not out.finished:
+            out = await self.next()
+        return out
+
+
+async def _next(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    return await stream.__anext__()
+
+
+class EventStream(StreamingResponse):
+    """SSE response that always closes its body generator, so an abandoned stream aborts at once.
+
+    Starlette stops iterating a body when the client disconnects but leaves the generator for the
+    garbage collector; closing it here runs its ``finally`` (which closes the Generation) right away.
+    """
+
+    def __init__(self, body: AsyncGenerator[str, None]) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._body.aclose()

@@ -1,0 +1,115 @@
+"""Prometheus metrics on a per-app registry (tests build several apps in one process).
+
+Engine-side numbers (tokens, blocks, evictions) are read from ``engine.stats()`` at scrape time, so
+they are exact and never drift from what the engine reports in usage; HTTP-side numbers (requests
+by status, time to first token) are recorded by the server as requests happen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from promptcache.engine.async_engine import AsyncEngine
+
+# Paths counted by name; anything else is "other", so a scanner cannot blow up label cardinality.
+API_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
+             "/v1/models", "/health", "/metrics")
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+_COUNTERS = {  # engine stats key -> (metric name without _total, help)
+    "prompt_tokens": ("promptcache_prompt_tokens", "Prompt tokens of admitted requests"),
+    "cached_tokens": ("promptcache_cached_tokens", "Prompt tokens reused from the prefix cache"),
+    "computed_tokens": ("promptcache_computed_tokens", "Tokens run through the model (prefill and decode)"),
+    "generated_tokens": ("promptcache_generated_tokens", "Tokens generated"),
+    "cache_write_tokens": ("promptcache_cache_write_tokens", "Prompt tokens newly stored in the cache"),
+    "blocks_evicted": ("promptcache_block_evictions", "Cached KV blocks evicted to make room"),
+    "early_evictions": ("promptcache_early_evictions", "Evictions of blocks inside their retention"),
+    "preemptions": ("promptcache_preemptions", "Running requests preempted for lack of KV blocks"),
+    "requests_added": ("promptcache_engine_requests", "Requests admitted by the engine"),
+}
+
+
+class EngineCollector(Collector):
+    def __init__(self, aengine: AsyncEngine) -> None:
+        self.aengine = aengine
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # values are only known at scrape time; nothing to pre-register
+
+    def collect(self) -> Iterable[Metric]:
+        stats, finished = self.aengine.call(lambda e: (e.stats(), dict(e.counters.finished)))
+        for key, (name, doc) in _COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
+        prompt = stats.get("prompt_tokens", 0)
+        hit_rate = stats.get("cached_tokens", 0) / prompt if prompt else 0.0
+        yield GaugeMetricFamily("promptcache_prefix_cache_hit_rate",
+                                "cached_tokens / prompt_tokens since start", value=hit_rate)
+        blocks = GaugeMetricFamily("promptcache_kv_blocks", "KV blocks by state", labels=["state"])
+        blocks.add_metric(["in_use"], stats.get("blocks_in_use", 0))
+        blocks.add_metric(["cached"], stats.get("blocks_cached", 0))
+        blocks.add_metric(["free"], stats.get("blocks_empty", 0))
+        yield blocks
+        yield GaugeMetricFamily("promptcache_kv_blocks_capacity", "KV blocks in the pool",
+                                value=stats.get("blocks_total", 0))
+        yield GaugeMetricFamily("promptcache_requests_running", "Requests running",
+                                value=stats.get("requests_running", 0))
+        yield GaugeMetricFamily("promptcache_requests_waiting", "Requests waiting",
+                                value=stats.get("requests_waiting", 0))
+        done = CounterMetricFamily("promptcache_requests_finished", "Finished requests by finish reason",
+                                   labels=["reason"])
+        for reason, count in sorted(finished.items()):
+            done.add_metric([reason], count)
+        yield done
+
+
+class ServerMetrics:
+    def __init__(self, aengine: AsyncEngine) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(EngineCollector(aengine))
+        self.http_requests = Counter("promptcache_http_requests", "HTTP requests by endpoint and status",
+                                     ["endpoint", "status"], registry=self.registry)
+        self.ttft = Histogram("promptcache_time_to_first_token_seconds",
+                              "Seconds from receiving a request to its first generated token",
+                              ["endpoint"], buckets=TTFT_BUCKETS, registry=self.registry)
+
+    def observe_ttft(self, endpoint: str, started: float) -> None:
+        self.ttft.labels(endpoint=endpoint).observe(time.monotonic() - started)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StatusCounterMiddleware:
+    """Pure ASGI middleware: counts each response's status (streams count when their headers go out)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = str(scope.get("path", ""))
+        endpoint = path if path in API_PATHS else "other"
+        counted = False
+
+        async def send_counting(message: Message) -> None:
+            nonlocal counted
+            if message["type"] == "http.response.start" and not counted:
+                counted = True
+                self.metrics.http_requests.labels(endpoint=endpoint, status=str(message["status"])).inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counting)
+        finally:
+            if not counted:  # the client went away before any response started
+                self.metrics.http_requests.labels(endpoint=endpoint, status="499").inc()
+

@@ -1,0 +1,176 @@
+"""The OpenAI dialect: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
+
+Caching is automatic; ``usage.prompt_tokens_details.cached_tokens`` is the exact number of prompt
+tokens whose K/V were reused (whole blocks). Retention (how long blocks stay pinned after use):
+
+- ``prompt_cache_options.ttl`` if sent, else ``prompt_cache_retention`` (``in_memory`` 10 min,
+  ``24h``), else 30 min when the request opts in (``prompt_cache_options`` or a breakpoint), else
+  none: blocks stay cached only as long as LRU eviction allows.
+- mode ``implicit`` (default) applies that ttl to the whole prompt; mode ``explicit`` only to the
+  prompt up to the last content part carrying ``prompt_cache_breakpoint``.
+- ``prompt_cache_options.prewarm`` stores the prompt and generates nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from promptcache.cache import RETENTION_NAMES, Retention
+from promptcache.engine.sampling import SamplingParams
+from promptcache.server import openai_format as fmt
+from promptcache.server.errors import ApiError, is_anthropic
+from promptcache.server.generation import EventStream, Generation
+from promptcache.server.prompt import Cut, TemplateMessage, build_chat_prompt
+from promptcache.server.schemas_openai import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from promptcache.server.state import ServerState, get_state, new_id, sampling_params, tenant_of, ttl_seconds
+
+router = APIRouter(tags=["OpenAI"])
+Tenant = Annotated[str | None, Depends(tenant_of)]
+OPT_IN_TTL_S = 1800.0  # OpenAI's documented default for prompt_cache_options.ttl ("30m")
+
+
+@router.get("/v1/models", summary="List the served model (OpenAI, or Anthropic with anthropic-version)")
+async def list_models(request: Request, tenant: Tenant) -> dict[str, Any]:
+    state = get_state(request)
+    if is_anthropic(request):
+        data = [{"type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z"}
+                for m in state.model_names]
+        return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+    return {"object": "list", "data": [{"id": m, "object": "model", "created": state.created,
+                                        "owned_by": "promptcache"} for m in state.model_names]}
+
+
+def _refuse_unsupported(req: _SamplingFields) -> None:
+    if req.n not in (None, 1):
+        raise ApiError(400, "n must be 1: this server returns one choice per request", param="n")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(req, name):
+            raise ApiError(400, f"{name} is not supported (only 0)", param=name)
+
+
+def _template_messages(req: ChatCompletionRequest) -> tuple[list[TemplateMessage], list[Cut]]:
+    messages, cuts = [], []
+    for i, m in enumerate(req.messages):
+        role = "system" if m.role == "developer" else m.role  # chat templates know "system"
+        if m.content is None or isinstance(m.content, str):
+            parts: tuple[str, ...] = (m.content or "",)
+        else:
+            texts = []
+            for j, part in enumerate(m.content):
+                where = f"messages[{i}].content[{j}]"
+                if part.type not in ("text", "input_text"):
+                    raise ApiError(400, f"{where}.type: only text content parts are supported, got "
+                                        f"{part.type!r}", param=f"{where}.type")
+                if part.text is None:
+                    raise ApiError(400, f"{where}.text: Field required", param=f"{where}.text")
+                texts.append(part.text)
+                if part.prompt_cache_breakpoint is not None:
+                    cuts.append(Cut(i, j))
+            parts = tuple(texts)
+        extra = {k: v for k in ("name", "tool_calls", "tool_call_id") if (v := getattr(m, k)) is not None}
+        messages.append(TemplateMessage(role, parts, extra))
+    return messages, cuts
+
+
+def _ttl(req: _SamplingFields, has_breakpoints: bool) -> float:
+    opts = req.prompt_cache_options
+    if opts is not None and opts.ttl is not None:
+        return ttl_seconds(opts.ttl, "prompt_cache_options.ttl")
+    if req.prompt_cache_retention is not None:
+        return RETENTION_NAMES[req.prompt_cache_retention]
+    return OPT_IN_TTL_S if (opts is not None or has_breakpoints) else 0.0
+
+
+def _explicit(req: _SamplingFields) -> bool:
+    return req.prompt_cache_options is not None and req.prompt_cache_options.mode == "explicit"
+
+
+def _params(state: ServerState, req: _SamplingFields, max_tokens: int | None, num_prompt_tokens: int,
+            logprobs: int | None) -> SamplingParams:
+    if req.prompt_cache_options is not None and req.prompt_cache_options.prewarm:
+        max_tokens = 0
+    if max_tokens is None:
+        max_tokens = state.default_max_tokens(num_prompt_tokens)
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    return sampling_params(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                           top_k=req.top_k, seed=req.seed, stop=stop, ignore_eos=req.ignore_eos,
+                           logprobs=logprobs)
+
+
+def _build_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], Retention]:
+    messages, cuts = _template_messages(req)
+    ttl = _ttl(req, bool(cuts))
+    explicit = _explicit(req)
+    try:
+        prompt = build_chat_prompt(state.tokenizer, messages, req.tools, cuts if explicit else ())
+    except ValueError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    if explicit:
+        return prompt.token_ids, Retention(0.0, tuple((end, ttl) for end in prompt.cut_tokens))
+    return prompt.token_ids, Retention(ttl)
+
+
+@router.post("/v1/chat/completions", summary="Chat completion (OpenAI), streamed with stream=true",
+             response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: Tenant) -> Response:
+    state = get_state(request)
+    model = state.check_model(body.model, anthropic=False)
+    _refuse_unsupported(body)
+    prompt_ids, retention = await run_in_threadpool(_build_chat, state, body)
+    want_logprobs = bool(body.logprobs) or body.top_logprobs is not None
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = _params(state, body, max_tokens, len(prompt_ids),
+                     (body.top_logprobs or 0) if want_logprobs else None)
+    rid = new_id("chatcmpl-")
+    gen = await Generation.start(state, request, "/v1/chat/completions", rid, prompt_ids, params, tenant,
+                                 retention)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return EventStream(fmt.chat_stream(gen, state.tokenizer, rid, model, state.created, include_usage,
+                                           want_logprobs))
+    out = await gen.final(request)
+    return JSONResponse(fmt.chat_response(rid, model, state.created, out, state.tokenizer, want_logprobs))
+
+
+def _completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
+    prompt: Any = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise ApiError(400, "batched prompts are not supported: send one prompt per request",
+                           param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return state.tokenizer.encode(prompt)
+    return [int(t) for t in prompt]
+
+
+@router.post("/v1/completions", summary="Text completion (OpenAI legacy), streamed with stream=true",
+             response_model=None)
+async def completions(body: CompletionRequest, request: Request, tenant: Tenant) -> Response:
+    state = get_state(request)
+    model = state.check_model(body.model, anthropic=False)
+    _refuse_unsupported(body)
+    if body.echo:
+        raise ApiError(400, "echo is not supported", param="echo")
+    if body.suffix:
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    if body.best_of not in (None, 1):
+        raise ApiError(400, "best_of must be 1", param="best_of")
+    prompt_ids = await run_in_threadpool(_completion_prompt, state, body)
+    params = _params(state, body, body.max_tokens, len(prompt_ids), body.logprobs)
+    retention = Retention(_ttl(body, False))
+    rid = new_id("cmpl-")
+    gen = await Generation.start(state, request, "/v1/completions", rid, prompt_ids, params, tenant,
+                                 retention)
+    want_logprobs = body.logprobs is not None
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return EventStream(fmt.completion_stream(gen, state.tokenizer, rid, model, state.created,
+                                                 include_usage, want_logprobs))
+    out = await gen.final(request)
+    body_out = fmt.completion_response(rid, model, state.created, out, state.tokenizer, want_logprobs)
+    return JSONResponse(body_out)

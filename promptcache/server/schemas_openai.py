@@ -1,0 +1,84 @@
+"""Request bodies of the OpenAI dialect (Chat Completions, Completions).
+
+Fields we do not act on (``user``, ``metadata``, ``store``, ``response_format`` ...) are accepted and
+ignored, as the official SDKs send them; fields whose silent loss would change the result (``n > 1``,
+penalties, ``echo``) are accepted by the schema and refused with a 400 by the handler.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class PromptCacheOptions(_Body):
+    mode: Literal["implicit", "explicit"] = "implicit"
+    ttl: str | float | None = Field(default=None, description="minimum lifetime: '30m', '1h', '24h', 300")
+    prewarm: bool = Field(default=False, description="only store the prompt in the cache (no generation)")
+    comparison_response_id: str | None = None
+
+
+class PromptCacheBreakpoint(_Body):
+    mode: Literal["explicit"] = "explicit"
+
+
+class ContentPart(_Body):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+    prompt_cache_breakpoint: PromptCacheBreakpoint | None = None
+
+
+class ChatMessage(_Body):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class _SamplingFields(_Body):
+    model: str
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, description="extension (vLLM): keep the k most likely tokens")
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = Field(default=1, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    ignore_eos: bool = Field(default=False, description="extension (vLLM): generate past end-of-sequence")
+    prompt_cache_key: str | None = Field(default=None, description="accepted; routing key (one replica here)")
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)

@@ -1,0 +1,85 @@
+"""What every route needs: the engine, the key table, metrics, and the request-level checks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from promptcache.cache import parse_ttl
+from promptcache.engine.async_engine import AsyncEngine
+from promptcache.engine.sampling import SamplingParams
+from promptcache.server.auth import resolve_tenant
+from promptcache.server.errors import ApiError
+from promptcache.server.metrics import ServerMetrics
+from promptcache.tokenizer import Tokenizer
+
+
+@dataclass
+class ServerState:
+    aengine: AsyncEngine
+    api_keys: dict[str, str] | None
+    model_names: tuple[str, ...]  # the first is the one responses report
+    metrics: ServerMetrics
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.aengine.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.aengine.engine.max_model_len
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        engine = self.aengine.engine
+        return engine.kv.pool.num_blocks * engine.block_size
+
+    def check_model(self, name: str, anthropic: bool) -> str:
+        """The served name for ``name``; 404 in the dialect's words when this server does not serve it."""
+        if name in self.model_names:
+            return self.model_names[0]
+        if anthropic:
+            raise ApiError(404, f"model: {name}")
+        raise ApiError(404, f"The model `{name}` does not exist or you do not have access to it.",
+                       param="model", code="model_not_found")
+
+    def default_max_tokens(self, num_prompt_tokens: int) -> int:
+        """No max_tokens sent: generate up to the end of the context, as far as the KV cache allows."""
+        room = min(self.max_model_len, self.kv_capacity_tokens) - num_prompt_tokens
+        return max(1, room)
+
+
+def get_state(request: Request) -> ServerState:
+    state = request.app.state.server
+    assert isinstance(state, ServerState)
+    return state
+
+
+def tenant_of(request: Request) -> str | None:
+    """FastAPI dependency: the caller's tenant (None on an open server), or a 401."""
+    return resolve_tenant(request, get_state(request).api_keys)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+def sampling_params(**kwargs: Any) -> SamplingParams:
+    """SamplingParams from request fields (None = the default); invalid values are a 400."""
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return SamplingParams(**given)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def ttl_seconds(value: str | float | None, param: str) -> float:
+    try:
+        return parse_ttl(value)
+    except ValueError as e:
+        raise ApiError(400, str(e), param=param) from None
