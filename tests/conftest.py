@@ -23,14 +23,26 @@ def hf_config(family: str, **overrides):
 
     common = dict(vocab_size=TOKENIZER_VOCAB, initializer_range=0.1)
     llama_like = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, **common,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        **common,
     )
     if family == "llama":
         cfg = tf.LlamaConfig(
-            **llama_like, tie_word_embeddings=False, rope_theta=500000.0,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+            **llama_like,
+            tie_word_embeddings=False,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
         )
     elif family == "mistral":
         cfg = tf.MistralConfig(**llama_like, tie_word_embeddings=False, sliding_window=None)

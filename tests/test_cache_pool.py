@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from promptcache.cache import KVCacheManager, Retention, hash_blocks, namespace_hash, parse_ttl
+from promptcache.cache import NO_RETENTION, KVCacheManager, Retention, hash_blocks, namespace_hash, parse_ttl
 from promptcache.cache.hashing import hash_block
 
 
@@ -23,7 +23,7 @@ def hashes(tokens: list[int], bs: int = 4):
     return hash_blocks(ROOT, tokens, bs)
 
 
-def run(kv: KVCacheManager, rid: str, tokens: list[int], retention: Retention = Retention()):
+def run(kv: KVCacheManager, rid: str, tokens: list[int], retention: Retention = NO_RETENTION):
     """Admit, 'compute' and commit a request the way the scheduler does; returns (hit tokens, ids)."""
     hs = hashes(tokens, kv.block_size)
     hit = kv.match(rid, hs, len(tokens))

@@ -168,10 +168,10 @@ class KVCacheManager:
                 table.pending.append(h)
         new_ids = []
         for _ in range(num_new):
-            block = self.pool.take_new()
-            assert block is not None  # capacity was checked above
-            table.blocks.append(block)
-            new_ids.append(block.block_id)
+            fresh = self.pool.take_new()
+            assert fresh is not None  # capacity was checked above
+            table.blocks.append(fresh)
+            new_ids.append(fresh.block_id)
         return new_ids
 
     def commit(self, request_id: str, block_hashes: Sequence[BlockHash], num_computed_tokens: int) -> list[int]:
@@ -228,11 +228,11 @@ class KVCacheManager:
         for b in pool.lru:
             assert b.ref_cnt == 0 and b.block_hash is not None, f"lru block {b} has ref or no hash"
             place(b, "lru")
-        live = [b for _, tok, b in pool.retained if tok == b.heap_token]
+        live = [entry[2] for entry in pool.retained if entry[1] == entry[2].heap_token]
         assert len(live) == pool.num_retained, f"retained count {pool.num_retained} != {len(live)}"
-        for b in live:
-            assert b.ref_cnt == 0 and b.block_hash is not None, f"retained block {b} has ref or no hash"
-            place(b, "retained")
+        for r in live:
+            assert r.ref_cnt == 0 and r.block_hash is not None, f"retained block {r} has ref or no hash"
+            place(r, "retained")
         refs: dict[int, int] = {}
         for table in self.tables.values():
             for b in table.blocks:

@@ -37,12 +37,15 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids), batched together; outputs in input order."""
+        batch: list[Prompt]
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+            batch = [prompts]  # type: ignore[list-item]
+        else:
+            batch = list(prompts)  # type: ignore[arg-type]
         params = params or SamplingParams()
         ids = []
-        for prompt in prompts:  # validate everything before anything starts
-            token_ids = self._to_ids(prompt)  # type: ignore[arg-type]
+        for prompt in batch:  # validate everything before anything starts
+            token_ids = self._to_ids(prompt)
             self.engine.validate_prompt(token_ids, params)
             ids.append(token_ids)
         order = []

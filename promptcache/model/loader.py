@@ -7,7 +7,7 @@ and mapped from transformers' parameter names onto ours, fusing q|k|v and gate|u
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,51 +104,66 @@ class _Weights:
         return self._where[name].get_tensor(name)
 
 
-def _llama_plan(cfg: ArchConfig, w: _Weights) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    yield "embed.weight", lambda: w["model.embed_tokens.weight"]
-    yield "norm.weight", lambda: w["model.norm.weight"]
+@dataclass(frozen=True)
+class _Source:
+    """How one of our parameters is made from checkpoint tensors: concatenated, maybe transposed."""
+
+    names: tuple[str, ...]
+    transpose: bool = False  # GPT-2 Conv1D stores [in, out]; nn.Linear wants [out, in]
+
+    def load(self, w: _Weights) -> torch.Tensor:
+        parts = [w[n] for n in self.names]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return tensor.t() if self.transpose else tensor
+
+
+Plan = Iterator[tuple[str, _Source]]
+
+
+def _llama_plan(cfg: ArchConfig) -> Plan:
+    yield "embed.weight", _Source(("model.embed_tokens.weight",))
+    yield "norm.weight", _Source(("model.norm.weight",))
     if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", lambda: w["lm_head.weight"]
+        yield "lm_head.weight", _Source(("lm_head.weight",))
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        qkv = [src + f"self_attn.{p}_proj" for p in "qkv"]
-        yield dst + "attn.qkv.weight", lambda qkv=qkv: torch.cat([w[n + ".weight"] for n in qkv])
+        qkv = tuple(src + f"self_attn.{p}_proj" for p in "qkv")
+        gate_up = (src + "mlp.gate_proj", src + "mlp.up_proj")
+        yield dst + "attn.qkv.weight", _Source(tuple(n + ".weight" for n in qkv))
         if cfg.qkv_bias:
-            yield dst + "attn.qkv.bias", lambda qkv=qkv: torch.cat([w[n + ".bias"] for n in qkv])
-        yield dst + "attn.o.weight", lambda s=src: w[s + "self_attn.o_proj.weight"]
+            yield dst + "attn.qkv.bias", _Source(tuple(n + ".bias" for n in qkv))
+        yield dst + "attn.o.weight", _Source((src + "self_attn.o_proj.weight",))
         if cfg.o_bias:
-            yield dst + "attn.o.bias", lambda s=src: w[s + "self_attn.o_proj.bias"]
+            yield dst + "attn.o.bias", _Source((src + "self_attn.o_proj.bias",))
         if cfg.qk_norm:
-            yield dst + "attn.q_norm.weight", lambda s=src: w[s + "self_attn.q_norm.weight"]
-            yield dst + "attn.k_norm.weight", lambda s=src: w[s + "self_attn.k_norm.weight"]
-        gate_up = [src + "mlp.gate_proj", src + "mlp.up_proj"]
-        yield dst + "mlp.up.weight", lambda g=gate_up: torch.cat([w[n + ".weight"] for n in g])
-        yield dst + "mlp.down.weight", lambda s=src: w[s + "mlp.down_proj.weight"]
+            yield dst + "attn.q_norm.weight", _Source((src + "self_attn.q_norm.weight",))
+            yield dst + "attn.k_norm.weight", _Source((src + "self_attn.k_norm.weight",))
+        yield dst + "mlp.up.weight", _Source(tuple(n + ".weight" for n in gate_up))
+        yield dst + "mlp.down.weight", _Source((src + "mlp.down_proj.weight",))
         if cfg.mlp_bias:
-            yield dst + "mlp.up.bias", lambda g=gate_up: torch.cat([w[n + ".bias"] for n in g])
-            yield dst + "mlp.down.bias", lambda s=src: w[s + "mlp.down_proj.bias"]
-        yield dst + "attn_norm.weight", lambda s=src: w[s + "input_layernorm.weight"]
-        yield dst + "mlp_norm.weight", lambda s=src: w[s + "post_attention_layernorm.weight"]
+            yield dst + "mlp.up.bias", _Source(tuple(n + ".bias" for n in gate_up))
+            yield dst + "mlp.down.bias", _Source((src + "mlp.down_proj.bias",))
+        yield dst + "attn_norm.weight", _Source((src + "input_layernorm.weight",))
+        yield dst + "mlp_norm.weight", _Source((src + "post_attention_layernorm.weight",))
 
 
-def _gpt2_plan(cfg: ArchConfig, w: _Weights) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    yield "embed.weight", lambda: w["wte.weight"]
-    yield "pos_embed.weight", lambda: w["wpe.weight"]
-    yield "norm.weight", lambda: w["ln_f.weight"]
-    yield "norm.bias", lambda: w["ln_f.bias"]
+def _gpt2_plan(cfg: ArchConfig) -> Plan:
+    yield "embed.weight", _Source(("wte.weight",))
+    yield "pos_embed.weight", _Source(("wpe.weight",))
+    yield "norm.weight", _Source(("ln_f.weight",))
+    yield "norm.bias", _Source(("ln_f.bias",))
     if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", lambda: w["lm_head.weight"]
-    # GPT-2 stores Conv1D weights as [in, out]; nn.Linear wants [out, in].
-    pairs = {"attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}
+        yield "lm_head.weight", _Source(("lm_head.weight",))
+    linears = {"attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj", "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}
     norms = {"attn_norm": "ln_1", "mlp_norm": "ln_2"}
     for i in range(cfg.num_layers):
         src, dst = f"h.{i}.", f"layers.{i}."
-        for ours, theirs in pairs.items():
-            yield dst + ours + ".weight", lambda n=src + theirs: w[n + ".weight"].t()
-            yield dst + ours + ".bias", lambda n=src + theirs: w[n + ".bias"]
+        for ours, theirs in linears.items():
+            yield dst + ours + ".weight", _Source((src + theirs + ".weight",), transpose=True)
+            yield dst + ours + ".bias", _Source((src + theirs + ".bias",))
         for ours, theirs in norms.items():
             for kind in ("weight", "bias"):
-                yield dst + f"{ours}.{kind}", lambda n=src + f"{theirs}.{kind}": w[n]
+                yield dst + f"{ours}.{kind}", _Source((src + f"{theirs}.{kind}",))
 
 
 @dataclass
@@ -173,11 +188,11 @@ def load_model(
     plan_fn = _llama_plan if arch.family == "llama" else _gpt2_plan
     with ExitStack() as stack:
         weights = _Weights(_weight_files(model_dir), stack)
-        plan = list(plan_fn(arch, weights))
+        plan = list(plan_fn(arch))
         # tqdm's delay keeps small models silent; a bar appears only when loading takes a while
-        for name, fetch in tqdm(plan, desc="loading weights", unit="tensor", delay=2.0, leave=False):
+        for name, source in tqdm(plan, desc="loading weights", unit="tensor", delay=2.0, leave=False):
             try:
-                tensor = fetch()
+                tensor = source.load(weights)
             except KeyError as e:
                 raise ValueError(f"{model_dir}: checkpoint lacks tensor {e} needed for {name}") from e
             target = params[name]
