@@ -1,4 +1,4 @@
-"""HTTP server: OpenAI and Anthropic dialects over the async engine (never imports torch itself).
+"""HTTP server: OpenAI and Anthropic dialects over the async engine (tensors never reach this layer).
 
 ``create_app`` is imported lazily so that building the CLI parser (which imports
 ``promptcache.server.cli``) does not load FastAPI or the engine.

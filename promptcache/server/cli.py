@@ -1,6 +1,6 @@
 """``promptcache serve``: build the engine, start its loop, serve the app with uvicorn.
 
-Imports stay inside the functions: ``promptcache --help`` must not load torch or FastAPI.
+Imports stay inside the functions: ``promptcache --help`` must not load the model stack or FastAPI.
 """
 
 from __future__ import annotations

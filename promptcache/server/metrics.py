@@ -109,7 +109,8 @@ class StatusCounterMiddleware:
 
         try:
             await self.app(scope, receive, send_counting)
-        finally:
-            if not counted:  # the client went away before any response started
-                self.metrics.http_requests.labels(endpoint=endpoint, status="499").inc()
+        except Exception:
+            if not counted:  # the outermost error handler will answer 500
+                self.metrics.http_requests.labels(endpoint=endpoint, status="500").inc()
+            raise
 

@@ -25,7 +25,7 @@ from promptcache.server import openai_format as fmt
 from promptcache.server.errors import ApiError, is_anthropic
 from promptcache.server.generation import EventStream, Generation
 from promptcache.server.prompt import Cut, TemplateMessage, build_chat_prompt
-from promptcache.server.schemas_openai import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from promptcache.server.schemas_openai import ChatCompletionRequest, CompletionRequest, OpenAIRequestBase
 from promptcache.server.state import ServerState, get_state, new_id, sampling_params, tenant_of, ttl_seconds
 
 router = APIRouter(tags=["OpenAI"])
@@ -44,7 +44,7 @@ async def list_models(request: Request, tenant: Tenant) -> dict[str, Any]:
                                         "owned_by": "promptcache"} for m in state.model_names]}
 
 
-def _refuse_unsupported(req: _SamplingFields) -> None:
+def _refuse_unsupported(req: OpenAIRequestBase) -> None:
     if req.n not in (None, 1):
         raise ApiError(400, "n must be 1: this server returns one choice per request", param="n")
     for name in ("frequency_penalty", "presence_penalty"):
@@ -76,7 +76,7 @@ def _template_messages(req: ChatCompletionRequest) -> tuple[list[TemplateMessage
     return messages, cuts
 
 
-def _ttl(req: _SamplingFields, has_breakpoints: bool) -> float:
+def _ttl(req: OpenAIRequestBase, has_breakpoints: bool) -> float:
     opts = req.prompt_cache_options
     if opts is not None and opts.ttl is not None:
         return ttl_seconds(opts.ttl, "prompt_cache_options.ttl")
@@ -85,11 +85,11 @@ def _ttl(req: _SamplingFields, has_breakpoints: bool) -> float:
     return OPT_IN_TTL_S if (opts is not None or has_breakpoints) else 0.0
 
 
-def _explicit(req: _SamplingFields) -> bool:
+def _explicit(req: OpenAIRequestBase) -> bool:
     return req.prompt_cache_options is not None and req.prompt_cache_options.mode == "explicit"
 
 
-def _params(state: ServerState, req: _SamplingFields, max_tokens: int | None, num_prompt_tokens: int,
+def _params(state: ServerState, req: OpenAIRequestBase, max_tokens: int | None, num_prompt_tokens: int,
             logprobs: int | None) -> SamplingParams:
     if req.prompt_cache_options is not None and req.prompt_cache_options.prewarm:
         max_tokens = 0

@@ -47,7 +47,7 @@ class ChatMessage(_Body):
     tool_call_id: str | None = None
 
 
-class _SamplingFields(_Body):
+class OpenAIRequestBase(_Body):
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -65,7 +65,7 @@ class _SamplingFields(_Body):
     prompt_cache_options: PromptCacheOptions | None = None
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(OpenAIRequestBase):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0)
@@ -75,7 +75,7 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(OpenAIRequestBase):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
