@@ -1,15 +1,16 @@
 """Runs the engine loop on a background thread and streams outputs to asyncio callers.
 
 The server awaits ``generate()``; the thread owns the engine and steps it whenever there is work.
-Adds and aborts are applied between steps under one lock, so the engine itself stays
-single-threaded. Leaving the ``generate()`` iterator early (a client disconnect) aborts the request
-and frees its blocks.
+Adds and aborts are queued as commands and applied by the engine thread between steps, so the
+event loop never waits for a step and the engine itself stays single-threaded. Leaving the
+``generate()`` iterator early (a client disconnect) aborts the request and frees its blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue as queue_mod
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -43,6 +44,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = False
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._commands: queue_mod.SimpleQueue[tuple[str, Any]] = queue_mod.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="promptcache-engine", daemon=True)
         self._error: BaseException | None = None
 
@@ -61,8 +63,14 @@ class AsyncEngine:
             return fn(self.engine)
 
     @property
+    def error(self) -> BaseException | None:
+        """Why the engine loop stopped, or None while it is healthy."""
+        return self._error
+
+    @property
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting)
+        # commands not yet applied count too (approximate: aborts are in there as well)
+        return len(self.engine.scheduler.waiting) + self._commands.qsize()
 
     async def generate(
         self,
@@ -78,17 +86,19 @@ class AsyncEngine:
         """
         if self._error is not None:
             raise EngineDead(f"the engine loop stopped: {self._error!r}")
+        self.engine.validate_prompt(prompt_token_ids, params)  # pure: safe off the engine thread
+        if self.num_waiting >= self.max_waiting:
+            raise EngineOverloaded(retry_after_s=max(1, self.num_waiting // 8))
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        with self._lock:
-            if self.num_waiting >= self.max_waiting:
-                raise EngineOverloaded(retry_after_s=max(1, self.num_waiting // 8))
-            self.engine.add_request(request_id, prompt_token_ids, params, tenant, retention)
-            self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        self._commands.put(("add", (request_id, prompt_token_ids, params, tenant, retention)))
         self._wake.set()
         finished = False
         try:
             while True:
                 item = await queue.get()
+                if isinstance(item, ValueError):
+                    raise item
                 if isinstance(item, BaseException):
                     raise EngineDead(f"the engine failed: {item!r}") from item
                 yield item
@@ -100,13 +110,32 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._queues.pop(request_id, None)
-            self.engine.abort_request(request_id)
+        self._queues.pop(request_id, None)
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue_mod.Empty:
+                return
+            if kind == "abort":
+                self.engine.abort_request(arg)
+                continue
+            request_id = arg[0]
+            if request_id not in self._queues:
+                continue  # the caller already left
+            try:
+                self.engine.add_request(*arg)
+            except ValueError as e:  # e.g. a duplicate id: the caller gets it as a failure
+                loop, queue = self._queues.pop(request_id)
+                loop.call_soon_threadsafe(queue.put_nowait, e)
 
     def _loop(self) -> None:
         while not self._stop:
             with self._lock:
+                self._apply_commands()
                 busy = self.engine.has_unfinished_requests()
                 try:
                     outputs = self.engine.step() if busy else []
@@ -129,6 +158,6 @@ class AsyncEngine:
                 self._wake.clear()
 
     def _fail_all(self, error: BaseException) -> None:
-        for loop, queue in self._queues.values():
+        for loop, queue in list(self._queues.values()):
             loop.call_soon_threadsafe(queue.put_nowait, error)
         self._queues.clear()

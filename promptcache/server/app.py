@@ -47,8 +47,7 @@ def create_app(
     @app.get("/health", tags=["Server"], summary="Liveness: 200 while the engine loop runs")
     async def health(request: Request) -> JSONResponse:
         aeng = get_state(request).aengine
-        # AsyncEngine records the exception that stopped its loop; no public accessor yet
-        error = getattr(aeng, "_error", None)
+        error = aeng.error
         if error is not None:
             return JSONResponse({"status": "error", "error": repr(error)}, status_code=503)
         stats = await run_in_threadpool(aeng.call, _health_stats)
