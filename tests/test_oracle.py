@@ -96,3 +96,13 @@ def test_bfloat16_agrees_with_float32_and_matches_transformers_bf16():
     hf = AutoModelForCausalLM.from_pretrained(random_checkpoint("tiny"), dtype=torch.bfloat16).eval()
     for prompt, out in zip(prompts, bf16, strict=True):
         assert out.token_ids == hf_greedy(hf, prompt, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_greedy():
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [prompt_of(50 + 7 * i, seed=20 + i) for i in range(4)]
+    cpu = LLM("random:tiny", dtype="float32", device="cpu", num_blocks=64).generate(prompts, params)
+    gpu = LLM("random:tiny", dtype="float32", device="cuda", num_blocks=64).generate(prompts, params)
+    assert [o.token_ids for o in cpu] == [o.token_ids for o in gpu]
