@@ -193,5 +193,6 @@ def test_reset_and_disabled_caching():
 def test_parse_ttl():
     assert parse_ttl("5m") == 300 and parse_ttl("1h") == 3600 and parse_ttl("24h") == 86400
     assert parse_ttl("30m") == 1800 and parse_ttl("300s") == 300 and parse_ttl(12) == 12
-    with pytest.raises(ValueError):
-        parse_ttl("soon")
+    for bad in ("soon", "nanm", "infh", float("nan"), "9999d", -1):
+        with pytest.raises(ValueError):
+            parse_ttl(bad)

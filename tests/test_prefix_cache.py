@@ -114,3 +114,24 @@ def test_prewarm_with_zero_max_tokens(llm):
     assert warm.token_ids == [] and warm.finish_reason == "length"
     assert warm.usage.cache_write_tokens == 96
     assert llm.generate([prompt], GREEDY)[0].usage.cached_tokens == 96
+
+
+def test_cache_writes_count_whole_prompt_blocks_once(llm):
+    llm.reset_prefix_cache()
+    prompt = ids(104, 12)  # 6 full blocks + 8 tokens
+    short = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))[0]
+    assert short.usage.cache_write_tokens == 96
+    llm.reset_prefix_cache()
+    long = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0]
+    assert long.usage.cache_write_tokens == 96  # the tail block filled by generated tokens is not a write
+
+
+def test_abort_all_frees_everything(llm):
+    engine = llm.engine
+    for i in range(3):
+        engine.add_request(f"ab{i}", ids(50, 30 + i), SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.step()
+    engine.abort_all()
+    assert not engine.has_unfinished_requests()
+    assert engine.stats()["blocks_in_use"] == 0
+    engine.check_integrity()

@@ -116,3 +116,22 @@ def test_chat_api(llm):
     assert out.usage.prompt_tokens == len(
         llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     )
+
+
+def test_extreme_but_valid_values_never_crash(llm):
+    tiny_t = llm.generate("abc", SamplingParams(max_tokens=5, temperature=1e-300, seed=2**70, ignore_eos=True))[0]
+    greedy = llm.generate("abc", SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))[0]
+    assert tiny_t.token_ids == greedy.token_ids
+    a = llm.generate("abc", SamplingParams(max_tokens=5, temperature=1.0, seed=-(2**80), ignore_eos=True))[0]
+    b = llm.generate("abc", SamplingParams(max_tokens=5, temperature=1.0, seed=-(2**80), ignore_eos=True))[0]
+    assert a.token_ids == b.token_ids
+
+
+def test_outputs_are_snapshots(llm):
+    engine = llm.engine
+    engine.add_request("snap", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True))
+    seen = []
+    while engine.has_unfinished_requests():
+        seen.extend(engine.step())
+    assert [len(o.logprobs) for o in seen] == [1, 2, 3, 4]
+    assert [o.usage.completion_tokens for o in seen] == [1, 2, 3, 4]

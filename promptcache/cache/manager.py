@@ -20,6 +20,7 @@ from promptcache.cache.hashing import BlockHash
 
 # Provider retention names -> seconds of idle time a block is kept (refreshed on every hit).
 RETENTION_NAMES = {"5m": 300.0, "in_memory": 600.0, "1h": 3600.0, "24h": 86400.0}
+MAX_TTL_S = 30 * 86400.0
 
 
 def parse_ttl(value: str | float | int | None) -> float:
@@ -36,8 +37,8 @@ def parse_ttl(value: str | float | int | None) -> float:
             seconds = float(value[:-1]) * units[value[-1]]
         except (KeyError, ValueError, IndexError):
             raise ValueError(f"invalid ttl {value!r}: use e.g. '300s', '5m', '1h', '24h'") from None
-    if seconds < 0:
-        raise ValueError(f"ttl must not be negative, got {value!r}")
+    if not 0 <= seconds <= MAX_TTL_S:  # also rejects NaN and inf
+        raise ValueError(f"ttl must be between 0 and 30 days, got {value!r}")
     return seconds
 
 

@@ -9,6 +9,7 @@ event loop never waits for a step and the engine itself stays single-threaded. L
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue as queue_mod
 import threading
@@ -33,7 +34,21 @@ class EngineOverloaded(RuntimeError):
 
 
 class EngineDead(RuntimeError):
-    pass
+    """The engine loop stopped (a bug or a broken device); requests in flight cannot finish."""
+
+
+class _Refused:
+    """Queued to a caller whose request the engine refused when applying its add (e.g. a duplicate id)."""
+
+    def __init__(self, error: ValueError) -> None:
+        self.error = error
+
+
+class _Died:
+    """Queued to every caller in flight when the engine loop fails."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 class AsyncEngine:
@@ -68,6 +83,10 @@ class AsyncEngine:
         return self._error
 
     @property
+    def is_alive(self) -> bool:
+        return self._error is None and self._thread.is_alive()
+
+    @property
     def num_waiting(self) -> int:
         # commands not yet applied count too (approximate: aborts are in there as well)
         return len(self.engine.scheduler.waiting) + self._commands.qsize()
@@ -84,8 +103,7 @@ class AsyncEngine:
 
         Raises ValueError for a request that can never run, EngineOverloaded when the queue is full.
         """
-        if self._error is not None:
-            raise EngineDead(f"the engine loop stopped: {self._error!r}")
+        self._raise_if_dead()
         self.engine.validate_prompt(prompt_token_ids, params)  # pure: safe off the engine thread
         if self.num_waiting >= self.max_waiting:
             raise EngineOverloaded(retry_after_s=max(1, self.num_waiting // 8))
@@ -93,14 +111,15 @@ class AsyncEngine:
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
         self._commands.put(("add", (request_id, prompt_token_ids, params, tenant, retention)))
         self._wake.set()
+        self._raise_if_dead()  # it may have died after the first check, before we registered
         finished = False
         try:
             while True:
                 item = await queue.get()
-                if isinstance(item, ValueError):
-                    raise item
-                if isinstance(item, BaseException):
-                    raise EngineDead(f"the engine failed: {item!r}") from item
+                if isinstance(item, _Refused):
+                    raise item.error
+                if isinstance(item, _Died):
+                    raise EngineDead("the engine failed; see the server log") from item.error
                 yield item
                 if item.finished:
                     finished = True
@@ -128,36 +147,59 @@ class AsyncEngine:
                 continue  # the caller already left
             try:
                 self.engine.add_request(*arg)
-            except ValueError as e:  # e.g. a duplicate id: the caller gets it as a failure
-                loop, queue = self._queues.pop(request_id)
-                loop.call_soon_threadsafe(queue.put_nowait, e)
+            except ValueError as e:  # e.g. a duplicate id: the caller gets it as a refusal
+                target = self._queues.pop(request_id, None)
+                if target is not None:
+                    _deliver(target, _Refused(e))
+
+    def _raise_if_dead(self) -> None:
+        if self._error is not None:
+            raise EngineDead("the engine loop stopped; see the server log")
 
     def _loop(self) -> None:
         while not self._stop:
-            with self._lock:
-                self._apply_commands()
-                busy = self.engine.has_unfinished_requests()
-                try:
-                    outputs = self.engine.step() if busy else []
-                except BaseException as e:  # a bug must not leave callers hanging forever
-                    log.exception("engine step failed")
+            try:
+                self._one_iteration()
+            except Exception as e:  # a bug must neither hang callers nor take the server down
+                log.exception("engine step failed; failing the requests in flight")
+                for target in list(self._queues.values()):
+                    _deliver(target, _Died(e))
+                self._queues.clear()
+                if not self._recover():
                     self._error = e
-                    self._fail_all(e)
                     return
-                deliveries = []
-                for out in outputs:
-                    target = self._queues.get(out.request_id)
-                    if target is not None:
-                        deliveries.append((target, out))
-                    if out.finished:
-                        self._queues.pop(out.request_id, None)
-            for (loop, queue), out in deliveries:
-                loop.call_soon_threadsafe(queue.put_nowait, out)
-            if not busy:
-                self._wake.wait(timeout=0.05)
-                self._wake.clear()
 
-    def _fail_all(self, error: BaseException) -> None:
-        for loop, queue in list(self._queues.values()):
-            loop.call_soon_threadsafe(queue.put_nowait, error)
-        self._queues.clear()
+    def _recover(self) -> bool:
+        """Abort everything the engine holds; keep serving only if its bookkeeping is still sound."""
+        try:
+            with self._lock:
+                self.engine.abort_all()
+                self.engine.check_integrity()
+        except Exception:
+            log.exception("engine state is inconsistent after a failure; stopping the engine loop")
+            return False
+        return True
+
+    def _one_iteration(self) -> None:
+        with self._lock:
+            self._apply_commands()
+            busy = self.engine.has_unfinished_requests()
+            outputs = self.engine.step() if busy else []
+            deliveries = []
+            for out in outputs:
+                target = self._queues.get(out.request_id)
+                if target is not None:
+                    deliveries.append((target, out))
+                if out.finished:
+                    self._queues.pop(out.request_id, None)
+        for target, out in deliveries:
+            _deliver(target, out)
+        if not busy:
+            self._wake.wait(timeout=0.05)
+            self._wake.clear()
+
+
+def _deliver(target: tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]], item: Any) -> None:
+    loop, queue = target
+    with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is listening
+        loop.call_soon_threadsafe(queue.put_nowait, item)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from promptcache.cache import NO_RETENTION, KVCacheManager, Retention, namespace_hash
 from promptcache.engine.config import EngineConfig
@@ -119,6 +119,10 @@ class LLMEngine:
         self._cleanup(req)
         return True
 
+    def abort_all(self) -> None:
+        for request_id in list(self._requests):
+            self.abort_request(request_id)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -170,15 +174,19 @@ class LLMEngine:
         return self._output(req)
 
     def _account_writes(self, req: Request, newly_indexed: list[int]) -> None:
-        bs, n_prompt = self.block_size, req.num_prompt_tokens
+        """Count prompt blocks this request stored first. Only blocks wholly inside the prompt count
+        (so the figure does not depend on max_tokens), and each block once, even if a preemption
+        made it be computed and indexed again."""
+        bs = self.block_size
         for i in newly_indexed:
-            written = max(0, min((i + 1) * bs, n_prompt) - i * bs)  # prompt tokens in block i
-            if written:
-                ttl = req.retention.ttl_for_block(i, bs)
-                by_ttl = req.usage.cache_write_tokens_by_ttl
-                by_ttl[ttl] = by_ttl.get(ttl, 0) + written
-                req.usage.cache_write_tokens += written
-                self.counters.cache_write_tokens += written
+            if i >= req.num_prompt_blocks or i in req.written_blocks:
+                continue
+            req.written_blocks.add(i)
+            ttl = req.retention.ttl_for_block(i, bs)
+            by_ttl = req.usage.cache_write_tokens_by_ttl
+            by_ttl[ttl] = by_ttl.get(ttl, 0) + bs
+            req.usage.cache_write_tokens += bs
+            self.counters.cache_write_tokens += bs
 
     def _finish(self, req: Request, reason: str) -> None:
         if req.is_finished:
@@ -209,8 +217,9 @@ class LLMEngine:
             new_token_ids=new_tokens,
             finished=finished,
             finish_reason=req.finish_reason,
-            usage=req.usage,
-            logprobs=req.logprobs,
+            # copies: the caller may read them on another thread while the engine goes on
+            usage=replace(req.usage, cache_write_tokens_by_ttl=dict(req.usage.cache_write_tokens_by_ttl)),
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
             stop_reason=req.stop_reason,
         )
         if finished:

@@ -82,6 +82,7 @@ class Request:
         self._root, self._block_size, self._seed = root_hash, block_size, hash_seed
         self.block_hashes: list[BlockHash] = hash_blocks(root_hash, self.all_token_ids, block_size, seed=hash_seed)
         self.num_preemptions = 0
+        self.written_blocks: set[int] = set()  # prompt block indices this request stored first
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -20,9 +20,10 @@ class Sampler:
         gen = self._generators.get(request_id)
         if gen is None:
             # a request's seed alone fixes its samples, whatever else shares the batch
-            seed = params.seed if params.seed is not None else int(
-                torch.randint(0, 2**62, (1,), generator=self._base).item()
-            )
+            if params.seed is not None:
+                seed = params.seed % 2**63  # any integer a client sends is a valid seed
+            else:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._base).item())
             gen = self._generators[request_id] = torch.Generator().manual_seed(seed)
         return gen
 
@@ -57,6 +58,8 @@ class Sampler:
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, sorted_logits)
         probs = torch.softmax(scaled, dim=-1)
+        if not torch.isfinite(probs).all():  # NaN logits (a broken checkpoint): fall back to argmax
+            return int(logits.nan_to_num(nan=float("-inf")).argmax().item())
         return int(torch.multinomial(probs, 1, generator=gen).item())
 
 

@@ -43,4 +43,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below 1e-5 logits / temperature overflows to inf; it is greedy in all but name (as in vLLM)
+        return self.temperature < 1e-5 or self.top_k == 1
