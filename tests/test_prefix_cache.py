@@ -135,3 +135,22 @@ def test_abort_all_frees_everything(llm):
     assert not engine.has_unfinished_requests()
     assert engine.stats()["blocks_in_use"] == 0
     engine.check_integrity()
+
+
+def test_cached_equals_uncached_with_16_bit_kv_cache():
+    # bf16 K/V (with float32 matmuls where the CPU lacks bf16): fresh and cached context must be
+    # attended in the same rounding, or cache hits would shift the model's probabilities
+    on = LLM("random:tiny", dtype="bfloat16", num_blocks=128)
+    off = LLM("random:tiny", dtype="bfloat16", num_blocks=128, enable_prefix_caching=False)
+    base = ids(300, 40)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
+    on.generate([base], params)
+    for extra in range(3):
+        prompt = base + ids(20 + extra, 50 + extra)
+        hit = on.generate([prompt], params)[0]
+        ref = off.generate([prompt], params)[0]
+        assert hit.usage.cached_tokens == 288
+        assert hit.token_ids == ref.token_ids
+        # same values attended: only summation order differs (bf16 rounding differences are ~1e-3)
+        for a, b in zip(hit.logprobs[0].top, ref.logprobs[0].top, strict=True):
+            assert a[0] == b[0] and abs(a[1] - b[1]) < 2e-5

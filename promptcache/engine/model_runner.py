@@ -21,13 +21,33 @@ from promptcache.model.loader import LoadedModel, load_model, resolve_model_dir
 MAX_DEFAULT_MODEL_LEN = 32768
 
 
-def cpu_has_native_bf16() -> bool:
+def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_native_bf16() -> bool:
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_has_native_fp16() -> bool:
+    flags = _cpu_flags()
+    return "avx512_fp16" in flags or "amx_fp16" in flags
+
+
+def compute_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype matmuls run in. A CPU without native bf16/fp16 arithmetic emulates it about 13x
+    slower than float32 (measured), so there the weights are upcast once at load — bf16 values are
+    exact in float32 — and only the KV cache keeps the requested 16-bit dtype (its memory is the
+    cache's capacity). llama.cpp makes the same choice for bf16 weights on such CPUs."""
+    if device.type != "cpu" or dtype == torch.float32:
+        return dtype
+    native = cpu_has_native_bf16() if dtype == torch.bfloat16 else cpu_has_native_fp16()
+    return dtype if native else torch.float32
 
 
 def pick_device(name: str) -> torch.device:
@@ -65,10 +85,11 @@ class ModelRunner:
         if config.device in ("auto", "cpu") and not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.device = pick_device(config.device)
-        self.dtype = pick_dtype(config.dtype, self.device)
+        self.dtype = pick_dtype(config.dtype, self.device)  # what the user asked for: the KV cache's dtype
+        self.compute_dtype = compute_dtype_for(self.dtype, self.device)
         self.model_dir = resolve_model_dir(config.model)
         max_len = config.max_model_len or MAX_DEFAULT_MODEL_LEN
-        self.loaded: LoadedModel = load_model(self.model_dir, self.dtype, self.device, max_len)
+        self.loaded: LoadedModel = load_model(self.model_dir, self.compute_dtype, self.device, max_len)
         arch = self.loaded.arch
         self.max_model_len = min(max_len, arch.max_position_embeddings)
         self.block_size = config.block_size

@@ -43,9 +43,15 @@ class AttentionMetadata:
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    # kv_cache: [2, num_slots, kvh, d]; k, v: [num_tokens, kvh, d]
-    kv_cache[0].index_copy_(0, slots, k)
-    kv_cache[1].index_copy_(0, slots, v)
+    # kv_cache: [2, num_slots, kvh, d]; k, v: [num_tokens, kvh, d] (cast to the cache's dtype)
+    kv_cache[0].index_copy_(0, slots, k.to(kv_cache.dtype))
+    kv_cache[1].index_copy_(0, slots, v.to(kv_cache.dtype))
+
+
+def _as_stored(t: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    """Fresh K/V rounded the way the cache stores them, so a request attends to the same values
+    whether its context was computed now or read from the cache (cached == uncached, exactly)."""
+    return t if t.dtype == kv_cache.dtype else t.to(kv_cache.dtype).to(t.dtype)
 
 
 def _causal_suffix_mask(num_q: int, ctx: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -86,8 +92,8 @@ def _attend_decode_batch(
         slots[i, : s.shape[0]] = s
         mask[i, 0, 0, : s.shape[0]] = 0.0
     flat = slots.view(-1)
-    k = kv_cache[0].index_select(0, flat).view(num_seqs, max_ctx, kvh, d).transpose(1, 2)
-    v = kv_cache[1].index_select(0, flat).view(num_seqs, max_ctx, kvh, d).transpose(1, 2)
+    k = kv_cache[0].index_select(0, flat).to(q.dtype).view(num_seqs, max_ctx, kvh, d).transpose(1, 2)
+    v = kv_cache[1].index_select(0, flat).to(q.dtype).view(num_seqs, max_ctx, kvh, d).transpose(1, 2)
     qh = q.unsqueeze(2)  # [B, H, 1, d]
     gqa = qh.shape[1] != kvh
     out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
@@ -115,10 +121,10 @@ def paged_attention(
         num_q, ctx = end - start, attn.seq_lens[i]
         if num_q == ctx:
             # nothing cached before this chunk: the fresh K/V are the whole context, skip the gather
-            k_ctx, v_ctx = k[start:end], v[start:end]
+            k_ctx, v_ctx = _as_stored(k[start:end], kv_cache), _as_stored(v[start:end], kv_cache)
         else:
             slots = attn.context_slots[i]
-            k_ctx = kv_cache[0].index_select(0, slots)
-            v_ctx = kv_cache[1].index_select(0, slots)
+            k_ctx = kv_cache[0].index_select(0, slots).to(q.dtype)
+            v_ctx = kv_cache[1].index_select(0, slots).to(q.dtype)
         outs.append(_attend_one(q[start:end], k_ctx, v_ctx, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
