@@ -79,6 +79,7 @@ def test_system_cache_control_writes_then_reads(server: Server, client: Anthropi
 
 
 def test_ttls_split_creation_and_pin_blocks(server: Server, client: Anthropic) -> None:
+    server.aengine.call(lambda e: e.reset_prefix_cache())  # no 1h block of an earlier test is counted
     tok = server.engine.tokenizer
     head, tail = text_of_tokens(tok, 200, nonce()), text_of_tokens(tok, 100, "Details:")
     m = client.messages.create(
@@ -114,22 +115,24 @@ def test_automatic_cache_control_and_prewarm(server: Server, client: Anthropic) 
 
 
 def test_streaming_events_and_usage(server: Server, client: Anthropic) -> None:
-    system = [{"type": "text", "text": text_of_tokens(server.engine.tokenizer, 200, nonce()),
+    # a fixed prompt (no nonce), greedy, past EOS: the same non-empty text on every run
+    system = [{"type": "text", "text": text_of_tokens(server.engine.tokenizer, 200, "Streaming test."),
                "cache_control": _cc()}]
     messages: Any = [{"role": "user", "content": "Tell me."}]
-    greedy = {"temperature": 0}  # the current SDK has no temperature argument; older clients send it
+    # the current SDK has no temperature argument (older clients send it); ignore_eos is an extension
+    greedy = {"temperature": 0, "ignore_eos": True}
+    server.aengine.call(lambda e: e.reset_prefix_cache())
     plain = client.messages.create(model=MODEL, max_tokens=5, system=system, messages=messages,
                                    extra_body=greedy)
+    assert plain.content and plain.stop_reason == "max_tokens" and plain.usage.output_tokens == 5
     server.aengine.call(lambda e: e.reset_prefix_cache())
     with client.messages.stream(model=MODEL, max_tokens=5, system=system, messages=messages,
                                 extra_body=greedy) as stream:
         events = [e.type for e in stream]
         final = stream.get_final_message()
     raw = [e for e in events if e != "text"]
-    assert raw[0] == "message_start" and raw[-2:] == ["message_delta", "message_stop"]
-    if plain.content:
-        assert raw[1:3] == ["content_block_start", "content_block_delta"]
-        assert raw[-3] == "content_block_stop"
+    assert raw[:3] == ["message_start", "content_block_start", "content_block_delta"]
+    assert raw[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert [b.text for b in final.content] == [b.text for b in plain.content]  # type: ignore[union-attr]
     assert final.stop_reason == plain.stop_reason
     assert final.usage.model_dump() == plain.usage.model_dump()
@@ -178,4 +181,40 @@ def test_empty_text_block_and_unsupported_blocks(client: Anthropic) -> None:
                               "cache_control cannot be set for empty text blocks")
     err = _error(client, messages=[{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
-    assert err["message"].startswith("messages.0.content.0.type: content blocks of type 'image'")
+    assert err["message"].startswith("messages.0.content.0.type: content of type 'image' is not supported")
+
+
+def test_automatic_cache_control_skips_empty_blocks(server: Server, client: Anthropic) -> None:
+    """The top-level breakpoint lands on the last non-empty block, never a 400."""
+    question = text_of_tokens(server.engine.tokenizer, 100, nonce())
+    cases: list[tuple[Any, list[dict[str, str]]]] = [
+        ([{"role": "user", "content": [{"type": "text", "text": question}, {"type": "text", "text": ""}]}],
+         [{"role": "user", "content": f"{question}\n"}]),
+        ([{"role": "user", "content": question}, {"role": "assistant", "content": ""}],
+         [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]),
+    ]
+    for messages, template in cases:
+        server.aengine.call(lambda e: e.reset_prefix_cache())
+        m = client.messages.create(model=MODEL, max_tokens=1, messages=messages, cache_control=_cc())
+        bp = _breakpoint_tokens(server, template, question)
+        assert m.usage.cache_creation_input_tokens == bp // BLOCK * BLOCK > 0
+        assert _total(m.usage) == len(server.engine.tokenizer.apply_chat_template(template))
+
+
+def test_stop_sequences(server: Server, client: Anthropic) -> None:
+    messages: Any = [{"role": "user", "content": "Stop sequence test."}]  # fixed: the same text every run
+    greedy = {"temperature": 0, "ignore_eos": True}
+    full = client.messages.create(model=MODEL, max_tokens=12, messages=messages, extra_body=greedy)
+    text = "".join(b.text for b in full.content if b.type == "text")
+    assert full.stop_reason == "max_tokens" and full.stop_sequence is None and len(text) >= 8
+    stop = text[4:8]
+    cut = client.messages.create(model=MODEL, max_tokens=12, messages=messages, stop_sequences=[stop],
+                                 extra_body=greedy)
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    assert "".join(b.text for b in cut.content if b.type == "text") == text[: text.find(stop)]
+    with client.messages.stream(model=MODEL, max_tokens=12, messages=messages, stop_sequences=[stop],
+                                extra_body=greedy) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop
+    assert final.model_dump(include={"content", "stop_reason", "stop_sequence"}) == \
+        cut.model_dump(include={"content", "stop_reason", "stop_sequence"})

@@ -1,7 +1,8 @@
-"""Tenants and errors: 401 / 404 / 400 / 429 in each dialect's envelope, never a 500."""
+"""Tenants and errors: 401 / 404 / 400 / 413 in each dialect's envelope, never a 500."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,17 +11,19 @@ import pytest
 from anthropic import Anthropic
 from anthropic import AuthenticationError as AnthropicAuthError
 from anthropic import NotFoundError as AnthropicNotFound
-from anthropic import RateLimitError as AnthropicRateLimit
-from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI, RateLimitError
+from anthropic import RequestTooLargeError as AnthropicTooLarge
+from openai import APIStatusError, AuthenticationError, BadRequestError, NotFoundError, OpenAI
 from test_server_harness import KEYS, MODEL, Server, nonce, running, serve, text_of_tokens, tiny_engine
 
 ACME, GLOBEX = "sk-acme-0001", "sk-globex-0002"
 OPENAI_KEYS = {"message", "type", "param", "code"}
+MAX_REQUEST_BYTES = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    with running(tiny_engine(max_model_len=2048)) as aengine, serve(aengine, KEYS) as srv:
+    with running(tiny_engine(max_model_len=2048)) as aengine, \
+            serve(aengine, KEYS, max_request_bytes=MAX_REQUEST_BYTES) as srv:
         yield srv
 
 
@@ -74,8 +77,24 @@ def test_401_in_both_dialects(server: Server) -> None:
                                                            "message": "invalid x-api-key"}}
     r = httpx.post(f"{server.url}/v1/messages", json={})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(AnthropicAuthError):
+        _anthropic(server, "sk-wrong").messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     assert httpx.get(f"{server.url}/health").status_code == 200  # health and metrics stay open
     assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/messages",
+                                  "/v1/messages/count_tokens"])
+def test_auth_comes_before_the_body(server: Server, path: str) -> None:
+    """No key and a body that is not JSON (or is too large): 401, the body is never read."""
+    for body in (b'{"model": ', b"x" * (MAX_REQUEST_BYTES + 1)):
+        r = httpx.post(f"{server.url}{path}", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 401, r.text
+        payload = r.json()
+        if path.startswith("/v1/messages"):
+            assert payload["error"]["type"] == "authentication_error"
+        else:
+            _check_openai(payload["error"], code="invalid_api_key")
 
 
 def _check_openai(body: Any, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -124,6 +143,10 @@ def _post(server: Server, path: str, body: Any) -> httpx.Response:
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 7}, "temperature"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "prompt_cache_options": {"ttl": "31d"}},
+     "prompt_cache_options.ttl"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "prompt_cache_options": {"ttl": "nanh"}},
+     "prompt_cache_options.ttl"),
     (b'{"model": "x", "messages": [', None),
 ])
 def test_openai_bad_requests_are_400(server: Server, body: Any, param: str | None) -> None:
@@ -156,17 +179,70 @@ def test_anthropic_bad_requests_are_400(server: Server, body: Any, start: str) -
     assert payload["error"]["message"].startswith(start), payload
 
 
-def test_full_queue_is_429_with_retry_after() -> None:
-    with running(tiny_engine(num_blocks=64), max_waiting=0) as aengine, serve(aengine) as srv:
-        with pytest.raises(RateLimitError) as info:
-            OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0).chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
-        assert int(info.value.response.headers["retry-after"]) >= 1
-        body = info.value.body
-        assert isinstance(body, dict) and body["code"] == "rate_limit_exceeded"
-        with pytest.raises(AnthropicRateLimit) as ainfo:
-            Anthropic(base_url=srv.url, api_key="x", max_retries=0).messages.create(
-                model=MODEL, max_tokens=1, messages=[{"role": "user", "content": "hi"}])
-        assert int(ainfo.value.response.headers["retry-after"]) >= 1
-        assert isinstance(ainfo.value.body, dict) and ainfo.value.body["error"]["type"] == "rate_limit_error"
-        assert srv.stats()["blocks_in_use"] == 0
+def test_lone_surrogates_are_400_in_both_dialects(server: Server) -> None:
+    """``"\\ud800"`` is valid JSON but no valid text: a 400 wherever it is, never a 500."""
+    lone = "\ud800"  # json.dumps writes it as the escape \ud800
+    chat, user = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, {"role": "user", "content": "hi"}
+    anthropic = {**chat, "max_tokens": 1}
+    cases = [
+        ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": f"hi {lone}"}]}, "messages"),
+        ("/v1/chat/completions", {**chat, "model": lone}, "model"),
+        ("/v1/completions", {"model": MODEL, "prompt": f"a{lone}b"}, "prompt"),
+        ("/v1/messages", {**anthropic, "system": lone, "messages": [user]}, "system"),
+        ("/v1/messages", {**anthropic, "messages": [{"role": "user", "content": [{"type": "text", "text": lone}]}]},
+         "messages"),
+        ("/v1/messages", {**anthropic, "model": lone}, "model"),
+    ]
+    for path, body, field in cases:
+        r = _post(server, path, json.dumps(body).encode())
+        assert r.status_code == 400, (path, body, r.text)
+        payload = r.json()
+        if path == "/v1/messages":
+            assert payload["type"] == "error" and payload["error"]["type"] == "invalid_request_error"
+            message = payload["error"]["message"]
+        else:
+            message = _check_openai(payload["error"], param=field)["message"]
+        assert message.startswith(f"{field}: contains a lone UTF-16 surrogate"), message
+
+
+def test_oversized_body_is_413_in_both_dialects(server: Server) -> None:
+    text = "word " * (MAX_REQUEST_BYTES // 5)
+    with pytest.raises(APIStatusError) as info:
+        _openai(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}])
+    assert info.value.status_code == 413
+    body = info.value.body
+    assert isinstance(body, dict) and set(body) == OPENAI_KEYS and body["type"] == "invalid_request_error"
+    assert str(MAX_REQUEST_BYTES) in body["message"]
+    with pytest.raises(AnthropicTooLarge) as ainfo:
+        _anthropic(server).messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": text}])
+    assert ainfo.value.body == {"type": "error", "error": {"type": "request_too_large", "message": body["message"]}}
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit applies to the bytes received
+        yield b'{"model": "%s", "max_tokens": 1, "messages": [{"role": "user", "content": "' % MODEL.encode()
+        for _ in range(MAX_REQUEST_BYTES // 65536 + 1):
+            yield b"a" * 65536
+        yield b'"}]}'
+
+    r = httpx.post(f"{server.url}/v1/messages", content=chunks(),
+                   headers={"x-api-key": ACME, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+
+
+def test_prompt_too_long_to_tokenize_is_refused_before_tokenizing(server: Server) -> None:
+    """Under the body limit but more characters than the context could ever hold: a 400 for both
+    count_tokens and generation, without running the tokenizer over it."""
+    text = "a" * (MAX_REQUEST_BYTES - 1000)
+    err = _anthropic_error(server, "/v1/messages/count_tokens",
+                           {"model": MODEL, "messages": [{"role": "user", "content": text}]})
+    assert err["type"] == "invalid_request_error" and "characters long" in err["message"]
+    with pytest.raises(BadRequestError) as info:
+        _openai(server).completions.create(model=MODEL, prompt=text, max_tokens=1)
+    assert "characters long" in _check_openai(info.value.body, param="prompt")["message"]
+
+
+def _anthropic_error(server: Server, path: str, body: Any) -> dict[str, Any]:
+    r = httpx.post(f"{server.url}{path}", headers={"x-api-key": ACME}, json=body)
+    assert r.status_code == 400, r.text
+    payload = r.json()
+    assert set(payload) == {"type", "error"} and payload["type"] == "error"
+    return dict(payload["error"])

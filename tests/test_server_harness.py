@@ -30,9 +30,9 @@ MODEL = "random:tiny"
 KEYS = {"sk-acme-0001": "acme", "sk-globex-0002": "globex"}
 
 
-def tiny_engine(num_blocks: int = 1024, max_model_len: int = 4096) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=MODEL, dtype="float32", device="cpu", num_blocks=num_blocks,
-                                  max_model_len=max_model_len, max_num_batched_tokens=1024))
+def tiny_engine(num_blocks: int = 1024, max_model_len: int = 4096, model: str = MODEL, **config: Any) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=model, dtype="float32", device="cpu", num_blocks=num_blocks,
+                                  max_model_len=max_model_len, max_num_batched_tokens=1024, **config))
 
 
 @dataclass
@@ -52,9 +52,9 @@ class Server:
 
 
 @contextmanager
-def serve(aengine: AsyncEngine, api_keys: dict[str, str] | None = None) -> Iterator[Server]:
+def serve(aengine: AsyncEngine, api_keys: dict[str, str] | None = None, **app_options: Any) -> Iterator[Server]:
     """uvicorn on 127.0.0.1, an ephemeral port, in a thread; stopped on exit."""
-    app = create_app(aengine, api_keys)
+    app = create_app(aengine, api_keys, **app_options)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -173,13 +173,43 @@ def test_metrics_follow_the_engine(server: Server) -> None:
     assert samples[("promptcache_kv_blocks", (("state", "free"),))] == stats["blocks_empty"]
     assert samples[("promptcache_kv_blocks", (("state", "cached"),))] == stats["blocks_cached"] > 0
     assert samples[("promptcache_kv_blocks", (("state", "in_use"),))] == 0
-    for name in ("promptcache_block_evictions_total", "promptcache_early_evictions_total"):
-        assert (name, ()) in samples
     assert samples[("promptcache_requests_finished_total", (("reason", "length"),))] >= 2
     ok = (("endpoint", "/v1/completions"), ("status", "200"))
     assert samples[("promptcache_http_requests_total", ok)] >= 2
     ttft = (("endpoint", "/v1/completions"),)
     assert samples[("promptcache_time_to_first_token_seconds_count", ttft)] >= 2
+
+
+def test_eviction_metrics_count_real_evictions() -> None:
+    """A 16-block pool: a retained prompt, then a prompt that needs some of its blocks (early
+    evictions), then one that only needs the previous prompt's unretained blocks (no early ones)."""
+    block, num_blocks = 16, 16
+    with running(tiny_engine(num_blocks=num_blocks)) as aengine, serve(aengine) as srv:
+        client = OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+
+        def blocks_for(num_tokens: int, **fields: Any) -> tuple[int, int]:
+            """(blocks the request needs, full prompt blocks it leaves cached); it generates 1 token."""
+            prompt = text_of_tokens(srv.engine.tokenizer, num_tokens, nonce())
+            r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body=fields)
+            assert r.usage is not None
+            return -(-(r.usage.prompt_tokens + 1) // block), r.usage.prompt_tokens // block
+
+        def evictions() -> tuple[float, float]:
+            samples, stats = _samples(httpx.get(f"{srv.url}/metrics").text), srv.stats()
+            evicted = samples[("promptcache_block_evictions_total", ())]
+            early = samples[("promptcache_early_evictions_total", ())]
+            assert (evicted, early) == (stats["blocks_evicted"], stats["early_evictions"])
+            return evicted, early
+
+        _, retained = blocks_for(100, prompt_cache_retention="in_memory")  # kept 10 minutes
+        assert evictions() == (0, 0)
+        need, cached = blocks_for(200)  # more than the free blocks; nothing unretained to evict
+        early = need - (num_blocks - retained)
+        assert early > 0 and evictions() == (early, early)
+        need2, _ = blocks_for(200)  # the previous prompt's LRU blocks go first: nothing early
+        free = num_blocks - (retained - early) - cached
+        assert need2 > free and evictions() == (early + need2 - free, early)
+        srv.check_integrity()
 
 
 def test_serve_cli_end_to_end(tmp_path: Path) -> None:

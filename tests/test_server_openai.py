@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,9 @@ from test_server_harness import (
     text_of_tokens,
     tiny_engine,
 )
+
+from promptcache.engine.request import TokenLogprob
+from promptcache.server import openai_format as fmt
 
 BLOCK = 16
 
@@ -95,6 +99,7 @@ def test_cached_tokens_always_present(server: Server, client: OpenAI) -> None:
 
 
 def test_content_parts_roles_and_prompt_cache_fields(server: Server, client: OpenAI) -> None:
+    server.aengine.call(lambda e: e.reset_prefix_cache())  # no 1h block of an earlier test is counted
     tok = server.engine.tokenizer
     head = text_of_tokens(tok, 200, nonce())
     messages: list[Any] = [
@@ -161,8 +166,15 @@ def test_completions_stop_seed_and_logprobs(server: Server, client: OpenAI) -> N
             for _ in range(2))
     assert a.choices[0].text == b.choices[0].text
     streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
-                                              stream=True, extra_body={"ignore_eos": True}))
-    assert "".join(c.choices[0].text for c in streamed) == choice.text
+                                              stream=True, stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True}))
+    *body, last = streamed
+    assert all(c.usage is None for c in body) and last.choices == []
+    assert last.usage is not None and last.usage.completion_tokens == 8
+    assert last.usage.prompt_tokens == full.usage.prompt_tokens
+    assert "".join(c.choices[0].text for c in body) == choice.text
+    assert body[-1].choices[0].finish_reason == "length"
+    assert len({c.created for c in streamed}) == 1 and len({c.id for c in streamed}) == 1
 
 
 def test_chat_logprobs(client: OpenAI) -> None:
@@ -173,7 +185,46 @@ def test_chat_logprobs(client: OpenAI) -> None:
     assert content is not None and len(content) == 3
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
-        assert entry.bytes == list(entry.token.encode())
+        assert entry.bytes is not None and bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+
+
+def test_logprob_bytes_are_the_tokens_own_bytes(server: Server) -> None:
+    """Byte-level BPE splits characters across tokens; each token's bytes are its part, so joined
+    they give back the UTF-8 of the text (the decoded text of such a token is only U+FFFD)."""
+    tok = server.engine.tokenizer
+    text = "日本語 ✓ é naïve"
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = [fmt.token_bytes(tok, i, tok.decode([i], skip_special_tokens=False)) for i in ids]
+    assert any(bytes(p).decode("utf-8", "replace") == "\ufffd" for p in pieces)  # split characters exist
+    assert b"".join(bytes(p) for p in pieces) == text.encode()
+
+
+def test_completion_top_logprobs_keep_the_likeliest_of_equal_texts(server: Server) -> None:
+    tok = server.engine.tokenizer
+    split = [i for i in tok.encode("日本語", add_special_tokens=False)
+             if tok.decode([i], skip_special_tokens=False) == "\ufffd"][:2]  # two tokens, one text
+    top = fmt.completion_logprobs(tok, [TokenLogprob(split[0], -0.5, ((split[0], -0.5), (split[1], -1.5)))])
+    assert top["top_logprobs"] == [{"\ufffd": -0.5}]
+
+
+def test_chat_stop_max_completion_tokens_top_p_and_created(server: Server, client: OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": text_of_tokens(server.engine.tokenizer, 30, nonce())}]
+    asked_at = int(time.time())
+    greedy = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10,
+                                            max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    text = greedy.choices[0].message.content or ""
+    assert greedy.usage is not None and greedy.usage.completion_tokens == 10  # max_completion_tokens wins
+    assert greedy.choices[0].finish_reason == "length" and len(text) >= 8
+    assert asked_at <= greedy.created <= time.time()  # this response's time, not the server's start
+    # a tiny top_p keeps only the most likely token: the greedy answer at temperature 1
+    nucleus = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10,
+                                             temperature=1.0, top_p=1e-6, extra_body={"ignore_eos": True})
+    assert nucleus.choices[0].message.content == text
+    stop = text[4:8]
+    cut = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10, temperature=0,
+                                         stop=stop, extra_body={"ignore_eos": True})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.find(stop)]
 
 
 @pytest.mark.parametrize("fields, ttl_s", [

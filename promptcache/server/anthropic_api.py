@@ -11,9 +11,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from promptcache.engine.request import RequestOutput
-from promptcache.server.anthropic_prompt import build_prompt, usage_dict
-from promptcache.server.errors import ApiError, anthropic_error_body
-from promptcache.server.generation import EventStream, Generation
+from promptcache.server.anthropic_prompt import anthropic_usage, build_prompt
+from promptcache.server.errors import ApiError, anthropic_error_body, error_json
+from promptcache.server.generation import EventStream, Generation, guarded_events
 from promptcache.server.schemas_anthropic import CountTokensRequest, MessagesRequest
 from promptcache.server.state import get_state, new_id, sampling_params, tenant_of
 
@@ -23,6 +23,10 @@ Tenant = Annotated[str | None, Depends(tenant_of)]
 
 def _event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _error_event(e: ApiError) -> str:
+    return f"event: error\ndata: {error_json(anthropic_error_body(e.status, e.message))}\n\n"
 
 
 def _stop(out: RequestOutput) -> tuple[str, str | None]:
@@ -42,7 +46,7 @@ def _message(rid: str, model: str, out: RequestOutput, streaming_start: bool = F
         content = [{"type": "text", "text": out.text}] if out.text else []
         stop_reason, stop_sequence = _stop(out)
     return {"id": rid, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage_dict(out.usage)}
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": anthropic_usage(out.usage)}
 
 
 @router.post("/v1/messages", summary="Create a message (Anthropic), streamed with stream=true",
@@ -50,53 +54,48 @@ def _message(rid: str, model: str, out: RequestOutput, streaming_start: bool = F
 async def create_message(body: MessagesRequest, request: Request, tenant: Tenant) -> Response:
     state = get_state(request)
     model = state.check_model(body.model, anthropic=True)
-    prompt = await run_in_threadpool(build_prompt, state.tokenizer, body)
+    prompt = await run_in_threadpool(build_prompt, state.tokenizer, body, state.max_prompt_chars)
     params = sampling_params(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                             top_k=body.top_k, stop=body.stop_sequences)
+                             top_k=body.top_k, stop=body.stop_sequences, ignore_eos=body.ignore_eos)
     rid = new_id("msg_")
     gen = await Generation.start(state, request, "/v1/messages", rid, prompt.token_ids, params, tenant,
                                  prompt.retention)
     if body.stream:
-        return EventStream(_message_stream(gen, rid, model))
+        return EventStream(guarded_events(gen, _message_events(gen, rid, model), _error_event))
     out = await gen.final(request)
     return JSONResponse(_message(rid, model, out))
 
 
-async def _message_stream(gen: Generation, rid: str, model: str) -> AsyncGenerator[str, None]:
+async def _message_events(gen: Generation, rid: str, model: str) -> AsyncGenerator[str, None]:
     """message_start (with the input usage, known once the prompt ran), text deltas in one content
     block (opened at the first text), message_delta with the cumulative usage, message_stop."""
-    try:
-        out = gen.first
-        yield _event("message_start", {"type": "message_start", "message": _message(rid, model, out, True)})
-        yield _event("ping", {"type": "ping"})
-        block_open = False
-        while True:
-            if out.new_text:
-                if not block_open:
-                    block_open = True
-                    yield _event("content_block_start", {"type": "content_block_start", "index": 0,
-                                                         "content_block": {"type": "text", "text": ""}})
-                yield _event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                     "delta": {"type": "text_delta", "text": out.new_text}})
-            if out.finished:
-                break
-            out = await gen.next()
-        if block_open:
-            yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
-        stop_reason, stop_sequence = _stop(out)
-        yield _event("message_delta", {"type": "message_delta",
-                                       "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                       "usage": usage_dict(out.usage)})
-        yield _event("message_stop", {"type": "message_stop"})
-    except ApiError as e:  # the engine failed mid-stream: the status is already 200, say it in-band
-        yield _event("error", anthropic_error_body(e.status, e.message))
-    finally:
-        await gen.close()
+    out = gen.first
+    yield _event("message_start", {"type": "message_start", "message": _message(rid, model, out, True)})
+    yield _event("ping", {"type": "ping"})
+    block_open = False
+    while True:
+        if out.new_text:
+            if not block_open:
+                block_open = True
+                yield _event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                     "content_block": {"type": "text", "text": ""}})
+            yield _event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                 "delta": {"type": "text_delta", "text": out.new_text}})
+        if out.finished:
+            break
+        out = await gen.next()
+    if block_open:
+        yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+    stop_reason, stop_sequence = _stop(out)
+    yield _event("message_delta", {"type": "message_delta",
+                                   "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                                   "usage": anthropic_usage(out.usage)})
+    yield _event("message_stop", {"type": "message_stop"})
 
 
 @router.post("/v1/messages/count_tokens", summary="Count a request's prompt tokens (Anthropic)")
 async def count_tokens(body: CountTokensRequest, request: Request, tenant: Tenant) -> dict[str, int]:
     state = get_state(request)
     state.check_model(body.model, anthropic=True)
-    prompt = await run_in_threadpool(build_prompt, state.tokenizer, body, False)
+    prompt = await run_in_threadpool(build_prompt, state.tokenizer, body, state.max_prompt_chars, False)
     return {"input_tokens": len(prompt.token_ids)}

@@ -7,6 +7,10 @@ then the top-level automatic breakpoint), each violation a 400 with Anthropic's 
 - at most 4 breakpoints in all;
 - a ``1h`` breakpoint may not come after a ``5m`` one.
 
+The top-level ``cache_control`` (automatic caching) goes on the last non-empty block: the last
+message's last block, or — when that is empty — the nearest non-empty block before it (messages,
+then system, then the last tool). With nothing non-empty to put it on, it is dropped.
+
 Each breakpoint's ttl becomes the retention of the full KV blocks it covers (everything before it);
 blocks after the last breakpoint are cached too, without retention (plain LRU).
 """
@@ -20,8 +24,8 @@ from typing import Any
 from promptcache.cache import Retention, parse_ttl
 from promptcache.engine.request import Usage
 from promptcache.server.errors import ApiError
-from promptcache.server.prompt import Cut, TemplateMessage, build_chat_prompt
-from promptcache.server.schemas_anthropic import CacheControl, ContentBlock, CountTokensRequest
+from promptcache.server.prompt import Cut, TemplateMessage, build_chat_prompt, part_text
+from promptcache.server.schemas_anthropic import ContentBlock, CountTokensRequest
 from promptcache.tokenizer import Tokenizer
 
 MAX_BREAKPOINTS = 4
@@ -51,16 +55,12 @@ def _text_parts(blocks: str | Sequence[ContentBlock], path: str, message: int,
     parts = []
     for j, block in enumerate(blocks):
         where = f"{path}.{j}"
-        if block.type != "text":
-            raise ApiError(400, f"{where}.type: content blocks of type {block.type!r} are not supported "
-                                "by this server (text only)")
-        if block.text is None:
-            raise ApiError(400, f"{where}.text: Field required")
+        text = part_text(block.type, block.text, where)
         if block.cache_control is not None:
-            if not block.text:
+            if not text:
                 raise ApiError(400, f"{where}.cache_control: {EMPTY_BLOCK_MESSAGE}")
             breakpoints.append(Breakpoint(f"{where}.cache_control", block.cache_control.ttl, Cut(message, j)))
-        parts.append(block.text)
+        parts.append(text)
     return tuple(parts)
 
 
@@ -83,17 +83,20 @@ def parse_request(
         parts = _text_parts(m.content, f"messages.{i}.content", len(messages), breakpoints)
         messages.append(TemplateMessage(m.role, parts))
     if req.cache_control is not None:
-        breakpoints.append(_automatic(req.cache_control, messages))
+        cut = _last_nonempty_block(messages, len(tools))
+        if cut is not None:
+            breakpoints.append(Breakpoint("cache_control", req.cache_control.ttl, cut))
     _check_breakpoints(breakpoints)
     return messages, tools, breakpoints
 
 
-def _automatic(cc: CacheControl, messages: list[TemplateMessage]) -> Breakpoint:
-    """Top-level ``cache_control``: a breakpoint on the last block of the last message."""
-    last = len(messages) - 1
-    if not messages[last].parts or not messages[last].parts[-1]:
-        raise ApiError(400, f"cache_control: {EMPTY_BLOCK_MESSAGE}")
-    return Breakpoint("cache_control", cc.ttl, Cut(last, len(messages[last].parts) - 1))
+def _last_nonempty_block(messages: list[TemplateMessage], num_tools: int) -> Cut | None:
+    """Where the top-level ``cache_control`` goes: the last block that is not empty text."""
+    for i in reversed(range(len(messages))):
+        for j in reversed(range(len(messages[i].parts))):
+            if messages[i].parts[j]:
+                return Cut(i, j)
+    return Cut(None, tool=num_tools - 1) if num_tools else None
 
 
 def _check_breakpoints(breakpoints: list[Breakpoint]) -> None:
@@ -107,18 +110,19 @@ def _check_breakpoints(breakpoints: list[Breakpoint]) -> None:
         seen_5m = seen_5m or bp.ttl == "5m"
 
 
-def build_prompt(tok: Tokenizer, req: CountTokensRequest, with_breakpoints: bool = True) -> AnthropicPrompt:
+def build_prompt(tok: Tokenizer, req: CountTokensRequest, max_chars: int,
+                 with_breakpoints: bool = True) -> AnthropicPrompt:
     messages, tools, breakpoints = parse_request(req)
     cuts = [bp.cut for bp in breakpoints] if with_breakpoints else []
     try:
-        prompt = build_chat_prompt(tok, messages, tools, cuts)
+        prompt = build_chat_prompt(tok, messages, tools, cuts, max_chars)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     marks = tuple((end, parse_ttl(bp.ttl)) for end, bp in zip(prompt.cut_tokens, breakpoints, strict=False))
     return AnthropicPrompt(prompt.token_ids, Retention(0.0, marks))
 
 
-def usage_dict(u: Usage) -> dict[str, Any]:
+def anthropic_usage(u: Usage) -> dict[str, Any]:
     """Anthropic's convention: ``input_tokens`` excludes cache reads and writes; the three add up to
     the prompt. Writes are the prompt tokens newly stored in blocks a breakpoint covers (ttl > 0)."""
     by_ttl = u.cache_write_tokens_by_ttl

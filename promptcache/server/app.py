@@ -14,7 +14,8 @@ from promptcache.engine.async_engine import AsyncEngine
 from promptcache.server import anthropic_api, openai_api
 from promptcache.server.errors import install_error_handlers
 from promptcache.server.metrics import ServerMetrics, StatusCounterMiddleware
-from promptcache.server.state import ServerState, get_state
+from promptcache.server.middleware import DEFAULT_MAX_REQUEST_BYTES, ApiGuard
+from promptcache.server.state import ServerState, get_state, prompt_char_limit
 
 DESCRIPTION = """Self-hosted prompt-caching LLM server.
 
@@ -27,19 +28,24 @@ def create_app(
     aengine: AsyncEngine,
     api_keys: dict[str, str] | None = None,
     model_names: Sequence[str] | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """An app serving ``aengine`` (which the caller starts and shuts down).
 
     ``api_keys`` maps API keys to tenant names; None leaves the server open and single-tenant.
     ``model_names`` are the ids clients may send (default: the engine's model name); the first one
-    is listed first and reported in responses.
+    is listed first and reported in responses. Request bodies above ``max_request_bytes`` get a 413.
     """
     names = tuple(model_names or (aengine.engine.model_name,))
     if not names or any(not n for n in names):
         raise ValueError("model_names must be non-empty strings")
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     app = FastAPI(title="promptcache", description=DESCRIPTION, version="0.1.0")
     metrics = ServerMetrics(aengine)
-    app.state.server = ServerState(aengine=aengine, api_keys=api_keys, model_names=names, metrics=metrics)
+    max_prompt_chars = prompt_char_limit(aengine.engine.tokenizer, aengine.engine.max_model_len)
+    app.state.server = ServerState(aengine=aengine, api_keys=api_keys, model_names=names, metrics=metrics,
+                                   max_prompt_chars=max_prompt_chars)
     install_error_handlers(app)
     app.include_router(openai_api.router)
     app.include_router(anthropic_api.router)
@@ -48,8 +54,9 @@ def create_app(
     async def health(request: Request) -> JSONResponse:
         aeng = get_state(request).aengine
         error = aeng.error
-        if error is not None:
-            return JSONResponse({"status": "error", "error": repr(error)}, status_code=503)
+        if error is not None or not aeng.is_alive:  # the details are in the server log
+            reason = type(error).__name__ if error is not None else "the engine loop is not running"
+            return JSONResponse({"status": "error", "error": reason}, status_code=503)
         stats = await run_in_threadpool(aeng.call, _health_stats)
         return JSONResponse({"status": "ok", "model": names[0], **stats})
 
@@ -58,7 +65,8 @@ def create_app(
         body = await run_in_threadpool(get_state(request).metrics.render)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(StatusCounterMiddleware, metrics=metrics)
+    app.add_middleware(ApiGuard, api_keys=api_keys, max_request_bytes=max_request_bytes)
+    app.add_middleware(StatusCounterMiddleware, metrics=metrics)  # outermost: counts the guard's 401/413s
     return app
 
 

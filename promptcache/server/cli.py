@@ -25,6 +25,8 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
                         "is its own cache namespace. Without it the server is open and single-tenant.")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="queued requests before new ones get 429 with Retry-After")
+    p.add_argument("--max-request-bytes", default="32MiB", metavar="SIZE",
+                   help="largest request body accepted (e.g. 32MiB, 1MB, a byte count); larger ones get 413")
     p.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
                    help="model id clients send and /v1/models lists (repeatable; "
                         "default: --model or 'default')")
@@ -38,16 +40,20 @@ def serve(args: argparse.Namespace) -> int:
 
     from promptcache.cli import engine_config_from_args
     from promptcache.engine.async_engine import AsyncEngine
+    from promptcache.engine.config import parse_bytes
     from promptcache.engine.llm_engine import LLMEngine
     from promptcache.server.app import create_app
     from promptcache.server.auth import load_api_keys
 
     if args.max_waiting < 0:
         raise ValueError("--max-waiting must be >= 0")
+    max_request_bytes = parse_bytes(args.max_request_bytes)
+    if max_request_bytes < 1:
+        raise ValueError("--max-request-bytes must be at least 1 byte")
     api_keys = load_api_keys(args.api_keys) if args.api_keys else None
     engine = LLMEngine(engine_config_from_args(args))
     aengine = AsyncEngine(engine, max_waiting=args.max_waiting)
-    app = create_app(aengine, api_keys, args.served_model_name)
+    app = create_app(aengine, api_keys, args.served_model_name, max_request_bytes)
     aengine.start()
     tenants = "open, single tenant"
     if api_keys:

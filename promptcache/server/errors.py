@@ -2,11 +2,13 @@
 
 Every failure the server can foresee is an ``ApiError``; the handlers below also turn FastAPI's
 validation errors (422) into 400s and unknown routes into 404s, in the caller's dialect, so a
-client never sees a bare 500 or a FastAPI-shaped body.
+client never sees a bare 500 or a FastAPI-shaped body. Error bodies are rendered with
+``ensure_ascii=True``: whatever text an error quotes, rendering it cannot fail.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -21,10 +23,14 @@ log = logging.getLogger(__name__)
 
 # OpenAI error "type" for a status; Anthropic's differ (see _ANTHROPIC_TYPES).
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                 405: "invalid_request_error", 429: "requests", 503: "server_error"}
+                 405: "invalid_request_error", 413: "invalid_request_error", 429: "requests",
+                 503: "server_error"}
+# 503 is an internal failure (the engine died): "api_error". Anthropic's "overloaded_error" means real
+# overload (529), which this server reports as 429 (queue full) instead.
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
-                    429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+                    429: "rate_limit_error", 503: "api_error", 529: "overloaded_error"}
+ENGINE_FAILED = "the model engine failed while serving this request; please retry later"
 
 
 class ApiError(Exception):
@@ -64,12 +70,24 @@ def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": err_type, "message": message}}
 
 
-def error_response(request: Request, err: ApiError) -> JSONResponse:
+def error_json(body: dict[str, Any]) -> str:
+    """An error body as JSON that always renders (lone surrogates in quoted input become escapes)."""
+    return json.dumps(body, ensure_ascii=True, separators=(",", ":"))
+
+
+class ErrorResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return error_json(content).encode("ascii")
+
+
+def error_body(request: Request, err: ApiError) -> dict[str, Any]:
     if is_anthropic(request):
-        body = anthropic_error_body(err.status, err.message)
-    else:
-        body = openai_error_body(err.status, err.message, err.param, err.code)
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
+        return anthropic_error_body(err.status, err.message)
+    return openai_error_body(err.status, err.message, err.param, err.code)
+
+
+def error_response(request: Request, err: ApiError) -> JSONResponse:
+    return ErrorResponse(error_body(request, err), status_code=err.status, headers=err.headers)
 
 
 # ---- validation errors (FastAPI's 422) -> 400 ---------------------------------------------------

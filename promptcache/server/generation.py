@@ -6,14 +6,20 @@ error. Afterwards the stream is read with ``next()`` and must be ``close()``d: c
 that has not finished aborts the engine request and frees its KV blocks. Waits race the client's
 connection, so a client that hangs up — while queued, during prefill, or mid-stream — frees its
 blocks at once instead of when the answer would have been complete.
+
+Failures reach the routes as ``ApiError`` only: ``ValueError`` from the engine (the request was
+refused before it ran) is a 400, a full queue a 429, and anything else — the engine loop died
+(``EngineDead``) or an unexpected exception — a 503 with a generic message (the details go to the
+log, never to the client). A stream that already sent its 200 reports the 503 in-band.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
@@ -24,9 +30,10 @@ from promptcache.cache import NO_RETENTION, Retention
 from promptcache.engine.async_engine import EngineDead, EngineOverloaded
 from promptcache.engine.request import RequestOutput
 from promptcache.engine.sampling import SamplingParams
-from promptcache.server.errors import ApiError
+from promptcache.server.errors import ENGINE_FAILED, ApiError
 from promptcache.server.state import ServerState
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -77,23 +84,24 @@ class Generation:
         stream = state.aengine.generate(request_id, prompt_token_ids, params, tenant, retention)
         try:
             first = await race_disconnect(request, _next(stream))
-        except ValueError as e:
+        except ApiError:  # the client went away (499)
+            raise
+        except ValueError as e:  # refused before it ran: the message is written for the client
             raise ApiError(400, str(e)) from None
         except EngineOverloaded as e:
             raise ApiError(429, str(e), code="rate_limit_exceeded",
                            headers={"Retry-After": str(e.retry_after_s)}) from None
-        except EngineDead as e:
-            raise ApiError(503, str(e)) from None
-        except StopAsyncIteration:
-            raise ApiError(500, "the engine ended the request without an output") from None
+        except Exception as e:
+            raise _engine_failed(request_id, e) from None
         state.metrics.observe_ttft(endpoint, started)
         return cls(stream, first)
 
     async def next(self) -> RequestOutput:
+        """The next output; any failure (``EngineDead`` or a bug) is a 503 ``ApiError``."""
         try:
             return await _next(self._stream)
-        except EngineDead as e:
-            raise ApiError(503, str(e)) from None
+        except Exception as e:
+            raise _engine_failed(self.first.request_id, e) from None
 
     async def close(self) -> None:
         aclose = getattr(self._stream, "aclose", None)
@@ -116,6 +124,31 @@ class Generation:
 
 async def _next(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
     return await stream.__anext__()
+
+
+def _engine_failed(request_id: str, error: Exception) -> ApiError:
+    if isinstance(error, EngineDead):
+        log.error("request %s failed: %s", request_id, error)
+    else:  # StopAsyncIteration without a finished output, or a bug: keep the traceback
+        log.error("request %s failed unexpectedly", request_id, exc_info=error)
+    return ApiError(503, ENGINE_FAILED)
+
+
+async def guarded_events(gen: Generation, events: AsyncGenerator[str, None],
+                         error_event: Callable[[ApiError], str]) -> AsyncGenerator[str, None]:
+    """``events``, then ``gen`` closed. The 200 is already out, so a failure on the way (the engine
+    died, or a bug here) becomes one last in-band ``error_event`` instead of a dropped connection."""
+    try:
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
+    except ApiError as e:
+        yield error_event(e)
+    except Exception:
+        log.exception("request %s: the response stream failed", gen.first.request_id)
+        yield error_event(ApiError(500, "internal server error"))
+    finally:
+        await gen.close()
 
 
 class EventStream(StreamingResponse):

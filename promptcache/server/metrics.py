@@ -45,22 +45,22 @@ class EngineCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         stats, finished = self.aengine.call(lambda e: (e.stats(), dict(e.counters.finished)))
         for key, (name, doc) in _COUNTERS.items():
-            yield CounterMetricFamily(name, doc, value=stats.get(key, 0))
-        prompt = stats.get("prompt_tokens", 0)
-        hit_rate = stats.get("cached_tokens", 0) / prompt if prompt else 0.0
+            yield CounterMetricFamily(name, doc, value=stats[key])
+        prompt = stats["prompt_tokens"]
+        hit_rate = stats["cached_tokens"] / prompt if prompt else 0.0
         yield GaugeMetricFamily("promptcache_prefix_cache_hit_rate",
                                 "cached_tokens / prompt_tokens since start", value=hit_rate)
         blocks = GaugeMetricFamily("promptcache_kv_blocks", "KV blocks by state", labels=["state"])
-        blocks.add_metric(["in_use"], stats.get("blocks_in_use", 0))
-        blocks.add_metric(["cached"], stats.get("blocks_cached", 0))
-        blocks.add_metric(["free"], stats.get("blocks_empty", 0))
+        blocks.add_metric(["in_use"], stats["blocks_in_use"])
+        blocks.add_metric(["cached"], stats["blocks_cached"])
+        blocks.add_metric(["free"], stats["blocks_empty"])
         yield blocks
         yield GaugeMetricFamily("promptcache_kv_blocks_capacity", "KV blocks in the pool",
-                                value=stats.get("blocks_total", 0))
+                                value=stats["blocks_total"])
         yield GaugeMetricFamily("promptcache_requests_running", "Requests running",
-                                value=stats.get("requests_running", 0))
+                                value=stats["requests_running"])
         yield GaugeMetricFamily("promptcache_requests_waiting", "Requests waiting",
-                                value=stats.get("requests_waiting", 0))
+                                value=stats["requests_waiting"])
         done = CounterMetricFamily("promptcache_requests_finished", "Finished requests by finish reason",
                                    labels=["reason"])
         for reason, count in sorted(finished.items()):

@@ -4,8 +4,8 @@ Caching is automatic; ``usage.prompt_tokens_details.cached_tokens`` is the exact
 tokens whose K/V were reused (whole blocks). Retention (how long blocks stay pinned after use):
 
 - ``prompt_cache_options.ttl`` if sent, else ``prompt_cache_retention`` (``in_memory`` 10 min,
-  ``24h``), else 30 min when the request opts in (``prompt_cache_options`` or a breakpoint), else
-  none: blocks stay cached only as long as LRU eviction allows.
+  ``24h``), else ``OPT_IN_TTL_S`` when the request opts in (``prompt_cache_options`` or a
+  breakpoint), else none: blocks stay cached only as long as LRU eviction allows.
 - mode ``implicit`` (default) applies that ttl to the whole prompt; mode ``explicit`` only to the
   prompt up to the last content part carrying ``prompt_cache_breakpoint``.
 - ``prompt_cache_options.prewarm`` stores the prompt and generates nothing.
@@ -24,13 +24,15 @@ from promptcache.engine.sampling import SamplingParams
 from promptcache.server import openai_format as fmt
 from promptcache.server.errors import ApiError, is_anthropic
 from promptcache.server.generation import EventStream, Generation
-from promptcache.server.prompt import Cut, TemplateMessage, build_chat_prompt
+from promptcache.server.prompt import Cut, TemplateMessage, build_chat_prompt, check_prompt_chars, part_text
 from promptcache.server.schemas_openai import ChatCompletionRequest, CompletionRequest, OpenAIRequestBase
 from promptcache.server.state import ServerState, get_state, new_id, sampling_params, tenant_of, ttl_seconds
 
 router = APIRouter(tags=["OpenAI"])
 Tenant = Annotated[str | None, Depends(tenant_of)]
-OPT_IN_TTL_S = 1800.0  # OpenAI's documented default for prompt_cache_options.ttl ("30m")
+# Our choice (OpenAI documents no default): a request that opts in without a ttl keeps its prompt
+# 30 minutes, between the 5-10 min of "in_memory" and the 24 h of extended retention.
+OPT_IN_TTL_S = 1800.0
 
 
 @router.get("/v1/models", summary="List the served model (OpenAI, or Anthropic with anthropic-version)")
@@ -59,18 +61,9 @@ def _template_messages(req: ChatCompletionRequest) -> tuple[list[TemplateMessage
         if m.content is None or isinstance(m.content, str):
             parts: tuple[str, ...] = (m.content or "",)
         else:
-            texts = []
-            for j, part in enumerate(m.content):
-                where = f"messages[{i}].content[{j}]"
-                if part.type not in ("text", "input_text"):
-                    raise ApiError(400, f"{where}.type: only text content parts are supported, got "
-                                        f"{part.type!r}", param=f"{where}.type")
-                if part.text is None:
-                    raise ApiError(400, f"{where}.text: Field required", param=f"{where}.text")
-                texts.append(part.text)
-                if part.prompt_cache_breakpoint is not None:
-                    cuts.append(Cut(i, j))
-            parts = tuple(texts)
+            parts = tuple(part_text(part.type, part.text, f"messages[{i}].content[{j}]")
+                          for j, part in enumerate(m.content))
+            cuts += [Cut(i, j) for j, part in enumerate(m.content) if part.prompt_cache_breakpoint is not None]
         extra = {k: v for k in ("name", "tool_calls", "tool_call_id") if (v := getattr(m, k)) is not None}
         messages.append(TemplateMessage(role, parts, extra))
     return messages, cuts
@@ -106,7 +99,8 @@ def _build_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[in
     ttl = _ttl(req, bool(cuts))
     explicit = _explicit(req)
     try:
-        prompt = build_chat_prompt(state.tokenizer, messages, req.tools, cuts if explicit else ())
+        prompt = build_chat_prompt(state.tokenizer, messages, req.tools, cuts if explicit else (),
+                                   state.max_prompt_chars)
     except ValueError as e:
         raise ApiError(400, str(e), param="messages") from None
     if explicit:
@@ -130,10 +124,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
                                  retention)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventStream(fmt.chat_stream(gen, state.tokenizer, rid, model, state.created, include_usage,
-                                           want_logprobs))
+        return EventStream(fmt.chat_stream(gen, state.tokenizer, rid, model, include_usage, want_logprobs))
     out = await gen.final(request)
-    return JSONResponse(fmt.chat_response(rid, model, state.created, out, state.tokenizer, want_logprobs))
+    return JSONResponse(fmt.chat_response(rid, model, out, state.tokenizer, want_logprobs))
 
 
 def _completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
@@ -144,6 +137,10 @@ def _completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
                            param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
+        try:
+            check_prompt_chars(len(prompt), state.max_prompt_chars)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="prompt") from None
         return state.tokenizer.encode(prompt)
     return [int(t) for t in prompt]
 
@@ -169,8 +166,7 @@ async def completions(body: CompletionRequest, request: Request, tenant: Tenant)
     want_logprobs = body.logprobs is not None
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventStream(fmt.completion_stream(gen, state.tokenizer, rid, model, state.created,
-                                                 include_usage, want_logprobs))
+        return EventStream(fmt.completion_stream(gen, state.tokenizer, rid, model, include_usage,
+                                                 want_logprobs))
     out = await gen.final(request)
-    body_out = fmt.completion_response(rid, model, state.created, out, state.tokenizer, want_logprobs)
-    return JSONResponse(body_out)
+    return JSONResponse(fmt.completion_response(rid, model, out, state.tokenizer, want_logprobs))

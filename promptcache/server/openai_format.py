@@ -1,15 +1,25 @@
-"""OpenAI response objects and SSE streams built from engine outputs."""
+"""OpenAI response objects and SSE streams built from engine outputs.
+
+``created`` is the time each response (or stream) was made. Logprob ``bytes`` are the token's own
+bytes: with a byte-level BPE vocabulary (GPT-2, Llama 3, Qwen) a token holding part of a UTF-8
+character gives those raw bytes, so a client can join them back into the text. Other vocabularies
+(SentencePiece) give the UTF-8 of the token's decoded text, except byte-fallback tokens (``<0xE3>``).
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from promptcache.engine.request import RequestOutput, TokenLogprob, Usage
-from promptcache.server.errors import ApiError, openai_error_body
-from promptcache.server.generation import Generation
+from promptcache.server.errors import ApiError, error_json, openai_error_body
+from promptcache.server.generation import Generation, guarded_events
 from promptcache.tokenizer import Tokenizer
+
+DONE = "data: [DONE]\n\n"
 
 
 def sse(obj: dict[str, Any]) -> str:
@@ -34,6 +44,39 @@ def finish_reason(out: RequestOutput) -> str:
     return "length" if out.finish_reason == "length" else "stop"
 
 
+# ---- logprobs ------------------------------------------------------------------------------------
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's ``bytes_to_unicode`` table, inverted: the character a byte-level vocabulary uses for
+    each byte (printable bytes stand for themselves, the others are shifted past U+0100)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
+
+
+_BYTE_DECODER = _byte_decoder()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tok: Tokenizer, token_id: int, text: str) -> list[int]:
+    """The bytes ``token_id`` stands for (``text`` is its decoded text). A vocabulary entry is read
+    as raw bytes only if they decode to ``text``; otherwise (not byte-level) ``text`` is encoded."""
+    raw = tok.convert_ids_to_tokens([token_id])[0]
+    fallback = _BYTE_FALLBACK.fullmatch(raw)
+    if fallback is not None:
+        data = bytes([int(fallback.group(1), 16)])
+    elif raw and all(c in _BYTE_DECODER for c in raw):
+        data = bytes(_BYTE_DECODER[c] for c in raw)
+    else:
+        data = text.encode("utf-8")
+    if data.decode("utf-8", "replace") != text:
+        data = text.encode("utf-8")
+    return list(data)
+
+
 def _token_text(tok: Tokenizer, token_id: int) -> str:
     return tok.decode([token_id], skip_special_tokens=False)
 
@@ -41,123 +84,125 @@ def _token_text(tok: Tokenizer, token_id: int) -> str:
 def chat_logprobs(tok: Tokenizer, lps: list[TokenLogprob]) -> list[dict[str, Any]]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         text = _token_text(tok, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": logprob, "bytes": token_bytes(tok, token_id, text)}
 
     return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, p) for t, p in lp.top]}
             for lp in lps]
 
 
 def completion_logprobs(tok: Tokenizer, lps: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """Legacy shape. ``top_logprobs`` maps text to logprob, so two tokens that decode to the same
+    text (e.g. both halves of a split character, U+FFFD) share one key: the more likely one wins."""
     tokens = [_token_text(tok, lp.token_id) for lp in lps]
     offsets = []
     for text in tokens:
         offsets.append(offset)
         offset += len(text)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{_token_text(tok, t): p for t, p in lp.top} for lp in lps],
-        "text_offset": offsets,
-    }
+    tops = []
+    for lp in lps:
+        top: dict[str, float] = {}
+        for token_id, logprob in lp.top:  # most likely first
+            top.setdefault(_token_text(tok, token_id), logprob)
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps], "top_logprobs": tops,
+            "text_offset": offsets}
 
 
-def chat_response(rid: str, model: str, created: int, out: RequestOutput, tok: Tokenizer,
-                  logprobs: bool) -> dict[str, Any]:
+# ---- whole responses -----------------------------------------------------------------------------
+
+
+def _head(rid: str, obj: str, model: str, created: int) -> dict[str, Any]:
+    return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None}
+
+
+def chat_response(rid: str, model: str, out: RequestOutput, tok: Tokenizer, logprobs: bool) -> dict[str, Any]:
     lp = {"content": chat_logprobs(tok, out.logprobs or [])} if logprobs else None
-    return {
-        "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "system_fingerprint": None,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": out.text, "refusal": None},
-            "logprobs": lp,
-            "finish_reason": finish_reason(out),
-        }],
-        "usage": usage_dict(out.usage),
-    }
+    message = {"role": "assistant", "content": out.text, "refusal": None}
+    return {**_head(rid, "chat.completion", model, int(time.time())),
+            "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason(out)}],
+            "usage": usage_dict(out.usage)}
 
 
-def completion_response(rid: str, model: str, created: int, out: RequestOutput, tok: Tokenizer,
+def completion_response(rid: str, model: str, out: RequestOutput, tok: Tokenizer,
                         logprobs: bool) -> dict[str, Any]:
     lp = completion_logprobs(tok, out.logprobs or []) if logprobs else None
-    return {
-        "id": rid, "object": "text_completion", "created": created, "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "text": out.text, "logprobs": lp, "finish_reason": finish_reason(out)}],
-        "usage": usage_dict(out.usage),
-    }
+    return {**_head(rid, "text_completion", model, int(time.time())),
+            "choices": [{"index": 0, "text": out.text, "logprobs": lp, "finish_reason": finish_reason(out)}],
+            "usage": usage_dict(out.usage)}
 
 
-async def chat_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, created: int,
-                      include_usage: bool, logprobs: bool) -> AsyncGenerator[str, None]:
-    """``chat.completion.chunk`` events; with ``include_usage`` every chunk carries ``usage: null``
-    and one last chunk (``choices: []``) carries the usage, before ``data: [DONE]``."""
+# ---- streams -------------------------------------------------------------------------------------
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> str:
-        body: dict[str, Any] = {
-            "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}],
-        }
-        if include_usage:
+
+async def _steps(gen: Generation, logprobs: bool) -> AsyncGenerator[tuple[RequestOutput, list[TokenLogprob]], None]:
+    """Each output with the logprobs it added (none without ``logprobs``); the last one is finished."""
+    out, num_sent_logprobs = gen.first, 0
+    while True:
+        new = out.logprobs[num_sent_logprobs:] if logprobs and out.logprobs is not None else []
+        num_sent_logprobs += len(new)
+        yield out, new
+        if out.finished:
+            return
+        out = await gen.next()
+
+
+class _Chunks:
+    """One stream's chunks: the same id, object and ``created`` on each. With ``include_usage``
+    every chunk carries ``usage: null`` and one last chunk (``choices: []``) carries the usage."""
+
+    def __init__(self, rid: str, obj: str, model: str, include_usage: bool) -> None:
+        self.head = _head(rid, obj, model, int(time.time()))
+        self.include_usage = include_usage
+
+    def choice(self, **choice: Any) -> str:
+        body: dict[str, Any] = {**self.head, "choices": [{"index": 0, **choice}]}
+        if self.include_usage:
             body["usage"] = None
         return sse(body)
 
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        out, num_sent_logprobs = gen.first, 0
-        while True:
-            lp = None
-            if logprobs and out.logprobs is not None and len(out.logprobs) > num_sent_logprobs:
-                lp = {"content": chat_logprobs(tok, out.logprobs[num_sent_logprobs:])}
-                num_sent_logprobs = len(out.logprobs)
+    def usage(self, out: RequestOutput) -> str:
+        return sse({**self.head, "choices": [], "usage": usage_dict(out.usage)})
+
+
+def _error_event(e: ApiError) -> str:
+    return f"data: {error_json(openai_error_body(e.status, e.message))}\n\n"
+
+
+def chat_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, include_usage: bool,
+                logprobs: bool) -> AsyncGenerator[str, None]:
+    """``chat.completion.chunk`` events: the role, content deltas, the finish reason, usage, [DONE]."""
+    chunks = _Chunks(rid, "chat.completion.chunk", model, include_usage)
+
+    async def events() -> AsyncGenerator[str, None]:
+        yield chunks.choice(delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None)
+        async for out, new_logprobs in _steps(gen, logprobs):
+            lp = {"content": chat_logprobs(tok, new_logprobs)} if new_logprobs else None
             if out.new_text or lp is not None:
-                yield chunk({"content": out.new_text}, lp=lp)
+                yield chunks.choice(delta={"content": out.new_text}, logprobs=lp, finish_reason=None)
             if out.finished:
-                break
-            out = await gen.next()
-        yield chunk({}, finish=finish_reason(out))
-        if include_usage:
-            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "system_fingerprint": None, "choices": [], "usage": usage_dict(out.usage)})
-        yield "data: [DONE]\n\n"
-    except ApiError as e:  # the engine failed mid-stream: the status is already 200, say it in-band
-        yield sse(openai_error_body(e.status, e.message))
-    finally:
-        await gen.close()
+                yield chunks.choice(delta={}, logprobs=None, finish_reason=finish_reason(out))
+                if include_usage:
+                    yield chunks.usage(out)
+        yield DONE
+
+    return guarded_events(gen, events(), _error_event)
 
 
-async def completion_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, created: int,
-                            include_usage: bool, logprobs: bool) -> AsyncGenerator[str, None]:
-    def chunk(text: str, finish: str | None = None, lp: Any = None) -> str:
-        body: dict[str, Any] = {
-            "id": rid, "object": "text_completion", "created": created, "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}],
-        }
-        if include_usage:
-            body["usage"] = None
-        return sse(body)
+def completion_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, include_usage: bool,
+                      logprobs: bool) -> AsyncGenerator[str, None]:
+    """``text_completion`` events: text deltas (the last one with the finish reason), usage, [DONE]."""
+    chunks = _Chunks(rid, "text_completion", model, include_usage)
 
-    try:
-        out, num_sent_logprobs, num_sent_chars = gen.first, 0, 0
-        while True:
-            lp = None
-            if logprobs and out.logprobs is not None and len(out.logprobs) > num_sent_logprobs:
-                lp = completion_logprobs(tok, out.logprobs[num_sent_logprobs:], num_sent_chars)
-                num_sent_logprobs = len(out.logprobs)
+    async def events() -> AsyncGenerator[str, None]:
+        num_sent_chars = 0
+        async for out, new_logprobs in _steps(gen, logprobs):
+            lp = completion_logprobs(tok, new_logprobs, num_sent_chars) if new_logprobs else None
             finish = finish_reason(out) if out.finished else None
             if out.new_text or lp is not None or finish:
-                yield chunk(out.new_text, finish, lp)
+                yield chunks.choice(text=out.new_text, logprobs=lp, finish_reason=finish)
             num_sent_chars += len(out.new_text)
-            if out.finished:
-                break
-            out = await gen.next()
-        if include_usage:
-            yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                       "system_fingerprint": None, "choices": [], "usage": usage_dict(out.usage)})
-        yield "data: [DONE]\n\n"
-    except ApiError as e:
-        yield sse(openai_error_body(e.status, e.message))
-    finally:
-        await gen.close()
+            if out.finished and include_usage:
+                yield chunks.usage(out)
+        yield DONE
+
+    return guarded_events(gen, events(), _error_event)

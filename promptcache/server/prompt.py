@@ -5,10 +5,12 @@ with ``PART_SEPARATOR``). A cache breakpoint is a ``Cut``: the end of one part (
 definition). Its token position is found in two steps, both against the *full* rendering so the ids
 we place breakpoints on are exactly the ids the engine runs:
 
-1. character offset: render the whole conversation once more with a sentinel right after the part;
-   the text before the sentinel must be a prefix of the real rendering (true for any template that
-   pastes content in verbatim). If not — or for a tool — render the conversation truncated at the
-   cut and take the longest common prefix with the real rendering.
+1. character offset. After a message part: render the whole conversation once more with a sentinel
+   right after the part; the text before the sentinel must be a prefix of the real rendering (true
+   for any template that pastes content in verbatim). If not, render the conversation truncated at
+   the cut and take the longest common prefix with the real rendering. After tool ``k``: render the
+   whole conversation with ``tools[:k+1]`` and again with a sentinel tool appended; tool ``k`` ends
+   where the two part ways. A template that does not render tools gives 0 (no sentinel appears).
 2. token position: tokenize that text prefix and take its longest common prefix with the full ids.
    A token that straddles the offset (BPE merging across the boundary) is left out of the prefix,
    so a breakpoint never claims a token that is not entirely before it.
@@ -20,9 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from promptcache.server.errors import ApiError
 from promptcache.tokenizer import Tokenizer
 
 PART_SEPARATOR = "\n"  # between text parts of one message (and system blocks), as vLLM joins them
+TEXT_PART_TYPES = ("text", "input_text")
 _SENTINEL = "\ue000promptcache-breakpoint\ue001"  # private-use characters: never in real text
 
 
@@ -32,10 +36,8 @@ class TemplateMessage:
     parts: tuple[str, ...]
     extra: dict[str, Any] = field(default_factory=dict)  # name, tool_calls, tool_call_id
 
-    def as_dict(self, num_parts: int | None = None, suffix: str = "") -> dict[str, Any]:
-        parts = self.parts if num_parts is None else self.parts[:num_parts]
-        content = PART_SEPARATOR.join(parts) + suffix
-        return {"role": self.role, "content": content, **self.extra}
+    def as_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "content": PART_SEPARATOR.join(self.parts), **self.extra}
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,23 @@ class ChatPrompt:
     cut_tokens: list[int]  # token position of each requested Cut, in the order given
 
 
+def part_text(kind: str, text: str | None, where: str) -> str:
+    """One content part's text, or a 400 naming ``where`` (its JSON path in the caller's dialect)."""
+    if kind not in TEXT_PART_TYPES:
+        raise ApiError(400, f"{where}.type: content of type {kind!r} is not supported by this server "
+                            "(text only)", param=f"{where}.type")
+    if text is None:
+        raise ApiError(400, f"{where}.text: Field required", param=f"{where}.text")
+    return text
+
+
+def check_prompt_chars(num_chars: int, max_chars: int) -> None:
+    """Refuse, before tokenizing it, a prompt too long in characters to fit the context in tokens."""
+    if num_chars > max_chars:
+        raise ValueError(f"the prompt is {num_chars} characters long: more than the model's context can "
+                         f"hold (at most {max_chars} characters)")
+
+
 def render(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict[str, Any]] | None,
            add_generation_prompt: bool = True) -> str:
     """The template's text; any template failure is a ValueError (the caller answers 400)."""
@@ -67,8 +86,10 @@ def render(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict
 
 
 def build_chat_prompt(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict[str, Any]] | None,
-                      cuts: Sequence[Cut] = ()) -> ChatPrompt:
+                      cuts: Sequence[Cut], max_chars: int) -> ChatPrompt:
+    """Raises ValueError (a 400) when the template refuses the messages or the text is too long."""
     text = render(tok, messages, tools)
+    check_prompt_chars(len(text), max_chars)
     ids = tok.encode(text, add_special_tokens=False)  # the template places BOS itself
     return ChatPrompt(text, ids, [_cut_token(tok, messages, tools, text, ids, c) for c in cuts])
 
@@ -83,40 +104,45 @@ def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
 
 def _cut_token(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict[str, Any]] | None,
                text: str, ids: list[int], cut: Cut) -> int:
-    chars = _cut_chars(tok, messages, tools, text, cut)
+    if cut.message is None:
+        chars = _tool_end_chars(tok, messages, tools or [], text, cut.tool)
+    else:
+        chars = _part_end_chars(tok, messages, tools, text, cut.message, cut.part)
     if chars <= 0:
         return 0
     return _common_prefix(tok.encode(text[:chars], add_special_tokens=False), ids)
 
 
-def _cut_chars(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict[str, Any]] | None,
-               text: str, cut: Cut) -> int:
-    if cut.message is not None:
-        chars = _sentinel_chars(tok, messages, tools, text, cut.message, cut.part)
-        if chars is not None:
-            return chars
-        msg = messages[cut.message]
-        truncated = [*messages[: cut.message], replace(msg, parts=msg.parts[: cut.part + 1])]
-        truncated_tools = tools
-    else:
-        truncated, truncated_tools = [], (tools or [])[: cut.tool + 1]
-    try:
-        prefix = render(tok, truncated, truncated_tools, add_generation_prompt=False)
-    except ValueError:  # the template refuses a partial conversation: the breakpoint covers nothing
-        return 0
-    return _common_prefix(prefix, text)
-
-
-def _sentinel_chars(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict[str, Any]] | None,
-                    text: str, message: int, part: int) -> int | None:
+def _part_end_chars(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict[str, Any]] | None,
+                    text: str, message: int, part: int) -> int:
     msg = messages[message]
     marked_parts = (*msg.parts[:part], msg.parts[part] + _SENTINEL, *msg.parts[part + 1 :])
     marked = [*messages[:message], replace(msg, parts=marked_parts), *messages[message + 1 :]]
     try:
         marked_text = render(tok, marked, tools)
+        at = marked_text.find(_SENTINEL)
+        if at >= 0 and text.startswith(marked_text[:at]):
+            return at
     except ValueError:
-        return None
-    at = marked_text.find(_SENTINEL)
-    if at < 0 or not text.startswith(marked_text[:at]):
-        return None
-    return at
+        pass
+    truncated = [*messages[:message], replace(msg, parts=msg.parts[: part + 1])]
+    try:
+        return _common_prefix(render(tok, truncated, tools, add_generation_prompt=False), text)
+    except ValueError:  # the template refuses a partial conversation: the breakpoint covers nothing
+        return 0
+
+
+def _tool_end_chars(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict[str, Any]],
+                    text: str, tool: int) -> int:
+    head = tools[: tool + 1]
+    function = {**head[-1].get("function", {}), "name": _SENTINEL, "description": _SENTINEL}
+    marker = {**head[-1], "function": function}
+    try:
+        without = render(tok, messages, head)
+        with_marker = render(tok, messages, [*head, marker])
+    except ValueError:
+        return 0
+    at = with_marker.find(_SENTINEL)
+    if at < 0:  # the template does not render tools
+        return 0
+    return min(at, _common_prefix(without, with_marker), _common_prefix(without, text))

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+from promptcache.server.schemas_base import RequestBody as _Body
 
 
 class CacheControl(_Body):
@@ -55,5 +53,6 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
     stop_sequences: list[str] | None = None
+    ignore_eos: bool = Field(default=False, description="extension (vLLM): generate past end-of-sequence")
     stream: bool | None = False
     metadata: dict[str, Any] | None = None

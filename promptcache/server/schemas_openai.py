@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+from promptcache.server.schemas_base import RequestBody as _Body
 
 
 class StreamOptions(_Body):

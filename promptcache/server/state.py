@@ -17,6 +17,17 @@ from promptcache.server.errors import ApiError
 from promptcache.server.metrics import ServerMetrics
 from promptcache.tokenizer import Tokenizer
 
+# Normalizers may drop characters before tokenizing: keep a margin so no prompt that fits is refused.
+CHARS_PER_TOKEN_MARGIN = 2
+
+
+def prompt_char_limit(tok: Tokenizer, max_model_len: int) -> int:
+    """Characters beyond which a prompt cannot fit in ``max_model_len`` tokens: a token stands for at
+    most as many characters as its vocabulary entry has (byte-level entries spell one byte per
+    character). Checked before tokenizing, so a huge body is refused without tokenizing it."""
+    longest = max((len(t) for t in tok.convert_ids_to_tokens(range(tok.vocab_size))), default=1)
+    return max_model_len * max(1, longest) * CHARS_PER_TOKEN_MARGIN
+
 
 @dataclass
 class ServerState:
@@ -24,7 +35,8 @@ class ServerState:
     api_keys: dict[str, str] | None
     model_names: tuple[str, ...]  # the first is the one responses report
     metrics: ServerMetrics
-    created: int = field(default_factory=lambda: int(time.time()))
+    max_prompt_chars: int
+    created: int = field(default_factory=lambda: int(time.time()))  # /v1/models: when serving began
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -61,7 +73,11 @@ def get_state(request: Request) -> ServerState:
 
 
 def tenant_of(request: Request) -> str | None:
-    """FastAPI dependency: the caller's tenant (None on an open server), or a 401."""
+    """FastAPI dependency: the caller's tenant (None on an open server), resolved by ``ApiGuard``
+    before the body was read; resolved here (or a 401) if the guard did not run."""
+    if hasattr(request.state, "tenant"):
+        tenant: str | None = request.state.tenant
+        return tenant
     return resolve_tenant(request, get_state(request).api_keys)
 
 

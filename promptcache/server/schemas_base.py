@@ -1,0 +1,45 @@
+"""The base of every request body model: unknown fields ignored, lone surrogates refused.
+
+JSON may carry ``"\\ud800"``, an escape for half of a UTF-16 pair; Python decodes it into a ``str``
+that no UTF-8 encoder (the tokenizer, the response renderer) accepts. Any surrogate left in a
+decoded ``str`` is such a lone half (the JSON decoder joins real pairs), so it is a 400 here, in
+the dialect's envelope, before it can reach the tokenizer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic_core import PydanticCustomError
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether any string in ``value`` (nested lists and dicts too, keys included) holds one."""
+    pending = [value]
+    while pending:  # iterative: deep JSON nesting must not exhaust the stack
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_lone_surrogates(cls, value: Any) -> Any:
+        if has_lone_surrogate(value):
+            raise PydanticCustomError("lone_surrogate", "contains a lone UTF-16 surrogate (e.g. \\ud800), "
+                                                        "which is not valid Unicode text")
+        return value
