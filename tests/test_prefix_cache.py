@@ -140,8 +140,8 @@ def test_abort_all_frees_everything(llm):
 def test_cached_equals_uncached_with_16_bit_kv_cache():
     # bf16 K/V (with float32 matmuls where the CPU lacks bf16): fresh and cached context must be
     # attended in the same rounding, or cache hits would shift the model's probabilities
-    on = LLM("random:tiny", dtype="bfloat16", num_blocks=128)
-    off = LLM("random:tiny", dtype="bfloat16", num_blocks=128, enable_prefix_caching=False)
+    on = LLM("random:tiny", dtype="float32", kv_cache_dtype="bfloat16", num_blocks=128)
+    off = LLM("random:tiny", dtype="float32", kv_cache_dtype="bfloat16", num_blocks=128, enable_prefix_caching=False)
     base = ids(300, 40)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
     on.generate([base], params)

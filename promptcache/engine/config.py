@@ -25,6 +25,7 @@ def parse_bytes(value: str | int) -> int:
 class EngineConfig:
     model: str | None = None  # local dir, hub id, random:<shape>, or None for the embedded default
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    kv_cache_dtype: str = "auto"  # auto (= the dtype matmuls run in) | bfloat16 | float16 | float32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # default: the model's max_position_embeddings (capped at 32k)
     # cache

@@ -51,7 +51,7 @@ class LLMEngine:
         for f in sorted(self.runner.model_dir.glob("*.safetensors")):
             ident.update(f"{f.name}:{f.stat().st_size}".encode())
         # K/V values depend on the dtypes they were computed and stored in
-        ident.update(f"{self.runner.compute_dtype}/{self.runner.dtype}".encode())
+        ident.update(f"{self.runner.compute_dtype}/{self.runner.kv_dtype}".encode())
         self.model_identity = ident.hexdigest()
         self._outputs: dict[str, OutputState] = {}
         self._requests: dict[str, Request] = {}

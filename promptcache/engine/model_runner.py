@@ -15,7 +15,7 @@ from promptcache.engine.config import EngineConfig, parse_bytes
 from promptcache.engine.request import TokenLogprob
 from promptcache.engine.sampler import Sampler
 from promptcache.engine.sampling import SamplingParams
-from promptcache.model.attention import AttentionMetadata
+from promptcache.model.attention import AttentionMetadata, Run
 from promptcache.model.loader import LoadedModel, load_model, resolve_model_dir
 
 MAX_DEFAULT_MODEL_LEN = 32768
@@ -85,23 +85,28 @@ class ModelRunner:
         if config.device in ("auto", "cpu") and not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.device = pick_device(config.device)
-        self.dtype = pick_dtype(config.dtype, self.device)  # what the user asked for: the KV cache's dtype
+        self.dtype = pick_dtype(config.dtype, self.device)  # what the user asked for (weights' values)
         self.compute_dtype = compute_dtype_for(self.dtype, self.device)
+        # The KV cache holds what attention reads: by default the compute dtype (no conversion on
+        # the hot path); a 16-bit cache on a float32-compute CPU doubles capacity for a small cost.
+        self.kv_dtype = (
+            self.compute_dtype if config.kv_cache_dtype == "auto" else pick_dtype(config.kv_cache_dtype, self.device)
+        )
         self.model_dir = resolve_model_dir(config.model)
         max_len = config.max_model_len or MAX_DEFAULT_MODEL_LEN
         self.loaded: LoadedModel = load_model(self.model_dir, self.compute_dtype, self.device, max_len)
         arch = self.loaded.arch
         self.max_model_len = min(max_len, arch.max_position_embeddings)
         self.block_size = config.block_size
-        elem = torch.finfo(self.dtype).bits // 8
+        elem = torch.finfo(self.kv_dtype).bits // 8
         self.kv_bytes_per_token = arch.kv_bytes_per_token * elem
         self.num_blocks = config.num_blocks or max(
             1, parse_bytes(config.kv_cache_memory) // (self.kv_bytes_per_token * self.block_size)
         )
         num_slots = self.num_blocks * self.block_size
-        # per layer [2 (k, v), num_slots, kv_heads, head_dim]; torch.empty: pages are touched lazily
+        # per layer [2 (k, v), kv_heads, num_slots, head_dim]; torch.empty: pages are touched lazily
         self.kv_caches = [
-            torch.empty(2, num_slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype, device=self.device)
+            torch.empty(2, arch.num_kv_heads, num_slots, arch.head_dim, dtype=self.kv_dtype, device=self.device)
             for _ in range(arch.num_layers)
         ]
         self.sampler = Sampler(config.seed)
@@ -110,33 +115,52 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return self.num_blocks * self.block_size * self.kv_bytes_per_token
 
-    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
-        # slots of positions [start, end): block_ids[p // bs] * bs + p % bs
+    def _runs(self, block_ids: list[int], num_tokens: int) -> list[Run]:
+        """Slots of positions [0, num_tokens) as runs of consecutive slots (consecutive block ids)."""
         bs = self.block_size
-        first, last = start // bs, (end - 1) // bs + 1
-        table = torch.tensor(block_ids[first:last], dtype=torch.long)
-        slots = (table.unsqueeze(1) * bs + torch.arange(bs)).view(-1)  # [n_blocks * bs]
-        return slots[start - first * bs : end - first * bs]
+        runs: list[Run] = []
+        for b in block_ids[: -(-num_tokens // bs)]:
+            if runs and runs[-1][0] + runs[-1][1] == b * bs:
+                runs[-1] = (runs[-1][0], runs[-1][1] + bs)
+            else:
+                runs.append((b * bs, bs))
+        unfilled = -num_tokens % bs  # slots of the last block past the last token
+        if unfilled:
+            runs[-1] = (runs[-1][0], runs[-1][1] - unfilled)
+        return runs
+
+    @staticmethod
+    def _slots_from(runs: list[Run], skip: int) -> list[int]:
+        # slots of the positions after the first ``skip`` ones
+        out: list[int] = []
+        for start, length in runs:
+            if skip >= length:
+                skip -= length
+                continue
+            out.extend(range(start + skip, start + length))
+            skip = 0
+        return out
 
     def execute(self, seqs: list[SeqInput]) -> dict[str, tuple[int, TokenLogprob | None]]:
         """Run one step; returns the sampled token (and logprobs) of every sequence that samples."""
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_parts, context_slots, seq_lens, starts = [], [], [], [0]
+        new_slots: list[int] = []
+        context_runs, seq_lens, starts = [], [], [0]
         for s in seqs:
             end = s.start_pos + len(s.token_ids)
             input_ids.extend(s.token_ids)
             positions.extend(range(s.start_pos, end))
-            ctx = self._slots(s.block_ids, 0, end)  # [end]
-            context_slots.append(ctx.to(self.device))
-            slot_parts.append(ctx[s.start_pos :])
+            runs = self._runs(s.block_ids, end)
+            context_runs.append(runs)
+            new_slots.extend(self._slots_from(runs, s.start_pos))
             seq_lens.append(end)
             starts.append(starts[-1] + len(s.token_ids))
         attn = AttentionMetadata(
-            slot_mapping=torch.cat(slot_parts).to(self.device),
+            slot_mapping=torch.tensor(new_slots, dtype=torch.long, device=self.device),
             query_start_loc=starts,
             seq_lens=seq_lens,
-            context_slots=context_slots,
+            context_runs=context_runs,
         )
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)

@@ -3,16 +3,23 @@
 The model never sees a request or a block object. The engine hands it an ``AttentionMetadata``
 (plain tensors and ints) as an argument of ``forward``; there is no module-level context.
 
-Storage layout, per layer: ``kv_cache[2, num_slots, num_kv_heads, head_dim]`` where slot
-``block_id * block_size + offset`` holds the token at ``offset`` in block ``block_id``.
+Storage layout, per layer: ``kv_cache[2, num_kv_heads, num_slots, head_dim]`` (head-major), where
+slot ``block_id * block_size + offset`` holds the token at ``offset`` in block ``block_id``.
+Head-major means a run of consecutive slots is a strided *view* ``[kv_heads, run, head_dim]`` that
+attention reads in place: a context made of a few runs (a shared cached prefix + the request's own
+blocks) is attended run by run and the partial results merged by their log-sum-exp, without ever
+copying the context. Only prefill chunks over a fragmented context gather it (they are compute-bound
+anyway, so the copy is noise).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+Run = tuple[int, int]  # (first slot, number of slots): consecutive slots in token order
 
 
 @dataclass
@@ -20,32 +27,24 @@ class AttentionMetadata:
     """What attention needs for one forward over a flat batch of tokens from several sequences.
 
     Tokens of sequence ``i`` are ``[query_start_loc[i], query_start_loc[i+1])`` in the batch; they
-    are the *last* ``n_i`` tokens of a context of ``seq_lens[i]`` tokens, the earlier ones already
-    in the cache at ``context_slots[i][:seq_lens[i] - n_i]``.
+    are the *last* ``n_i`` tokens of a context of ``seq_lens[i]`` tokens whose slots, in token
+    order, are the runs ``context_runs[i]``.
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V is written
     query_start_loc: list[int]  # [num_seqs + 1]
     seq_lens: list[int]  # [num_seqs] context length including this step's tokens
-    context_slots: list[torch.Tensor]  # per sequence [seq_len] int64 slots of the whole context
-    _uniform_decode: bool | None = field(default=None, repr=False)
+    context_runs: list[list[Run]]  # per sequence, covering exactly seq_lens[i] slots
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
 
-    @property
-    def is_uniform_decode(self) -> bool:
-        """Every sequence contributes exactly one query token (pure decode step)."""
-        if self._uniform_decode is None:
-            self._uniform_decode = len(self.query_start_loc) - 1 == self.query_start_loc[-1]
-        return self._uniform_decode
-
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    # kv_cache: [2, num_slots, kvh, d]; k, v: [num_tokens, kvh, d] (cast to the cache's dtype)
-    kv_cache[0].index_copy_(0, slots, k.to(kv_cache.dtype))
-    kv_cache[1].index_copy_(0, slots, v.to(kv_cache.dtype))
+    # kv_cache: [2, kvh, num_slots, d]; k, v: [num_tokens, kvh, d] (cast to the cache's dtype)
+    kv_cache[0].index_copy_(1, slots, k.transpose(0, 1).to(kv_cache.dtype))
+    kv_cache[1].index_copy_(1, slots, v.transpose(0, 1).to(kv_cache.dtype))
 
 
 def _as_stored(t: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
@@ -63,11 +62,11 @@ def _causal_suffix_mask(num_q: int, ctx: int, dtype: torch.dtype, device: torch.
     return mask.masked_fill_(k_pos > q_pos, float("-inf"))  # [num_q, ctx]
 
 
-def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    # q: [n, H, d]; k, v: [ctx, kvh, d] -> [n, H, d]
-    num_q, ctx = q.shape[0], k.shape[0]
+def _attend_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    # q: [n, H, d]; k, v: [kvh, ctx, d] -> [n, H, d]
+    num_q, ctx = q.shape[0], k.shape[1]
     # 4-D [1, heads, len, d]: SDPA's fused CPU kernel only takes batched input (3-D falls back to math)
-    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    qh, kh, vh = q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     gqa = qh.shape[1] != kh.shape[1]
     if num_q == ctx:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -79,25 +78,36 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     return out[0].transpose(0, 1)
 
 
-def _attend_decode_batch(
-    q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, scale: float
-) -> torch.Tensor:
-    """One query per sequence: pad contexts to the longest and run one batched SDPA."""
-    # q: [B, H, d]
-    num_seqs, max_ctx = attn.num_seqs, max(attn.seq_lens)
-    kvh, d = kv_cache.shape[2], kv_cache.shape[3]
-    slots = torch.zeros(num_seqs, max_ctx, dtype=torch.long, device=q.device)
-    mask = torch.full((num_seqs, 1, 1, max_ctx), float("-inf"), dtype=q.dtype, device=q.device)
-    for i, s in enumerate(attn.context_slots):
-        slots[i, : s.shape[0]] = s
-        mask[i, 0, 0, : s.shape[0]] = 0.0
-    flat = slots.view(-1)
-    k = kv_cache[0].index_select(0, flat).to(q.dtype).view(num_seqs, max_ctx, kvh, d).transpose(1, 2)
-    v = kv_cache[1].index_select(0, flat).to(q.dtype).view(num_seqs, max_ctx, kvh, d).transpose(1, 2)
-    qh = q.unsqueeze(2)  # [B, H, 1, d]
-    gqa = qh.shape[1] != kvh
-    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.squeeze(2)  # [B, H, d]
+def _decode_over_runs(q: torch.Tensor, kv_cache: torch.Tensor, runs: list[Run], scale: float) -> torch.Tensor:
+    """One query token over a context split in several runs, merged by log-sum-exp (CPU only)."""
+    # q: [1, H, d]; query heads sharing a kv head are folded into the query length: [1, kvh, G, d]
+    kvh, d = kv_cache.shape[1], kv_cache.shape[3]
+    qf = q.view(1, kvh, -1, d)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    for start, length in runs:
+        k = kv_cache[0, :, start : start + length].to(q.dtype).unsqueeze(0)  # [1, kvh, run, d]
+        v = kv_cache[1, :, start : start + length].to(q.dtype).unsqueeze(0)
+        o, l = flash(qf, k, v, scale=scale)[:2]  # o: [1, kvh, G, d], l: [1, kvh, G]
+        if out is None or lse is None:
+            out, lse = o, l
+            continue
+        new_lse = torch.logaddexp(lse, l)
+        out = out * torch.exp(lse - new_lse).unsqueeze(-1) + o * torch.exp(l - new_lse).unsqueeze(-1)
+        lse = new_lse
+    assert out is not None
+    return out.reshape(1, -1, d)  # [1, H, d]
+
+
+def _gather(kv_cache: torch.Tensor, runs: list[Run], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(runs) == 1:
+        start, length = runs[0]
+        k, v = kv_cache[0, :, start : start + length], kv_cache[1, :, start : start + length]
+    else:
+        idx = torch.cat([torch.arange(s, s + n, device=kv_cache.device) for s, n in runs])
+        k, v = kv_cache[0].index_select(1, idx), kv_cache[1].index_select(1, idx)
+    return k.to(dtype), v.to(dtype)  # [kvh, ctx, d] each (no copy when already in dtype)
 
 
 def paged_attention(
@@ -113,18 +123,18 @@ def paged_attention(
     q: [num_tokens, H, d]; k, v: [num_tokens, kvh, d]; returns [num_tokens, H, d].
     """
     write_kv(kv_cache, k, v, attn.slot_mapping)
-    if attn.is_uniform_decode and attn.num_seqs > 1:
-        return _attend_decode_batch(q, kv_cache, attn, scale)
     outs = []
     for i in range(attn.num_seqs):
         start, end = attn.query_start_loc[i], attn.query_start_loc[i + 1]
-        num_q, ctx = end - start, attn.seq_lens[i]
-        if num_q == ctx:
-            # nothing cached before this chunk: the fresh K/V are the whole context, skip the gather
-            k_ctx, v_ctx = _as_stored(k[start:end], kv_cache), _as_stored(v[start:end], kv_cache)
+        num_q, runs = end - start, attn.context_runs[i]
+        if num_q == attn.seq_lens[i]:
+            # nothing cached before this chunk: the fresh K/V are the whole context, skip the read
+            k_ctx = _as_stored(k[start:end], kv_cache).transpose(0, 1)
+            v_ctx = _as_stored(v[start:end], kv_cache).transpose(0, 1)
+        elif num_q == 1 and len(runs) > 1 and q.device.type == "cpu":
+            outs.append(_decode_over_runs(q[start:end], kv_cache, runs, scale))
+            continue
         else:
-            slots = attn.context_slots[i]
-            k_ctx = kv_cache[0].index_select(0, slots).to(q.dtype)
-            v_ctx = kv_cache[1].index_select(0, slots).to(q.dtype)
-        outs.append(_attend_one(q[start:end], k_ctx, v_ctx, scale))
+            k_ctx, v_ctx = _gather(kv_cache, runs, q.dtype)
+        outs.append(_attend_contiguous(q[start:end], k_ctx, v_ctx, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
