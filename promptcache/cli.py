@@ -13,6 +13,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint directory, hub id, or random:<shape> "
                    "(default: the embedded demo model)")
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (the dtype matmuls run in) | bfloat16 | float16 | float32")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
@@ -28,6 +30,7 @@ def engine_config_from_args(args: argparse.Namespace):
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype,
         device=args.device,
         max_model_len=args.max_model_len,
         block_size=args.block_size,
