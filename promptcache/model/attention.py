@@ -6,10 +6,11 @@ The model never sees a request or a block object. The engine hands it an ``Atten
 Storage layout, per layer: ``kv_cache[2, num_kv_heads, num_slots, head_dim]`` (head-major), where
 slot ``block_id * block_size + offset`` holds the token at ``offset`` in block ``block_id``.
 Head-major means a run of consecutive slots is a strided *view* ``[kv_heads, run, head_dim]`` that
-attention reads in place: a context made of a few runs (a shared cached prefix + the request's own
-blocks) is attended run by run and the partial results merged by their log-sum-exp, without ever
-copying the context. Only prefill chunks over a fragmented context gather it (they are compute-bound
-anyway, so the copy is noise).
+attention reads in place: a decode token's context made of a few runs (a shared cached prefix + the
+request's own blocks) is attended run by run and the partial results merged by their log-sum-exp,
+without copying the context; decode tokens whose contexts share their first run attend to it in one
+call (cascade attention). Only prefill chunks over a fragmented context gather it (they are
+compute-bound anyway, so the copy is noise).
 """
 
 from __future__ import annotations
@@ -78,26 +79,59 @@ def _attend_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return out[0].transpose(0, 1)
 
 
-def _decode_over_runs(q: torch.Tensor, kv_cache: torch.Tensor, runs: list[Run], scale: float) -> torch.Tensor:
-    """One query token over a context split in several runs, merged by log-sum-exp (CPU only)."""
-    # q: [1, H, d]; query heads sharing a kv head are folded into the query length: [1, kvh, G, d]
+def _flash(q: torch.Tensor, kv_cache: torch.Tensor, run: Run, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of folded queries ``[1, kvh, m, d]`` over one run, in place; (out, log-sum-exp)."""
+    start, length = run
+    k = kv_cache[0, :, start : start + length].to(q.dtype).unsqueeze(0)  # [1, kvh, run, d]
+    v = kv_cache[1, :, start : start + length].to(q.dtype).unsqueeze(0)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[:2]
+    return out, lse  # [1, kvh, m, d], [1, kvh, m]
+
+
+def _merge(
+    acc: tuple[torch.Tensor, torch.Tensor] | None, part: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine attention over two disjoint key sets from their outputs and log-sum-exps (exact)."""
+    if acc is None:
+        return part
+    (o1, l1), (o2, l2) = acc, part
+    lse = torch.logaddexp(l1, l2)
+    return o1 * torch.exp(l1 - lse).unsqueeze(-1) + o2 * torch.exp(l2 - lse).unsqueeze(-1), lse
+
+
+def _decode_cascade(
+    q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, rows: list[int], scale: float
+) -> dict[int, torch.Tensor]:
+    """Decode tokens (one query each) over paged contexts, reading the cache in place (CPU).
+
+    Sequences whose contexts start with the same run — a cached prefix they share — attend to it in
+    one call, their queries stacked (the prefix's K/V are read once, not once per sequence); each
+    sequence's remaining runs follow, merged by log-sum-exp.
+    """
     kvh, d = kv_cache.shape[1], kv_cache.shape[3]
-    qf = q.view(1, kvh, -1, d)
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    out: torch.Tensor | None = None
-    lse: torch.Tensor | None = None
-    for start, length in runs:
-        k = kv_cache[0, :, start : start + length].to(q.dtype).unsqueeze(0)  # [1, kvh, run, d]
-        v = kv_cache[1, :, start : start + length].to(q.dtype).unsqueeze(0)
-        o, l = flash(qf, k, v, scale=scale)[:2]  # o: [1, kvh, G, d], l: [1, kvh, G]
-        if out is None or lse is None:
-            out, lse = o, l
-            continue
-        new_lse = torch.logaddexp(lse, l)
-        out = out * torch.exp(lse - new_lse).unsqueeze(-1) + o * torch.exp(l - new_lse).unsqueeze(-1)
-        lse = new_lse
-    assert out is not None
-    return out.reshape(1, -1, d)  # [1, H, d]
+    groups: dict[int, list[int]] = {}
+    for i in rows:
+        groups.setdefault(attn.context_runs[i][0][0], []).append(i)
+    out: dict[int, torch.Tensor] = {}
+    for members in groups.values():
+        shared_len = min(attn.context_runs[i][0][1] for i in members) if len(members) > 1 else 0
+        partial: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = dict.fromkeys(members)
+        if shared_len:
+            qs = torch.stack([q[attn.query_start_loc[i]].view(kvh, -1, d) for i in members], dim=1)
+            o, l = _flash(qs.view(1, kvh, -1, d), kv_cache, (attn.context_runs[members[0]][0][0], shared_len), scale)
+            o, l = o.view(kvh, len(members), -1, d), l.view(kvh, len(members), -1)  # [kvh, m, G, (d)]
+            for j, i in enumerate(members):
+                partial[i] = (o[:, j].unsqueeze(0), l[:, j].unsqueeze(0))
+        for i in members:
+            (first_start, first_len), *rest = attn.context_runs[i]
+            runs = ([(first_start + shared_len, first_len - shared_len)] if first_len > shared_len else []) + rest
+            qi = q[attn.query_start_loc[i]].view(1, kvh, -1, d)
+            acc = partial[i]
+            for run in runs:
+                acc = _merge(acc, _flash(qi, kv_cache, run, scale))
+            assert acc is not None
+            out[i] = acc[0].reshape(1, -1, d)  # [1, H, d]
+    return out
 
 
 def _gather(kv_cache: torch.Tensor, runs: list[Run], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,18 +157,24 @@ def paged_attention(
     q: [num_tokens, H, d]; k, v: [num_tokens, kvh, d]; returns [num_tokens, H, d].
     """
     write_kv(kv_cache, k, v, attn.slot_mapping)
+    decodes: dict[int, torch.Tensor] = {}
+    if q.device.type == "cpu":
+        rows = [
+            i for i in range(attn.num_seqs)
+            if attn.query_start_loc[i + 1] - attn.query_start_loc[i] == 1 < attn.seq_lens[i]
+        ]
+        decodes = _decode_cascade(q, kv_cache, attn, rows, scale) if rows else {}
     outs = []
     for i in range(attn.num_seqs):
+        if i in decodes:
+            outs.append(decodes[i])
+            continue
         start, end = attn.query_start_loc[i], attn.query_start_loc[i + 1]
-        num_q, runs = end - start, attn.context_runs[i]
-        if num_q == attn.seq_lens[i]:
+        if end - start == attn.seq_lens[i]:
             # nothing cached before this chunk: the fresh K/V are the whole context, skip the read
             k_ctx = _as_stored(k[start:end], kv_cache).transpose(0, 1)
             v_ctx = _as_stored(v[start:end], kv_cache).transpose(0, 1)
-        elif num_q == 1 and len(runs) > 1 and q.device.type == "cpu":
-            outs.append(_decode_over_runs(q[start:end], kv_cache, runs, scale))
-            continue
         else:
-            k_ctx, v_ctx = _gather(kv_cache, runs, q.dtype)
+            k_ctx, v_ctx = _gather(kv_cache, attn.context_runs[i], q.dtype)
         outs.append(_attend_contiguous(q[start:end], k_ctx, v_ctx, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
