@@ -1,0 +1,92 @@
+"""What the machine can do and what the model costs: GEMM FLOP/s, model FLOPs, memory, percentiles."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from promptcache.model.config import ArchConfig
+
+
+def gemm_flops_per_s(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 3) -> float:
+    """Best-of-``repeats`` FLOP/s of ``[m, k] @ [k, n]`` in ``dtype`` (the model's largest matmul)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    with torch.inference_mode():
+        torch.nn.functional.linear(a, w)  # warm-up: first call picks kernels and touches pages
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.nn.functional.linear(a, w)
+            best = min(best, time.perf_counter() - start)
+    return 2.0 * m * k * n / best
+
+
+def largest_gemm(arch: ArchConfig, num_tokens: int) -> tuple[int, int, int]:
+    """(m, k, n) of the fused gate|up projection (or the MLP up projection) over ``num_tokens``."""
+    gated = 2 if arch.family == "llama" else 1
+    return num_tokens, arch.hidden_size, gated * arch.intermediate_size
+
+
+def linear_params(arch: ArchConfig) -> int:
+    """Weights every token multiplies through: all layers' projections (embedding lookup is free)."""
+    return arch.num_params - arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+
+
+def prefill_flops(arch: ArchConfig, num_new: int, num_cached: int = 0, logits_rows: int = 1) -> float:
+    """FLOPs to run ``num_new`` tokens after ``num_cached`` cached ones (causal), plus the LM head.
+
+    Projections and MLP: 2 x params per token. Attention: QK^T and AV, 2 x 2 x heads x head_dim per
+    (query, visible key) pair; query i sees ``num_cached + i + 1`` keys.
+    """
+    visible = num_new * num_cached + num_new * (num_new + 1) / 2
+    attn = 4.0 * arch.num_layers * arch.num_heads * arch.head_dim * visible
+    head = 2.0 * logits_rows * arch.hidden_size * arch.vocab_size
+    return 2.0 * linear_params(arch) * num_new + attn + head
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def describe_host() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def percentile(values: list[float], q: int) -> float:
+    """Linear-interpolated percentile, ``q`` an integer in [0, 100]; NaN for no values."""
+    if not values:
+        return float("nan")
+    if len(values) == 1 or q <= 0 or q >= 100:
+        return min(values) if q <= 0 else max(values) if q >= 100 else values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")

@@ -1,0 +1,119 @@
+"""Turn a benchmark report (a plain dict) into a Markdown table, a JSON file and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# (key in the report, label, format); rows appear only for keys the report has
+FIGURES: list[tuple[str, str, str]] = [
+    ("speedup_total", "total time, no-cache / cache", "{:.2f}x"),
+    ("speedup_ttft_p50", "TTFT p50, no-cache / cache", "{:.2f}x"),
+    ("warm_over_suffix_only", "warm / suffix-only TTFT (ideal 1.0)", "{:.3f}"),
+    ("warm_flops_over_suffix_only_flops", "warm / suffix-only FLOPs (attention floor)", "{:.3f}"),
+    ("warm_over_cold", "warm / cold TTFT", "{:.3f}"),
+    ("cold_over_transformers_cold", "cold / transformers cold TTFT", "{:.3f}"),
+    ("warm_over_transformers_warm", "warm / transformers warm TTFT", "{:.3f}"),
+    ("transformers_cache_copy_s", "transformers DynamicCache copy (untimed), s", "{:.4f}"),
+    ("cached_tokens", "cached tokens (warm)", "{}"),
+    ("greedy_match", "greedy outputs cache on == off", "{}"),
+    ("prefill_tokens_per_s", "prefill, cold (tokens/s)", "{:.1f}"),
+    ("decode_tokens_per_s_b1", "decode, batch 1 (tokens/s)", "{:.1f}"),
+    ("decode_tokens_per_s_b8", "decode, batch 8 (tokens/s)", "{:.1f}"),
+    ("transformers_decode_tokens_per_s_b1", "transformers decode, batch 1 (tokens/s)", "{:.1f}"),
+    ("kv_bytes_per_token", "KV bytes per token", "{:,}"),
+    ("peak_rss_bytes", "peak RSS (MiB)", "mib"),
+    ("gemm_flops_per_s", "GEMM GFLOP/s (largest model matmul, best dtype)", "gflops"),
+    ("mfu", "model FLOP utilisation, cold prefill", "{:.1%}"),
+]
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    if spec == "mib":
+        return f"{value / 2**20:,.0f}"
+    if spec == "gflops":
+        return f"{value / 1e9:,.1f}"
+    return spec.format(value)
+
+
+def _seconds(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The arms side by side, then the run's headline figures."""
+    head = report.get("engine", {})
+    where = (f"{head.get('url')}" if head.get("backend") == "http" else
+             f"{head.get('dtype', '?')}, {report.get('host', {}).get('threads', '?')} threads")
+    lines = [f"### {report['workload']} — {head.get('model', '?')}, {where}", ""]
+    params = ", ".join(f"{k}={v}" for k, v in report.get("params", {}).items())
+    lines += [f"params: {params}", ""]
+    lines += ["| arm | requests | TTFT p50 (s) | TTFT p95 (s) | total (s) | hit rate | ideal hit rate |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for arm, s in report.get("arms", {}).items():
+        ideal = s.get("ideal_hit_rate")
+        lines.append(
+            f"| {arm} | {s.get('requests', '')} | {_seconds(s.get('ttft_p50_s'))} | {_seconds(s.get('ttft_p95_s'))} "
+            f"| {_seconds(s.get('total_s'))} | {s.get('hit_rate', 0.0):.1%} | "
+            f"{'' if ideal is None else f'{ideal:.1%}'} |"
+        )
+    lines += ["", "| figure | value |", "| --- | ---: |"]
+    for key, label, spec in FIGURES:
+        if key in report:
+            lines.append(f"| {label} | {_fmt(report[key], spec)} |")
+    for dtype, rate in report.get("gemm_flops_per_s_by_dtype", {}).items():
+        lines.append(f"| GEMM GFLOP/s in {dtype} | {_fmt(rate, 'gflops')} |")
+    for target in report.get("targets", []):
+        mark = "met" if target["met"] else "NOT met"
+        lines.append(f"| target: {target['name']} | {target['value']:.3f} ≤ {target['limit']} ({mark}) |")
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+
+
+def plot_ttft(report: dict[str, Any], path: str | Path) -> None:
+    """TTFT of every request in submission order, one marker per arm, coloured by cached fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    markers = "os^Dvx+"
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    scatter = None
+    for i, (arm, rows) in enumerate(report.get("requests", {}).items()):
+        frac = [r["cached_tokens"] / r["prompt_tokens"] if r["prompt_tokens"] else 0.0 for r in rows]
+        scatter = ax.scatter(range(len(rows)), [r["ttft_s"] for r in rows], c=frac, cmap="viridis",
+                             vmin=0.0, vmax=1.0, marker=markers[i % len(markers)], label=arm,
+                             edgecolors="black", linewidths=0.3)
+    if scatter is not None:
+        fig.colorbar(scatter, ax=ax, label="cached fraction of the prompt")
+    ax.set_xlabel("repeat" if report["workload"] == "prefix-pair" else "request, in submission order")
+    ax.set_ylabel("TTFT (s)")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    engine = report.get("engine", {})
+    ax.set_title(f"{report['workload']}: {engine.get('model', '?')} {engine.get('dtype', '')}")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

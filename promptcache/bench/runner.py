@@ -1,0 +1,145 @@
+"""Run a workload through each arm (cache on, cache off), and the throughput micro-benchmarks.
+
+Every headline figure is a ratio inside one run: the arms see the same token ids on the same
+weights, and their greedy outputs must match (reuse must not change results).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from promptcache.bench.backends import Backend, RequestResult
+from promptcache.bench.machine import percentile
+from promptcache.bench.workloads import BenchRequest, TokenSource, Workload, ideal_cached_tokens
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    results: list[RequestResult]  # in submission order
+    total_s: float  # first submit -> last token of the last wave
+    counters: dict[str, int]  # what the backend's counters grew by during the arm (engine only)
+
+    def summary(self) -> dict[str, Any]:
+        ttfts = [r.ttft_s for r in self.results]
+        prompt = sum(r.prompt_tokens for r in self.results)
+        cached = sum(r.cached_tokens for r in self.results)
+        ideal = sum(r.ideal_cached_tokens for r in self.results)
+        return {
+            "requests": len(self.results),
+            "total_s": self.total_s,
+            "ttft_p50_s": percentile(ttfts, 50),
+            "ttft_p95_s": percentile(ttfts, 95),
+            "prompt_tokens": prompt,
+            "cached_tokens": cached,
+            "hit_rate": cached / prompt if prompt else 0.0,
+            "ideal_cached_tokens": ideal,
+            "ideal_hit_rate": ideal / prompt if prompt else 0.0,
+            "output_tokens": sum(r.completion_tokens for r in self.results),
+            **{k: self.counters[k] for k in ("computed_tokens", "blocks_evicted") if k in self.counters},
+        }
+
+
+def run_arm(arm: str, workload: Workload, backend: Backend, bar: tqdm | None = None) -> ArmResult:
+    """All waves of ``workload`` on ``backend``, each wave after the previous one finished."""
+    outputs: dict[str, list[int]] = {}
+    results: list[RequestResult] = []
+    waves: list[list[tuple[list[int], list[int]]]] = []
+    on_done = bar.update if bar is not None else None
+    if bar is not None:
+        bar.set_description(arm)
+    before = backend.counters()
+    start = time.perf_counter()
+    for index in range(workload.num_waves()):
+        requests = workload.wave(index, outputs)
+        wave_results = backend.run_wave(requests, on_done)
+        for req, res in zip(requests, wave_results, strict=True):
+            res.wave = index
+            outputs[req.name] = res.output_ids
+        waves.append([(req.prompt_ids, res.output_ids) for req, res in zip(requests, wave_results, strict=True)])
+        results += wave_results
+    total = time.perf_counter() - start
+    after = backend.counters()
+    ideal = [n for wave in ideal_cached_tokens(waves) for n in wave]
+    for res, n in zip(results, ideal, strict=True):
+        res.ideal_cached_tokens = n
+    return ArmResult(arm, results, total, {k: after[k] - before.get(k, 0) for k in after})
+
+
+def warm_up(backend: Backend, num_tokens: int = 64) -> None:
+    """One short untimed request (first-call kernel set-up, lazily touched KV pages), then an empty cache."""
+    backend.run_wave([BenchRequest("warm-up", TokenSource(40_000).take(num_tokens), 2)])
+    if backend.can_reset:
+        backend.reset_cache()
+
+
+def num_requests(workload: Workload) -> int:
+    """Requests in the workload; waves are built with empty outputs just to count them."""
+    return sum(len(workload.wave(i, {})) for i in range(workload.num_waves()))
+
+
+def greedy_mismatches(a: ArmResult, b: ArmResult) -> list[str]:
+    """Names of requests whose greedy outputs differ between two arms."""
+    theirs = {r.name: r.output_key for r in b.results}
+    return [r.name for r in a.results if theirs.get(r.name) != r.output_key]
+
+
+def run_workload(workload: Workload, arms: dict[str, Backend], progress: bool = True) -> dict[str, Any]:
+    """Every arm through the whole workload; each starts from an empty cache where it can."""
+    bar = tqdm(total=num_requests(workload) * len(arms), unit="req", disable=not progress, leave=False)
+    results: dict[str, ArmResult] = {}
+    for arm, backend in arms.items():
+        warm_up(backend)
+        results[arm] = run_arm(arm, workload, backend, bar)
+    bar.close()
+    report: dict[str, Any] = {
+        "workload": workload.name,
+        "params": workload.params(),
+        "arms": {arm: r.summary() for arm, r in results.items()},
+        "requests": {arm: [_request_row(x) for x in r.results] for arm, r in results.items()},
+    }
+    if "cache" in results and "no-cache" in results:
+        mismatches = greedy_mismatches(results["cache"], results["no-cache"])
+        report["greedy_match"] = not mismatches
+        report["greedy_mismatches"] = mismatches
+        on, off = results["cache"].total_s, results["no-cache"].total_s
+        report["speedup_total"] = off / on if on > 0 else float("nan")
+        p50_on, p50_off = report["arms"]["cache"]["ttft_p50_s"], report["arms"]["no-cache"]["ttft_p50_s"]
+        report["speedup_ttft_p50"] = p50_off / p50_on if p50_on > 0 else float("nan")
+    return report
+
+
+def _request_row(r: RequestResult) -> dict[str, Any]:
+    return {"name": r.name, "wave": r.wave, "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
+            "ideal_cached_tokens": r.ideal_cached_tokens, "ttft_s": r.ttft_s, "latency_s": r.latency_s,
+            "output_tokens": r.completion_tokens}
+
+
+# ---- throughput micro-benchmarks ---------------------------------------------------------------
+
+
+def measure_prefill(backend: Backend, num_tokens: int, seed: int) -> dict[str, float]:
+    """Cold prefill of one fresh prompt: TTFT of ``num_tokens`` tokens with nothing cached."""
+    if backend.can_reset:
+        backend.reset_cache()
+    prompt = TokenSource(seed).take(num_tokens)
+    (res,) = backend.run_wave([BenchRequest("prefill", prompt, 1)])
+    return {"prefill_tokens": num_tokens, "prefill_s": res.ttft_s,
+            "prefill_tokens_per_s": (num_tokens - res.cached_tokens) / res.ttft_s}
+
+
+def measure_decode(backend: Backend, batch: int, prompt_tokens: int, output_tokens: int, seed: int) -> float:
+    """Output tokens/s of ``batch`` greedy streams decoding together (after their first token)."""
+    if output_tokens < 2:
+        raise ValueError("decode throughput needs --decode-tokens >= 2")
+    src = TokenSource(seed)
+    requests = [BenchRequest(f"decode-{i}", src.take(prompt_tokens), output_tokens) for i in range(batch)]
+    results = backend.run_wave(requests)
+    # every stream has its first token once the slowest prefill is done; decode runs from there
+    decode_s = max(r.latency_s for r in results) - max(r.ttft_s for r in results)
+    tokens = sum(max(0, r.completion_tokens - 1) for r in results)
+    return tokens / decode_s if decode_s > 0 else float("nan")

@@ -1,0 +1,172 @@
+"""One ``promptcache bench`` run: build the arms, run the workload, add the machine's figures."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from typing import Any
+
+import torch
+
+from promptcache.bench.backends import Backend, EngineBackend
+from promptcache.bench.baselines import TransformersBaseline
+from promptcache.bench.machine import (
+    describe_host,
+    gemm_flops_per_s,
+    largest_gemm,
+    peak_rss_bytes,
+    prefill_flops,
+)
+from promptcache.bench.prefix_pair import PrefixPair, run_prefix_pair
+from promptcache.bench.runner import measure_decode, measure_prefill, run_workload
+from promptcache.bench.workloads import LongDoc, MultiTurn, SharedPrefix, TokenSource, Workload
+
+WORKLOADS = ("prefix-pair", "shared-prefix", "multi-turn", "long-doc")
+
+# CPU defaults of shared/BENCHMARKS.md; a flag left unset (None) takes the workload's value
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "prefix-pair": {"prompt_tokens": 2048, "suffix_tokens": 64, "output_tokens": 8},
+    "shared-prefix": {"groups": 4, "questions": 8, "prefix_tokens": 2048, "question_tokens": 64,
+                      "output_tokens": 16},
+    "multi-turn": {"users": 4, "rounds": 5, "prefix_tokens": 512, "question_tokens": 128, "output_tokens": 32},
+    "long-doc": {"documents": 4, "doc_tokens": 4096, "asks": 3, "question_tokens": 32, "output_tokens": 8},
+}
+
+
+def _opt(args: argparse.Namespace, name: str) -> Any:
+    value = getattr(args, name, None)
+    return DEFAULTS[args.workload][name] if value is None else value
+
+
+def build_workload(args: argparse.Namespace) -> Workload | PrefixPair:
+    w, o = args.workload, lambda name: _opt(args, name)
+    if w == "prefix-pair":
+        return PrefixPair(o("prompt_tokens"), o("suffix_tokens"), o("output_tokens"), args.repeats, args.seed)
+    if w == "shared-prefix":
+        return SharedPrefix(o("groups"), o("questions"), o("prefix_tokens"), o("question_tokens"),
+                            o("output_tokens"), args.seed)
+    if w == "multi-turn":
+        return MultiTurn(o("users"), o("rounds"), o("prefix_tokens"), o("question_tokens"), o("output_tokens"),
+                         args.seed)
+    if w == "long-doc":
+        return LongDoc(o("documents"), o("doc_tokens"), o("asks"), o("question_tokens"), o("output_tokens"),
+                       args.order, args.seed)
+    raise ValueError(f"unknown workload {w!r}; use one of {', '.join(WORKLOADS)}")
+
+
+def build_arms(args: argparse.Namespace, both: bool) -> dict[str, Backend]:
+    """``cache`` (and ``no-cache`` when ``both``): two engines here, or one or two servers."""
+    if args.url:
+        from promptcache.bench.http_client import HttpBackend
+
+        arms: dict[str, Backend] = {"cache": HttpBackend(args.url, args.served_model, "cache", args.api_key)}
+        if both and args.cold_url:
+            arms["no-cache"] = HttpBackend(args.cold_url, args.served_model, "no-cache", args.api_key)
+        return arms
+    from promptcache.cli import engine_config_from_args
+    from promptcache.engine.llm_engine import LLMEngine
+
+    config = engine_config_from_args(args)
+    arms = {"cache": EngineBackend(LLMEngine(dataclasses.replace(config, enable_prefix_caching=True)), "cache")}
+    if both:
+        off = dataclasses.replace(config, enable_prefix_caching=False)
+        arms["no-cache"] = EngineBackend(LLMEngine(off), "no-cache")
+    return arms
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    workload = build_workload(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the engine then leaves torch's count alone
+        torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    arms = build_arms(args, both=not isinstance(workload, PrefixPair))
+    reference = arms.get("no-cache", arms["cache"])
+    baseline = _baseline(args, reference)
+    started = time.time()
+    if isinstance(workload, PrefixPair):
+        report = run_prefix_pair(workload, arms["cache"], baseline, progress)
+    else:
+        report = run_workload(workload, arms, progress)
+    report["engine"] = arms["cache"].describe()
+    report["backends"] = {arm: backend.describe() for arm, backend in arms.items()}
+    report["host"] = describe_host()
+    report["started_unix_s"] = started
+    if not args.no_throughput:
+        _throughput(args, report, workload, reference)
+    if baseline is not None:
+        report.setdefault("transformers", baseline.describe())
+        if not args.no_throughput:
+            prompt = TokenSource(args.seed + 30_001).take(args.decode_prompt_tokens)
+            report["transformers_decode_tokens_per_s_b1"] = baseline.decode_tokens_per_s(prompt, args.decode_tokens)
+    if args.url is None:
+        report["peak_rss_bytes"] = peak_rss_bytes()
+    report["targets"] = targets(report)
+    return report
+
+
+def _throughput(args: argparse.Namespace, report: dict[str, Any], workload: Workload | PrefixPair,
+                backend: Backend) -> None:
+    """Cold prefill tokens/s (prefix-pair: its cold TTFT), decode tokens/s, GEMM FLOP/s and MFU."""
+    if isinstance(workload, PrefixPair):
+        num_tokens, prefill_s = workload.prompt_tokens, report["cold_ttft_s"]
+    else:
+        num_tokens = args.prefill_tokens or DEFAULTS["prefix-pair"]["prompt_tokens"]
+        prefill = measure_prefill(backend, num_tokens, args.seed + 20_000)
+        report.update(prefill)
+        prefill_s = prefill["prefill_s"]
+    for batch in args.decode_batch_sizes:
+        report[f"decode_tokens_per_s_b{batch}"] = measure_decode(
+            backend, batch, args.decode_prompt_tokens, args.decode_tokens, args.seed + 30_000 + batch
+        )
+    if isinstance(backend, EngineBackend):
+        runner = backend.engine.runner
+        report["kv_bytes_per_token"] = runner.kv_bytes_per_token
+        shape = largest_gemm(runner.loaded.arch, num_tokens)
+        report["gemm_shape"] = list(shape)
+        # the machine's GEMM rate is its best dtype's: where bf16 is emulated, fp32 is far faster
+        rates = {str(dt).removeprefix("torch."): gemm_flops_per_s(*shape, dtype=dt)
+                 for dt in dict.fromkeys([runner.dtype, torch.float32])}
+        report["gemm_flops_per_s_by_dtype"] = rates
+        report["gemm_flops_per_s"] = max(rates.values())
+        report["prefill_flops"] = prefill_flops(runner.loaded.arch, num_tokens)
+        report["mfu"] = report["prefill_flops"] / prefill_s / report["gemm_flops_per_s"]
+        if isinstance(workload, PrefixPair):  # the warm path's floor: its suffix attends over P tokens
+            arch, s = runner.loaded.arch, workload.suffix_tokens
+            warm = prefill_flops(arch, s, workload.shared_tokens)
+            report["warm_flops_over_suffix_only_flops"] = warm / prefill_flops(arch, s)
+
+
+def _baseline(args: argparse.Namespace, reference: Backend) -> TransformersBaseline | None:
+    """transformers on the engine's checkpoint, in the engine's dtype unless --baseline-dtype says."""
+    if args.baseline != "transformers":
+        return None
+    if not isinstance(reference, EngineBackend):
+        raise ValueError("--baseline transformers runs in process; it cannot be combined with --url")
+    from promptcache.engine.model_runner import pick_dtype
+
+    runner = reference.engine.runner
+    dtype = runner.dtype if args.baseline_dtype is None else pick_dtype(args.baseline_dtype, runner.device)
+    return TransformersBaseline(runner.model_dir, dtype)
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, as ratios measured in this run (value <= limit is met)."""
+    checks = [
+        ("warm TTFT / suffix-only TTFT", "warm_over_suffix_only", 1.25),
+        ("cold TTFT / transformers cold TTFT", "cold_over_transformers_cold", 0.75),
+        ("warm TTFT / transformers warm TTFT", "warm_over_transformers_warm", 0.5),
+    ]
+    out = []
+    for name, key, limit in checks:
+        if report.get(key) is not None:
+            out.append({"name": name, "value": report[key], "limit": limit, "met": report[key] <= limit})
+    if report.get("workload") == "shared-prefix" and report.get("speedup_total"):
+        value = 1.0 / report["speedup_total"]
+        out.append({"name": "cache total time / no-cache total time", "value": value, "limit": 0.2,
+                    "met": value <= 0.2})
+    return out

@@ -1,0 +1,158 @@
+"""``promptcache bench``: workload shapes, ideal reuse, and tiny end-to-end runs (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+
+from promptcache.bench.http_client import HttpBackend
+from promptcache.bench.machine import percentile, prefill_flops
+from promptcache.bench.report import markdown
+from promptcache.bench.workloads import (
+    TOKEN_HIGH,
+    TOKEN_LOW,
+    BenchRequest,
+    LongDoc,
+    MultiTurn,
+    SharedPrefix,
+    TokenSource,
+    ideal_cached_tokens,
+)
+from promptcache.cli import main
+from promptcache.model.config import arch_from_hf_config
+from promptcache.model.shapes import SHAPES
+
+
+def test_token_source_is_seeded_and_in_range():
+    a, b = TokenSource(3).take(500), TokenSource(3).take(500)
+    assert a == b and a != TokenSource(4).take(500)
+    assert all(TOKEN_LOW <= t < TOKEN_HIGH for t in a)
+
+
+def test_shared_prefix_wave_and_ideal_reuse():
+    w = SharedPrefix(groups=2, questions=3, prefix_tokens=32, question_tokens=8, output_tokens=2)
+    (wave,) = [w.wave(0, {})]
+    assert [r.name for r in wave] == ["g0-q0", "g1-q0", "g0-q1", "g1-q1", "g0-q2", "g1-q2"]
+    assert all(len(r.prompt_ids) == 40 for r in wave)
+    assert wave[0].prompt_ids[:32] == wave[2].prompt_ids[:32] != wave[1].prompt_ids[:32]
+    ideal = ideal_cached_tokens([[(r.prompt_ids, [1, 2]) for r in wave]])
+    assert ideal == [[0, 0, 32, 32, 32, 32]]
+
+
+def test_multi_turn_history_extends_previous_round():
+    w = MultiTurn(users=2, rounds=3, prefix_tokens=16, question_tokens=4, output_tokens=3)
+    r0 = w.wave(0, {})
+    answers = {r.name: [7, 8, 9] for r in r0}
+    r1 = w.wave(1, answers)
+    assert r0[0].prompt_ids[:16] == r0[1].prompt_ids[:16]  # shared system prompt
+    assert r1[0].prompt_ids[: 20 + 3] == r0[0].prompt_ids + [7, 8, 9]
+    ideal = ideal_cached_tokens([[(r.prompt_ids, [7, 8, 9]) for r in r0], [(r.prompt_ids, [7, 8, 9]) for r in r1]])
+    # round 0: the second user reuses the system prompt; round 1: prompt + answer but its last token
+    assert ideal == [[0, 16], [20 + 2, 20 + 2]]
+    assert len(w.wave(1, {})[0].prompt_ids) == 16 + 4 + 3 + 4  # text-only servers: seeded stand-ins
+
+
+def test_long_doc_orders():
+    tile = LongDoc(documents=2, doc_tokens=8, asks=2, question_tokens=2, order="tile")
+    inter = LongDoc(documents=2, doc_tokens=8, asks=2, question_tokens=2, order="interleave")
+    assert [tile.wave(i, {})[0].name for i in range(4)] == ["d0-k0", "d0-k1", "d1-k0", "d1-k1"]
+    assert [inter.wave(i, {})[0].name for i in range(4)] == ["d0-k0", "d1-k0", "d0-k1", "d1-k1"]
+
+
+def test_percentile_and_flops():
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert percentile([2.0], 95) == 2.0
+    arch = arch_from_hf_config(SHAPES["tiny"])
+    # causal: 4 new tokens after 0 cached see 1 + 2 + 3 + 4 keys
+    attn = 4 * arch.num_layers * arch.num_heads * arch.head_dim * 10
+    assert prefill_flops(arch, 4, logits_rows=0) == 2 * 4 * (arch.num_params - arch.vocab_size * 64) + attn
+
+
+def _run(tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "r.json"
+    argv = [
+        "bench", "--model", "random:tiny", "--dtype", "float32", "--kv-cache-memory", "4MiB", "--no-progress",
+        "--json", str(out), "--decode-tokens", "3", "--decode-batch-sizes", "1", "2", "--decode-prompt-tokens",
+        "16", "--prefill-tokens", "64", *extra,
+    ]
+    assert main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def test_bench_shared_prefix_end_to_end(tmp_path, capsys):
+    plot = tmp_path / "ttft.png"
+    r = _run(tmp_path, "--workload", "shared-prefix", "--groups", "2", "--questions", "3", "--prefix-tokens", "64",
+             "--question-tokens", "8", "--output-tokens", "3", "--plot", str(plot))
+    assert r["greedy_match"] is True and r["greedy_mismatches"] == []
+    on, off = r["arms"]["cache"], r["arms"]["no-cache"]
+    assert on["requests"] == off["requests"] == 6
+    assert on["prompt_tokens"] == off["prompt_tokens"] == 6 * 72
+    assert on["cached_tokens"] == 4 * 64 and off["cached_tokens"] == 0  # block-aligned prefix, 4 hits
+    assert on["ideal_cached_tokens"] == 4 * 64 and on["output_tokens"] == 18
+    # every uncached prompt token runs once, plus each stream's decode steps (the last token never runs)
+    assert on["computed_tokens"] == 6 * 72 - 4 * 64 + 6 * 2 and off["computed_tokens"] == 6 * 72 + 6 * 2
+    assert [x["cached_tokens"] for x in r["requests"]["cache"]] == [0, 0, 64, 64, 64, 64]
+    for key in ("decode_tokens_per_s_b1", "decode_tokens_per_s_b2", "prefill_tokens_per_s", "mfu",
+                "gemm_flops_per_s", "peak_rss_bytes", "speedup_total"):
+        assert r[key] > 0, key
+    assert r["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 kv heads, dim 16, fp32
+    assert plot.stat().st_size > 0
+    assert "| cache | 6 |" in capsys.readouterr().out
+
+
+def test_bench_prefix_pair_with_transformers(tmp_path):
+    r = _run(tmp_path, "--workload", "prefix-pair", "--prompt-tokens", "96", "--suffix-tokens", "32",
+             "--repeats", "1", "--output-tokens", "3", "--baseline", "transformers")
+    for key in ("cold_ttft_s", "warm_ttft_s", "suffix_only_ttft_s", "transformers_cold_ttft_s",
+                "transformers_warm_ttft_s", "transformers_cache_copy_s", "transformers_decode_tokens_per_s_b1"):
+        assert r[key] > 0, key
+    assert r["cached_tokens"] == 64 and r["greedy_match"] is True
+    assert {t["name"] for t in r["targets"]} >= {"warm TTFT / suffix-only TTFT"}
+    assert r["transformers"]["logits_to_keep"] is True
+
+
+def test_bench_multi_turn_and_long_doc(tmp_path):
+    r = _run(tmp_path, "--workload", "multi-turn", "--users", "2", "--rounds", "2", "--prefix-tokens", "32",
+             "--question-tokens", "16", "--output-tokens", "4", "--no-throughput")
+    assert r["greedy_match"] is True
+    # round 0: user 1 reuses the 32-token system prompt; round 1: each reuses its 48-token round-0 prompt
+    assert [x["cached_tokens"] for x in r["requests"]["cache"]] == [0, 32, 48, 48]
+    assert [x["ideal_cached_tokens"] for x in r["requests"]["cache"]] == [0, 32, 51, 51]
+    r = _run(tmp_path, "--workload", "long-doc", "--documents", "2", "--doc-tokens", "64", "--asks", "2",
+             "--question-tokens", "8", "--output-tokens", "2", "--order", "interleave", "--no-throughput")
+    assert [x["cached_tokens"] for x in r["requests"]["cache"]] == [0, 0, 64, 64]
+    assert r["greedy_match"] is True
+
+
+def _sse(chunks: list[dict]) -> bytes:
+    return b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+
+
+def test_http_backend_parses_stream_and_usage():
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        body = json.loads(request.content)
+        seen.append(body)
+        chunks = [{"choices": [{"text": "a", "token_ids": [5]}]}, {"choices": [{"text": "b", "token_ids": [6]}]},
+                  {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
+                                            "prompt_tokens_details": {"cached_tokens": 2}}}]
+        return httpx.Response(200, content=_sse(chunks), headers={"content-type": "text/event-stream"})
+
+    backend = HttpBackend("http://server", transport=httpx.MockTransport(handler))
+    assert backend.model == "m" and backend.base == "http://server/v1"
+    (res,) = backend.run_wave([BenchRequest("x", [11, 12, 13], 2)])
+    assert (res.output_ids, res.output_text, res.cached_tokens, res.completion_tokens) == ([5, 6], "ab", 2, 2)
+    assert seen[0]["prompt"] == [11, 12, 13] and seen[0]["stream_options"] == {"include_usage": True}
+    assert res.ttft_s <= res.latency_s
+
+
+def test_markdown_lists_targets():
+    report = {"workload": "prefix-pair", "arms": {}, "warm_over_suffix_only": 1.1,
+              "targets": [{"name": "warm TTFT / suffix-only TTFT", "value": 1.1, "limit": 1.25, "met": True}]}
+    text = markdown(report)
+    assert "warm / suffix-only TTFT (ideal 1.0) | 1.100" in text and "(met)" in text
