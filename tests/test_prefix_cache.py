@@ -154,3 +154,21 @@ def test_cached_equals_uncached_with_16_bit_kv_cache():
         # same values attended: only summation order differs (bf16 rounding differences are ~1e-3)
         for a, b in zip(hit.logprobs[0].top, ref.logprobs[0].top, strict=True):
             assert a[0] == b[0] and abs(a[1] - b[1]) < 2e-5
+
+
+def test_cache_hit_does_not_queue_behind_a_long_cold_prefill():
+    engine = LLM("random:tiny", dtype="float32", num_blocks=256, max_num_batched_tokens=256).engine
+    warm = ids(600, 60)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    engine.add_request("warm", warm, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.add_request("long", ids(1000, 61), params)  # arrives first, needs 4 steps of prefill
+    engine.add_request("hit", warm + ids(10, 62), params)  # 592 cached, 18 to compute
+    first_step = {o.request_id: o for o in engine.step()}
+    assert "hit" in first_step and first_step["hit"].usage.cached_tokens == 592
+    running = {r.request_id: r for r in engine.scheduler.running}
+    assert running["long"].num_computed_tokens == 256 - 18  # the long prefill progressed too
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.check_integrity()

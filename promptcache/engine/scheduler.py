@@ -1,7 +1,10 @@
 """Continuous batching with chunked prefill, prefix reuse and preemption by recompute.
 
-Each step spends a token budget: running requests first (decodes before unfinished prefills, so
-streams keep flowing while a long prompt is chunked), then waiting requests in arrival order.
+Each step spends a token budget in this order: running decodes (streams keep flowing while a long
+prompt is chunked); waiting requests that are *short* once their cache hit is taken off (a cache hit
+should not queue behind someone else's long cold prefill; they may use at most half the budget, so
+long prefills still progress); running partial prefills; then the other waiting requests, in
+arrival order.
 A waiting request whose next blocks are being computed by a running request waits for them
 (bounded by ``inflight_wait_s``) instead of computing the same prefix twice.
 """
@@ -58,20 +61,28 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
-        # decodes (one token left to compute) before partial prefills; stable in arrival order
-        for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        budget = self._run(decodes, budget, chunks, scheduled)
+        short_limit = budget // 2
+        budget -= short_limit - self._admit_waiting(short_limit, chunks, scheduled, short_only=True)
+        budget = self._run(prefills, budget, chunks, scheduled)
+        self._admit_waiting(budget, chunks, scheduled, short_only=False)
+        return chunks
+
+    def _run(self, reqs: list[Request], budget: int, chunks: list[ScheduledChunk], scheduled: set[str]) -> int:
+        for req in reqs:
             if budget == 0:
                 break
             if req.request_id in scheduled or req.status is not Status.RUNNING:
-                continue  # preempted earlier in this loop
+                continue  # preempted earlier in this step
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._grow(req, num_new, scheduled):
                 continue
             chunks.append(ScheduledChunk(req, num_new))
             scheduled.add(req.request_id)
             budget -= num_new
-        budget = self._admit_waiting(budget, chunks)
-        return chunks
+        return budget
 
     def _grow(self, req: Request, num_new: int, scheduled: set[str]) -> bool:
         """Make room for ``num_new`` more tokens of a running request, preempting newer ones."""
@@ -93,7 +104,14 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+    def _admit_waiting(
+        self, budget: int, chunks: list[ScheduledChunk], scheduled: set[str], short_only: bool
+    ) -> int:
+        """Admit waiting requests in arrival order while budget and memory last; return the budget left.
+
+        With ``short_only``, only requests whose uncached rest fits the budget whole are admitted; the
+        others keep their place in the queue.
+        """
         held_back: list[Request] = []
         now = self.clock()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -101,6 +119,9 @@ class Scheduler:
             hit = self.kv.match(req.request_id, req.block_hashes, req.num_tokens)
             if hit.num_pending_blocks and self._may_wait(req, now):
                 held_back.append(req)  # its prefix is being computed right now: reuse it instead
+                continue
+            if short_only and req.num_tokens - hit.num_tokens > budget:
+                held_back.append(req)
                 continue
             num_new = min(req.num_tokens - hit.num_tokens, budget)
             # the full prompt blocks it will compute: others wanting them wait for this request
@@ -120,6 +141,7 @@ class Scheduler:
             req.wait_started = None
             self.running.append(req)
             chunks.append(ScheduledChunk(req, num_new))
+            scheduled.add(req.request_id)  # never preempted by a later grow in this same step
             budget -= num_new
         self.waiting.extendleft(reversed(held_back))
         return budget
