@@ -172,3 +172,17 @@ def test_cache_hit_does_not_queue_behind_a_long_cold_prefill():
     while engine.has_unfinished_requests():
         engine.step()
     engine.check_integrity()
+
+
+def test_shared_prefix_decode_matches_cache_off_logprobs(llm, llm_off):
+    # decode tokens sharing a cached prefix attend to it in one stacked call (cascade attention);
+    # the merged result must be the same attention, not an approximation
+    llm.reset_prefix_cache()
+    prefix = ids(500, 70)
+    prompts = [prefix + ids(20 + i, 71 + i) for i in range(6)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=5)
+    on, off = llm.generate(prompts, params), llm_off.generate(prompts, params)
+    assert [o.usage.cached_tokens for o in on] == [0] + [496] * 5
+    for a, b in zip(on, off, strict=True):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4

@@ -105,33 +105,64 @@ def _decode_cascade(
     """Decode tokens (one query each) over paged contexts, reading the cache in place (CPU).
 
     Sequences whose contexts start with the same run — a cached prefix they share — attend to it in
-    one call, their queries stacked (the prefix's K/V are read once, not once per sequence); each
-    sequence's remaining runs follow, merged by log-sum-exp.
+    one call, their queries stacked (the prefix's K/V are read once, not once per sequence); their
+    own short tails are gathered into one padded batch for a second call, and the two halves are
+    merged by log-sum-exp. A sequence alone attends run by run.
     """
-    kvh, d = kv_cache.shape[1], kv_cache.shape[3]
     groups: dict[int, list[int]] = {}
     for i in rows:
         groups.setdefault(attn.context_runs[i][0][0], []).append(i)
     out: dict[int, torch.Tensor] = {}
     for members in groups.values():
-        shared_len = min(attn.context_runs[i][0][1] for i in members) if len(members) > 1 else 0
-        partial: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = dict.fromkeys(members)
-        if shared_len:
-            qs = torch.stack([q[attn.query_start_loc[i]].view(kvh, -1, d) for i in members], dim=1)
-            o, l = _flash(qs.view(1, kvh, -1, d), kv_cache, (attn.context_runs[members[0]][0][0], shared_len), scale)
-            o, l = o.view(kvh, len(members), -1, d), l.view(kvh, len(members), -1)  # [kvh, m, G, (d)]
-            for j, i in enumerate(members):
-                partial[i] = (o[:, j].unsqueeze(0), l[:, j].unsqueeze(0))
-        for i in members:
-            (first_start, first_len), *rest = attn.context_runs[i]
-            runs = ([(first_start + shared_len, first_len - shared_len)] if first_len > shared_len else []) + rest
-            qi = q[attn.query_start_loc[i]].view(1, kvh, -1, d)
-            acc = partial[i]
-            for run in runs:
-                acc = _merge(acc, _flash(qi, kv_cache, run, scale))
-            assert acc is not None
-            out[i] = acc[0].reshape(1, -1, d)  # [1, H, d]
+        if len(members) == 1:
+            out[members[0]] = _decode_alone(q, kv_cache, attn, members[0], scale)
+        else:
+            out.update(_decode_shared(q, kv_cache, attn, members, scale))
     return out
+
+
+def _decode_alone(q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, i: int, scale: float):
+    kvh, d = kv_cache.shape[1], kv_cache.shape[3]
+    qi = q[attn.query_start_loc[i]].view(1, kvh, -1, d)  # [1, kvh, G, d]
+    acc = None
+    for run in attn.context_runs[i]:
+        acc = _merge(acc, _flash(qi, kv_cache, run, scale))
+    assert acc is not None
+    return acc[0].reshape(1, -1, d)  # [1, H, d]
+
+
+def _decode_shared(
+    q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, members: list[int], scale: float
+) -> dict[int, torch.Tensor]:
+    kvh, d, m = kv_cache.shape[1], kv_cache.shape[3], len(members)
+    runs = [attn.context_runs[i] for i in members]
+    # the shared head: the shortest first run, leaving every member at least one token of its own
+    start = runs[0][0][0]
+    shared = min(min(r[0][1] for r in runs), min(attn.seq_lens[i] for i in members) - 1)
+    qs = torch.stack([q[attn.query_start_loc[i]].view(kvh, -1, d) for i in members])  # [m, kvh, G, d]
+    group = qs.shape[2]
+    o_s, l_s = _flash(qs.transpose(0, 1).reshape(1, kvh, m * group, d), kv_cache, (start, shared), scale)
+    o_s = o_s.view(kvh, m, group, d).transpose(0, 1)  # [m, kvh, G, d]
+    l_s = l_s.view(kvh, m, group).transpose(0, 1)  # [m, kvh, G]
+    # the tails: slots after the shared head, padded to the longest
+    tails = []
+    for r in runs:
+        (s0, n0), *rest = r
+        tail_runs = ([(s0 + shared, n0 - shared)] if n0 > shared else []) + rest
+        tails.append(torch.cat([torch.arange(a, a + n) for a, n in tail_runs]))
+    longest = max(t.shape[0] for t in tails)
+    idx = torch.zeros(m, longest, dtype=torch.long)
+    mask = torch.full((m, 1, 1, longest), float("-inf"), dtype=q.dtype)
+    for j, t in enumerate(tails):
+        idx[j, : t.shape[0]] = t
+        mask[j, 0, 0, : t.shape[0]] = 0.0
+    idx, mask = idx.to(q.device), mask.to(q.device)
+    k = kv_cache[0].index_select(1, idx.view(-1)).to(q.dtype).view(kvh, m, longest, d).transpose(0, 1)
+    v = kv_cache[1].index_select(1, idx.view(-1)).to(q.dtype).view(kvh, m, longest, d).transpose(0, 1)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    o_t, l_t = flash(qs, k, v, attn_mask=mask, scale=scale)[:2]  # [m, kvh, G, d], [m, kvh, G]
+    o, _ = _merge((o_s, l_s), (o_t, l_t))
+    return {i: o[j].reshape(1, -1, d) for j, i in enumerate(members)}
 
 
 def _gather(kv_cache: torch.Tensor, runs: list[Run], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
