@@ -30,7 +30,7 @@ lint: install-dev
 	$(BIN)/ruff check promptcache tests scripts
 
 types: install-dev
-	$(BIN)/mypy promptcache/cache promptcache/engine promptcache/server promptcache/model
+	$(BIN)/mypy promptcache/cache promptcache/engine promptcache/server promptcache/model promptcache/bench
 
 unit: install-dev
 	$(BIN)/python -m pytest -q $(ARGS)

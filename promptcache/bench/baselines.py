@@ -78,11 +78,16 @@ class TransformersBaseline:
         return time.perf_counter() - start, copy_s, token
 
     @torch.inference_mode()
-    def decode_tokens_per_s(self, prompt_ids: list[int], output_tokens: int) -> float:
-        """Greedy decode at batch 1 with a KV cache, tokens/s after the first token."""
+    def decode_tokens_per_s(self, prompts: list[list[int]], output_tokens: int) -> float:
+        """Greedy decode of a batch of equal-length prompts (no padding needed) with one
+        ``DynamicCache``; generated tokens/s after the first token, over the whole batch."""
+        if len({len(p) for p in prompts}) != 1:
+            raise ValueError("the transformers decode baseline takes prompts of one length")
         cache = self._new_cache()
-        token = self._next_token(prompt_ids, cache)
+        ids = torch.tensor(prompts, dtype=torch.long)  # [batch, prompt_len]
+        tokens = self.model(input_ids=ids, past_key_values=cache, **self._forward_kwargs).logits[:, -1].argmax(-1)
         start = time.perf_counter()
         for _ in range(output_tokens - 1):
-            token = self._next_token([token], cache)
-        return (output_tokens - 1) / (time.perf_counter() - start)
+            out = self.model(input_ids=tokens.unsqueeze(1), past_key_values=cache, **self._forward_kwargs)
+            tokens = out.logits[:, -1].argmax(-1)
+        return len(prompts) * (output_tokens - 1) / (time.perf_counter() - start)

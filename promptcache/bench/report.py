@@ -23,6 +23,7 @@ FIGURES: list[tuple[str, str, str]] = [
     ("decode_tokens_per_s_b1", "decode, batch 1 (tokens/s)", "{:.1f}"),
     ("decode_tokens_per_s_b8", "decode, batch 8 (tokens/s)", "{:.1f}"),
     ("transformers_decode_tokens_per_s_b1", "transformers decode, batch 1 (tokens/s)", "{:.1f}"),
+    ("transformers_decode_tokens_per_s_b8", "transformers decode, batch 8 (tokens/s)", "{:.1f}"),
     ("kv_bytes_per_token", "KV bytes per token", "{:,}"),
     ("peak_rss_bytes", "peak RSS (MiB)", "mib"),
     ("gemm_flops_per_s", "GEMM GFLOP/s (largest model matmul, best dtype)", "gflops"),

@@ -101,8 +101,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if baseline is not None:
         report.setdefault("transformers", baseline.describe())
         if not args.no_throughput:
-            prompt = TokenSource(args.seed + 30_001).take(args.decode_prompt_tokens)
-            report["transformers_decode_tokens_per_s_b1"] = baseline.decode_tokens_per_s(prompt, args.decode_tokens)
+            for batch in args.decode_batch_sizes:
+                src = TokenSource(args.seed + 30_001 + batch)
+                prompts = [src.take(args.decode_prompt_tokens) for _ in range(batch)]
+                report[f"transformers_decode_tokens_per_s_b{batch}"] = baseline.decode_tokens_per_s(
+                    prompts, args.decode_tokens
+                )
     if args.url is None:
         report["peak_rss_bytes"] = peak_rss_bytes()
     report["targets"] = targets(report)

@@ -104,65 +104,55 @@ def _decode_cascade(
 ) -> dict[int, torch.Tensor]:
     """Decode tokens (one query each) over paged contexts, reading the cache in place (CPU).
 
-    Sequences whose contexts start with the same run — a cached prefix they share — attend to it in
-    one call, their queries stacked (the prefix's K/V are read once, not once per sequence); their
-    own short tails are gathered into one padded batch for a second call, and the two halves are
-    merged by log-sum-exp. A sequence alone attends run by run.
+    Each context splits into a *head* — the start of its first run of consecutive slots, read in
+    place — and a short *tail* (the rest: its own recent blocks). Sequences whose heads start at
+    the same slot share a cached prefix: they attend to it in one call with their queries stacked,
+    so its K/V are read once, not once per sequence. All tails are gathered into one padded batch
+    and attended in one call; heads and tails merge exactly by log-sum-exp.
     """
+    kvh, d = kv_cache.shape[1], kv_cache.shape[3]
     groups: dict[int, list[int]] = {}
     for i in rows:
         groups.setdefault(attn.context_runs[i][0][0], []).append(i)
-    out: dict[int, torch.Tensor] = {}
-    for members in groups.values():
-        if len(members) == 1:
-            out[members[0]] = _decode_alone(q, kv_cache, attn, members[0], scale)
-        else:
-            out.update(_decode_shared(q, kv_cache, attn, members, scale))
-    return out
-
-
-def _decode_alone(q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, i: int, scale: float):
-    kvh, d = kv_cache.shape[1], kv_cache.shape[3]
-    qi = q[attn.query_start_loc[i]].view(1, kvh, -1, d)  # [1, kvh, G, d]
-    acc = None
-    for run in attn.context_runs[i]:
-        acc = _merge(acc, _flash(qi, kv_cache, run, scale))
-    assert acc is not None
-    return acc[0].reshape(1, -1, d)  # [1, H, d]
-
-
-def _decode_shared(
-    q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, members: list[int], scale: float
-) -> dict[int, torch.Tensor]:
-    kvh, d, m = kv_cache.shape[1], kv_cache.shape[3], len(members)
-    runs = [attn.context_runs[i] for i in members]
-    # the shared head: the shortest first run, leaving every member at least one token of its own
-    start = runs[0][0][0]
-    shared = min(min(r[0][1] for r in runs), min(attn.seq_lens[i] for i in members) - 1)
-    qs = torch.stack([q[attn.query_start_loc[i]].view(kvh, -1, d) for i in members])  # [m, kvh, G, d]
-    group = qs.shape[2]
-    o_s, l_s = _flash(qs.transpose(0, 1).reshape(1, kvh, m * group, d), kv_cache, (start, shared), scale)
-    o_s = o_s.view(kvh, m, group, d).transpose(0, 1)  # [m, kvh, G, d]
-    l_s = l_s.view(kvh, m, group).transpose(0, 1)  # [m, kvh, G]
-    # the tails: slots after the shared head, padded to the longest
-    tails = []
-    for r in runs:
-        (s0, n0), *rest = r
-        tail_runs = ([(s0 + shared, n0 - shared)] if n0 > shared else []) + rest
-        tails.append(torch.cat([torch.arange(a, a + n) for a, n in tail_runs]))
-    longest = max(t.shape[0] for t in tails)
-    idx = torch.zeros(m, longest, dtype=torch.long)
-    mask = torch.full((m, 1, 1, longest), float("-inf"), dtype=q.dtype)
+    head_len: dict[int, int] = {}
+    heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for start, members in groups.items():
+        # every member keeps at least its last token in the tail, so no tail is empty
+        shared = min(min(attn.context_runs[i][0][1], attn.seq_lens[i] - 1) for i in members)
+        qs = torch.stack([q[attn.query_start_loc[i]].view(kvh, -1, d) for i in members], dim=1)  # [kvh, m, G, d]
+        o, l = _flash(qs.reshape(1, kvh, -1, d), kv_cache, (start, shared), scale)
+        o, l = o.view(kvh, len(members), -1, d), l.view(kvh, len(members), -1)
+        for j, i in enumerate(members):
+            head_len[i] = shared
+            heads[i] = (o[:, j], l[:, j])  # [kvh, G, d], [kvh, G]
+    tails = [_slots_after(attn.context_runs[i], head_len[i]) for i in rows]
+    longest = max(len(t) for t in tails)
+    idx = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.full((len(rows), 1, 1, longest), float("-inf"), dtype=q.dtype)
     for j, t in enumerate(tails):
-        idx[j, : t.shape[0]] = t
-        mask[j, 0, 0, : t.shape[0]] = 0.0
+        idx[j, : len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[j, 0, 0, : len(t)] = 0.0
     idx, mask = idx.to(q.device), mask.to(q.device)
-    k = kv_cache[0].index_select(1, idx.view(-1)).to(q.dtype).view(kvh, m, longest, d).transpose(0, 1)
-    v = kv_cache[1].index_select(1, idx.view(-1)).to(q.dtype).view(kvh, m, longest, d).transpose(0, 1)
+    shape = (kvh, len(rows), longest, d)
+    k = kv_cache[0].index_select(1, idx.view(-1)).to(q.dtype).view(shape).transpose(0, 1)  # [R, kvh, T, d]
+    v = kv_cache[1].index_select(1, idx.view(-1)).to(q.dtype).view(shape).transpose(0, 1)
+    qr = torch.stack([q[attn.query_start_loc[i]].view(kvh, -1, d) for i in rows])  # [R, kvh, G, d]
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    o_t, l_t = flash(qs, k, v, attn_mask=mask, scale=scale)[:2]  # [m, kvh, G, d], [m, kvh, G]
-    o, _ = _merge((o_s, l_s), (o_t, l_t))
-    return {i: o[j].reshape(1, -1, d) for j, i in enumerate(members)}
+    tail = flash(qr, k, v, attn_mask=mask, scale=scale)[:2]  # [R, kvh, G, d], [R, kvh, G]
+    head = (torch.stack([heads[i][0] for i in rows]), torch.stack([heads[i][1] for i in rows]))
+    out, _ = _merge(head, tail)
+    return {i: out[j].reshape(1, -1, d) for j, i in enumerate(rows)}
+
+
+def _slots_after(runs: list[Run], skip: int) -> list[int]:
+    out: list[int] = []
+    for start, length in runs:
+        if skip >= length:
+            skip -= length
+            continue
+        out.extend(range(start + skip, start + length))
+        skip = 0
+    return out
 
 
 def _gather(kv_cache: torch.Tensor, runs: list[Run], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
