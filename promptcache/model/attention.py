@@ -6,11 +6,10 @@ The model never sees a request or a block object. The engine hands it an ``Atten
 Storage layout, per layer: ``kv_cache[2, num_kv_heads, num_slots, head_dim]`` (head-major), where
 slot ``block_id * block_size + offset`` holds the token at ``offset`` in block ``block_id``.
 Head-major means a run of consecutive slots is a strided *view* ``[kv_heads, run, head_dim]`` that
-attention reads in place: a decode token's context made of a few runs (a shared cached prefix + the
-request's own blocks) is attended run by run and the partial results merged by their log-sum-exp,
-without copying the context; decode tokens whose contexts share their first run attend to it in one
-call (cascade attention). Only prefill chunks over a fragmented context gather it (they are
-compute-bound anyway, so the copy is noise).
+attention reads in place: a decode token's context is its first run, read in place (one call for
+all decode tokens that share it: cascade attention), plus a short tail gathered with everyone
+else's, the two merged by their log-sum-exp. Only prefill chunks over a fragmented context gather
+it whole (they are compute-bound anyway, so the copy is noise).
 """
 
 from __future__ import annotations
