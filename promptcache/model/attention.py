@@ -14,7 +14,7 @@ it whole (they are compute-bound anyway, so the copy is noise).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,8 @@ class AttentionMetadata:
     query_start_loc: list[int]  # [num_seqs + 1]
     seq_lens: list[int]  # [num_seqs] context length including this step's tokens
     context_runs: list[list[Run]]  # per sequence, covering exactly seq_lens[i] slots
+    # the decode plan is the same in every layer: built by the first, reused by the others
+    decode_plan: _DecodePlan | None = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -98,6 +100,34 @@ def _merge(
     return o1 * torch.exp(l1 - lse).unsqueeze(-1) + o2 * torch.exp(l2 - lse).unsqueeze(-1), lse
 
 
+@dataclass(frozen=True)
+class _DecodePlan:
+    rows: list[int]  # the batch's decode sequences
+    groups: list[tuple[int, int, list[int]]]  # (head start slot, head length, member rows)
+    tail_idx: torch.Tensor  # [R, T] slots of each row's tail, zero-padded
+    tail_mask: torch.Tensor  # [R, 1, 1, T] additive: 0 on real slots, -inf on padding
+
+
+def _plan_decode(attn: AttentionMetadata, rows: list[int], dtype: torch.dtype, device: torch.device) -> _DecodePlan:
+    by_start: dict[int, list[int]] = {}
+    for i in rows:
+        by_start.setdefault(attn.context_runs[i][0][0], []).append(i)
+    groups, head_len = [], {}
+    for start, members in by_start.items():
+        # every member keeps at least its last token in the tail, so no tail is empty
+        shared = min(min(attn.context_runs[i][0][1], attn.seq_lens[i] - 1) for i in members)
+        groups.append((start, shared, members))
+        head_len.update(dict.fromkeys(members, shared))
+    tails = [_slots_after(attn.context_runs[i], head_len[i]) for i in rows]
+    longest = max(len(t) for t in tails)
+    idx = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.full((len(rows), 1, 1, longest), float("-inf"), dtype=dtype)
+    for j, t in enumerate(tails):
+        idx[j, : len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[j, 0, 0, : len(t)] = 0.0
+    return _DecodePlan(rows, groups, idx.to(device), mask.to(device))
+
+
 def _decode_cascade(
     q: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata, rows: list[int], scale: float
 ) -> dict[int, torch.Tensor]:
@@ -109,35 +139,25 @@ def _decode_cascade(
     so its K/V are read once, not once per sequence. All tails are gathered into one padded batch
     and attended in one call; heads and tails merge exactly by log-sum-exp.
     """
+    if attn.decode_plan is None or attn.decode_plan.rows != rows:
+        attn.decode_plan = _plan_decode(attn, rows, q.dtype, q.device)
+    plan = attn.decode_plan
     kvh, d = kv_cache.shape[1], kv_cache.shape[3]
-    groups: dict[int, list[int]] = {}
-    for i in rows:
-        groups.setdefault(attn.context_runs[i][0][0], []).append(i)
-    head_len: dict[int, int] = {}
     heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for start, members in groups.items():
-        # every member keeps at least its last token in the tail, so no tail is empty
-        shared = min(min(attn.context_runs[i][0][1], attn.seq_lens[i] - 1) for i in members)
+    for start, shared, members in plan.groups:
         qs = torch.stack([q[attn.query_start_loc[i]].view(kvh, -1, d) for i in members], dim=1)  # [kvh, m, G, d]
         o, l = _flash(qs.reshape(1, kvh, -1, d), kv_cache, (start, shared), scale)
         o, l = o.view(kvh, len(members), -1, d), l.view(kvh, len(members), -1)
         for j, i in enumerate(members):
-            head_len[i] = shared
             heads[i] = (o[:, j], l[:, j])  # [kvh, G, d], [kvh, G]
-    tails = [_slots_after(attn.context_runs[i], head_len[i]) for i in rows]
-    longest = max(len(t) for t in tails)
-    idx = torch.zeros(len(rows), longest, dtype=torch.long)
-    mask = torch.full((len(rows), 1, 1, longest), float("-inf"), dtype=q.dtype)
-    for j, t in enumerate(tails):
-        idx[j, : len(t)] = torch.tensor(t, dtype=torch.long)
-        mask[j, 0, 0, : len(t)] = 0.0
-    idx, mask = idx.to(q.device), mask.to(q.device)
-    shape = (kvh, len(rows), longest, d)
-    k = kv_cache[0].index_select(1, idx.view(-1)).to(q.dtype).view(shape).transpose(0, 1)  # [R, kvh, T, d]
-    v = kv_cache[1].index_select(1, idx.view(-1)).to(q.dtype).view(shape).transpose(0, 1)
+    num_rows, longest = plan.tail_idx.shape
+    shape = (kvh, num_rows, longest, d)
+    flat = plan.tail_idx.view(-1)
+    k = kv_cache[0].index_select(1, flat).to(q.dtype).view(shape).transpose(0, 1)  # [R, kvh, T, d]
+    v = kv_cache[1].index_select(1, flat).to(q.dtype).view(shape).transpose(0, 1)
     qr = torch.stack([q[attn.query_start_loc[i]].view(kvh, -1, d) for i in rows])  # [R, kvh, G, d]
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    tail = flash(qr, k, v, attn_mask=mask, scale=scale)[:2]  # [R, kvh, G, d], [R, kvh, G]
+    tail = flash(qr, k, v, attn_mask=plan.tail_mask, scale=scale)[:2]  # [R, kvh, G, d], [R, kvh, G]
     head = (torch.stack([heads[i][0] for i in rows]), torch.stack([heads[i][1] for i in rows]))
     out, _ = _merge(head, tail)
     return {i: out[j].reshape(1, -1, d) for j, i in enumerate(rows)}
