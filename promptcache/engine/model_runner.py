@@ -15,7 +15,7 @@ from promptcache.engine.config import EngineConfig, parse_bytes
 from promptcache.engine.request import TokenLogprob
 from promptcache.engine.sampler import Sampler
 from promptcache.engine.sampling import SamplingParams
-from promptcache.model.attention import AttentionMetadata, Run
+from promptcache.model.attention import AttentionMetadata, Run, slots_after
 from promptcache.model.loader import LoadedModel, load_model, resolve_model_dir
 
 MAX_DEFAULT_MODEL_LEN = 32768
@@ -129,18 +129,6 @@ class ModelRunner:
             runs[-1] = (runs[-1][0], runs[-1][1] - unfilled)
         return runs
 
-    @staticmethod
-    def _slots_from(runs: list[Run], skip: int) -> list[int]:
-        # slots of the positions after the first ``skip`` ones
-        out: list[int] = []
-        for start, length in runs:
-            if skip >= length:
-                skip -= length
-                continue
-            out.extend(range(start + skip, start + length))
-            skip = 0
-        return out
-
     def execute(self, seqs: list[SeqInput]) -> dict[str, tuple[int, TokenLogprob | None]]:
         """Run one step; returns the sampled token (and logprobs) of every sequence that samples."""
         input_ids: list[int] = []
@@ -153,7 +141,7 @@ class ModelRunner:
             positions.extend(range(s.start_pos, end))
             runs = self._runs(s.block_ids, end)
             context_runs.append(runs)
-            new_slots.extend(self._slots_from(runs, s.start_pos))
+            new_slots.extend(slots_after(runs, s.start_pos))
             seq_lens.append(end)
             starts.append(starts[-1] + len(s.token_ids))
         attn = AttentionMetadata(

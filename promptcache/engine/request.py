@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 from promptcache.cache import BlockHash, Retention, hash_blocks
@@ -69,12 +68,10 @@ class Request:
         self.params = params
         self.retention = retention
         self.status = Status.WAITING
-        self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.wait_started: float | None = None  # when it began waiting for in-flight blocks
-        # [0, num_cached) reused | [num_cached, num_computed) computed here | rest to schedule
+        # [0, usage.cached_tokens) reused | [.., num_computed_tokens) computed here | rest to schedule
         self.num_computed_tokens = 0
-        self.num_cached_tokens = 0
         self.usage = Usage(prompt_tokens=len(prompt_token_ids))
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None

@@ -135,7 +135,6 @@ class Scheduler:
             req.num_computed_tokens = hit.num_tokens
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-                req.num_cached_tokens = hit.num_tokens
                 req.usage.cached_tokens = min(hit.num_tokens, req.num_prompt_tokens)
             req.status = Status.RUNNING
             req.wait_started = None

@@ -118,7 +118,7 @@ def _plan_decode(attn: AttentionMetadata, rows: list[int], dtype: torch.dtype, d
         shared = min(min(attn.context_runs[i][0][1], attn.seq_lens[i] - 1) for i in members)
         groups.append((start, shared, members))
         head_len.update(dict.fromkeys(members, shared))
-    tails = [_slots_after(attn.context_runs[i], head_len[i]) for i in rows]
+    tails = [slots_after(attn.context_runs[i], head_len[i]) for i in rows]
     longest = max(len(t) for t in tails)
     idx = torch.zeros(len(rows), longest, dtype=torch.long)
     mask = torch.full((len(rows), 1, 1, longest), float("-inf"), dtype=dtype)
@@ -163,7 +163,8 @@ def _decode_cascade(
     return {i: out[j].reshape(1, -1, d) for j, i in enumerate(rows)}
 
 
-def _slots_after(runs: list[Run], skip: int) -> list[int]:
+def slots_after(runs: list[Run], skip: int) -> list[int]:
+    """Slots of the positions after the first ``skip`` ones of a context given as runs."""
     out: list[int] = []
     for start, length in runs:
         if skip >= length:
