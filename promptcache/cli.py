@@ -15,6 +15,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="auto (the dtype matmuls run in) | bfloat16 | float16 | float32")
+    p.add_argument("--compute-dtype", default="auto",
+                   help="auto (16-bit math where the hardware has it, else float32) | float32 | the --dtype "
+                   "(forces native 16-bit math, emulated on CPUs without it)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bit-identical logits whether a prefix was cached or computed, whatever the batch "
+                   "(slower; see docs/architecture.md)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
@@ -31,6 +37,8 @@ def engine_config_from_args(args: argparse.Namespace):
         model=args.model,
         dtype=args.dtype,
         kv_cache_dtype=args.kv_cache_dtype,
+        compute_dtype=args.compute_dtype,
+        deterministic=args.deterministic,
         device=args.device,
         max_model_len=args.max_model_len,
         block_size=args.block_size,

@@ -151,7 +151,7 @@ def _baseline(args: argparse.Namespace, reference: Backend) -> TransformersBasel
         return None
     if not isinstance(reference, EngineBackend):
         raise ValueError("--baseline transformers runs in process; it cannot be combined with --url")
-    from promptcache.engine.model_runner import pick_dtype
+    from promptcache.engine.precision import pick_dtype
 
     runner = reference.engine.runner
     dtype = runner.dtype if args.baseline_dtype is None else pick_dtype(args.baseline_dtype, runner.device)

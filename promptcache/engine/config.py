@@ -21,11 +21,19 @@ def parse_bytes(value: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+DTYPE_NAMES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # local dir, hub id, random:<shape>, or None for the embedded default
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     kv_cache_dtype: str = "auto"  # auto (= the dtype matmuls run in) | bfloat16 | float16 | float32
+    # the dtype matmuls run in: auto (native 16-bit where the hardware has it, else float32) | float32 |
+    # the weights' dtype (forces native 16-bit math, emulated on CPUs without it); see engine/precision.py
+    compute_dtype: str = "auto"
+    # logits bit-identical whether a prefix was cached or computed, whatever the batch or step budget
+    deterministic: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_model_len: int | None = None  # default: the model's max_position_embeddings (capped at 32k)
     # cache
@@ -50,3 +58,7 @@ class EngineConfig:
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
         parse_bytes(self.kv_cache_memory)
+        for name in ("dtype", "kv_cache_dtype", "compute_dtype"):
+            value = getattr(self, name)
+            if value not in DTYPE_NAMES:
+                raise ValueError(f"{name} must be auto, bfloat16, float16 or float32; got {value!r}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from promptcache.engine.config import EngineConfig, parse_bytes
+from promptcache.engine.precision import compute_dtype_for, pick_device, pick_dtype
 from promptcache.engine.request import TokenLogprob
 from promptcache.engine.sampler import Sampler
 from promptcache.engine.sampling import SamplingParams
@@ -19,53 +20,6 @@ from promptcache.model.attention import AttentionMetadata, Run, slots_after
 from promptcache.model.loader import LoadedModel, load_model, resolve_model_dir
 
 MAX_DEFAULT_MODEL_LEN = 32768
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def cpu_has_native_bf16() -> bool:
-    flags = _cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def cpu_has_native_fp16() -> bool:
-    flags = _cpu_flags()
-    return "avx512_fp16" in flags or "amx_fp16" in flags
-
-
-def compute_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype matmuls run in. A CPU without native bf16/fp16 arithmetic emulates it about 13x
-    slower than float32 (measured), so there the weights are upcast once at load — bf16 values are
-    exact in float32 — and only the KV cache keeps the requested 16-bit dtype (its memory is the
-    cache's capacity). llama.cpp makes the same choice for bf16 weights on such CPUs."""
-    if device.type != "cpu" or dtype == torch.float32:
-        return dtype
-    native = cpu_has_native_bf16() if dtype == torch.bfloat16 else cpu_has_native_fp16()
-    return dtype if native else torch.float32
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" or cpu_has_native_bf16():
-            return torch.bfloat16
-        return torch.float32
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use auto, bfloat16, float16 or float32")
-    return table[name]
 
 
 @dataclass(frozen=True)
@@ -86,7 +40,7 @@ class ModelRunner:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)  # what the user asked for (weights' values)
-        self.compute_dtype = compute_dtype_for(self.dtype, self.device)
+        self.compute_dtype = compute_dtype_for(self.dtype, self.device, config.compute_dtype)
         # The KV cache holds what attention reads: by default the compute dtype (no conversion on
         # the hot path); a 16-bit cache on a float32-compute CPU doubles capacity for a small cost.
         self.kv_dtype = (

@@ -92,12 +92,17 @@ def _flash(q: torch.Tensor, kv_cache: torch.Tensor, run: Run, scale: float) -> t
 def _merge(
     acc: tuple[torch.Tensor, torch.Tensor] | None, part: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine attention over two disjoint key sets from their outputs and log-sum-exps (exact)."""
+    """Combine attention over two disjoint key sets from their outputs and log-sum-exps (exact).
+
+    The log-sum-exps are float32 (the flash kernel's) whatever the outputs' dtype; the weighted sum
+    is taken in float32 and rounded once, back to the outputs' dtype (a 16-bit caller gets 16 bits).
+    """
     if acc is None:
         return part
     (o1, l1), (o2, l2) = acc, part
     lse = torch.logaddexp(l1, l2)
-    return o1 * torch.exp(l1 - lse).unsqueeze(-1) + o2 * torch.exp(l2 - lse).unsqueeze(-1), lse
+    out = o1.float() * torch.exp(l1 - lse).unsqueeze(-1) + o2.float() * torch.exp(l2 - lse).unsqueeze(-1)
+    return out.to(o1.dtype), lse
 
 
 @dataclass(frozen=True)
