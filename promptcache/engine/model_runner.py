@@ -48,7 +48,10 @@ class ModelRunner:
         )
         self.model_dir = resolve_model_dir(config.model)
         max_len = config.max_model_len or MAX_DEFAULT_MODEL_LEN
-        self.loaded: LoadedModel = load_model(self.model_dir, self.compute_dtype, self.device, max_len)
+        self.loaded: LoadedModel = load_model(
+            self.model_dir, self.compute_dtype, self.device, max_len, value_dtype=self.dtype,
+            deterministic=config.deterministic,
+        )
         arch = self.loaded.arch
         self.max_model_len = min(max_len, arch.max_position_embeddings)
         self.block_size = config.block_size

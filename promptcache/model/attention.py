@@ -37,6 +37,7 @@ class AttentionMetadata:
     context_runs: list[list[Run]]  # per sequence, covering exactly seq_lens[i] slots
     # the decode plan is the same in every layer: built by the first, reused by the others
     decode_plan: _DecodePlan | None = field(default=None, repr=False)
+    deterministic_plan: object | None = field(default=None, repr=False)  # model/deterministic.py's
 
     @property
     def num_seqs(self) -> int:

@@ -176,12 +176,21 @@ class LoadedModel:
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, max_model_len: int | None = None
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_model_len: int | None = None,
+    value_dtype: torch.dtype | None = None,
+    deterministic: bool = False,
 ) -> LoadedModel:
+    """Weights are stored in ``dtype`` (the compute dtype) holding values rounded to ``value_dtype``
+    (the dtype asked for): bfloat16 weights upcast to float32 compute keep their bfloat16 values,
+    whatever the checkpoint file's dtype."""
     hf_config = load_hf_config(model_dir)
     arch = arch_from_hf_config(hf_config)
+    rounding = value_dtype or dtype
     with torch.device("meta"):
-        model = CausalLM(arch, max_model_len=max_model_len)
+        model = CausalLM(arch, max_model_len=max_model_len, deterministic=deterministic)
     model.to_empty(device=device)
     model.to(dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -199,7 +208,7 @@ def load_model(
             if tuple(tensor.shape) != tuple(target.shape):
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(target.shape)}")
             with torch.no_grad():
-                target.copy_(tensor.to(dtype))
+                target.copy_(tensor.to(rounding).to(dtype))
     model.finish_loading(device)
     model.eval()
     return LoadedModel(model, arch, model_dir, hf_config, load_generation_config(model_dir))

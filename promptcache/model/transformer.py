@@ -13,6 +13,18 @@ from torch import nn
 
 from promptcache.model.attention import AttentionMetadata, paged_attention
 from promptcache.model.config import ArchConfig
+from promptcache.model.deterministic import deterministic_attention, pointwise, tiled_linear
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can run batch-invariant (fixed-shape row tiles, model/deterministic.py)."""
+
+    row_tiled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_tiled:
+            return tiled_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -75,11 +87,12 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
+        self.deterministic = False
 
     def forward(
         self,
@@ -98,7 +111,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = rotary(q, k, positions)
-        out = paged_attention(q, k, v, kv_cache, attn, self.scale)  # [T, H, d]
+        attend = deterministic_attention if self.deterministic else paged_attention
+        out = attend(q, k, v, kv_cache, attn, self.scale)  # [T, H, d]
         return self.o(out.reshape(num_tokens, self.q_size))
 
 
@@ -108,15 +122,17 @@ class MLP(nn.Module):
         self.gated = cfg.family == "llama"
         self.act = _act(cfg.hidden_act)
         up_out = 2 * cfg.intermediate_size if self.gated else cfg.intermediate_size
-        self.up = nn.Linear(cfg.hidden_size, up_out, bias=cfg.mlp_bias)  # gate|up when gated
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.up = Linear(cfg.hidden_size, up_out, bias=cfg.mlp_bias)  # gate|up when gated
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.deterministic = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
+        act = (lambda t: pointwise(self.act, t)) if self.deterministic else self.act
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            return self.down(self.act(gate) * up)
-        return self.down(self.act(h))
+            return self.down(act(gate) * up)
+        return self.down(act(h))
 
 
 class Block(nn.Module):
@@ -138,7 +154,7 @@ class Block(nn.Module):
 class CausalLM(nn.Module):
     """A decoder-only LM over a flat token batch with paged KV storage."""
 
-    def __init__(self, cfg: ArchConfig, max_model_len: int | None = None) -> None:
+    def __init__(self, cfg: ArchConfig, max_model_len: int | None = None, deterministic: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -153,9 +169,15 @@ class CausalLM(nn.Module):
             if cfg.family == "llama"
             else nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         )
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
+        if deterministic:  # batch-invariant operators everywhere a row's result could depend on the batch
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    module.row_tiled = True
+                elif isinstance(module, Attention | MLP):
+                    module.deterministic = True
 
     def finish_loading(self, device: torch.device) -> None:
         if self.cfg.tie_word_embeddings:  # to_empty() unties shared parameters; tie them again

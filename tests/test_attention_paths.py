@@ -1,0 +1,128 @@
+"""Every attention path in every dtype pair the engine can pick, against float64 attention.
+
+Paths: a fresh prefill, a prefill chunk over a fragmented cached context, one decode, a batch of
+decodes with their own contexts, and cascade decode (several decodes sharing a cached head). The
+output must be in the query's dtype (a float32 merge leaking out of a 16-bit decode crashed the
+next matmul on native-bf16 CPUs) and close to the exact result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from promptcache.model.attention import AttentionMetadata, paged_attention
+from promptcache.model.deterministic import deterministic_attention
+
+BLOCK = 4
+KVH, GROUP, D = 2, 2, 16  # 2 kv heads, 2 query heads each
+
+# (block table, start_pos, new tokens): the context is [0, start_pos + new) in the table's slots
+PATHS = {
+    "prefill": [([0, 1, 2, 3, 4], 0, 19)],
+    "chunked-prefill": [([7, 2, 3, 9, 10, 11], 13, 9)],
+    "decode": [([5, 1, 8, 3], 14, 1)],
+    "batched-decode": [([0, 1, 2], 9, 1), ([4, 5, 9, 10], 13, 1), ([12], 2, 1)],
+    "cascade-decode": [([0, 1, 2, 3, 8], 17, 1), ([0, 1, 2, 3, 9, 10], 21, 1), ([0, 1, 2, 11], 13, 1)],
+    "mixed": [([0, 1, 2, 3, 8], 17, 1), ([0, 1, 2, 12, 13], 12, 6), ([14, 15], 0, 7)],
+}
+# (query dtype = compute dtype, KV cache dtype); the last is a float32-compute CPU with a bf16 cache
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+          (torch.float32, torch.bfloat16)]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _runs(block_ids: list[int], num_tokens: int) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for b in block_ids[: -(-num_tokens // BLOCK)]:
+        if runs and runs[-1][0] + runs[-1][1] == b * BLOCK:
+            runs[-1] = (runs[-1][0], runs[-1][1] + BLOCK)
+        else:
+            runs.append((b * BLOCK, BLOCK))
+    if num_tokens % BLOCK:
+        runs[-1] = (runs[-1][0], runs[-1][1] - (BLOCK - num_tokens % BLOCK))
+    return runs
+
+
+def _slots(runs):
+    return [s for start, n in runs for s in range(start, start + n)]
+
+
+def _setup(path: str, q_dtype: torch.dtype, kv_dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = PATHS[path]
+    kv_cache = torch.randn(2, KVH, 16 * BLOCK, D, generator=g).to(kv_dtype)
+    starts, seq_lens, context_runs, new_slots = [0], [], [], []
+    for table, start, n in seqs:
+        runs = _runs(table, start + n)
+        context_runs.append(runs)
+        new_slots += _slots(runs)[start:]
+        seq_lens.append(start + n)
+        starts.append(starts[-1] + n)
+    T = starts[-1]
+    q = torch.randn(T, KVH * GROUP, D, generator=g).to(q_dtype)
+    k = torch.randn(T, KVH, D, generator=g).to(q_dtype)
+    v = torch.randn(T, KVH, D, generator=g).to(q_dtype)
+    attn = AttentionMetadata(torch.tensor(new_slots), starts, seq_lens, context_runs)
+    return q, k, v, kv_cache, attn
+
+
+def _reference(q, kv_cache, attn, scale) -> torch.Tensor:
+    """Exact attention in float64 over what the cache holds after this step's write."""
+    out = []
+    for i in range(attn.num_seqs):
+        idx = torch.tensor(_slots(attn.context_runs[i]))
+        k = kv_cache[0][:, idx].double()  # [kvh, ctx, d]
+        v = kv_cache[1][:, idx].double()
+        qs = q[attn.query_start_loc[i] : attn.query_start_loc[i + 1]].double()  # [n, H, d]
+        n, ctx = qs.shape[0], attn.seq_lens[i]
+        k = k.repeat_interleave(GROUP, dim=0)  # [H, ctx, d]
+        v = v.repeat_interleave(GROUP, dim=0)
+        scores = torch.einsum("nhd,hcd->hnc", qs, k) * scale
+        pos = torch.arange(ctx - n, ctx).unsqueeze(1)
+        scores = scores.masked_fill(torch.arange(ctx).unsqueeze(0) > pos, float("-inf"))
+        out.append(torch.einsum("hnc,hcd->nhd", scores.softmax(-1), v))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("kernel", ["paged", "deterministic"])
+@pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("path", list(PATHS))
+def test_attention_path_matches_float64(path, q_dtype, kv_dtype, kernel):
+    q, k, v, kv_cache, attn = _setup(path, q_dtype, kv_dtype)
+    scale = D**-0.5
+    if kernel == "paged":
+        out = paged_attention(q, k, v, kv_cache, attn, scale)
+    else:  # 8-key pieces: contexts here span up to three, so the merge runs
+        out = deterministic_attention(q, k, v, kv_cache, attn, scale, piece_tokens=8)
+    assert out.dtype == q_dtype and out.shape == q.shape
+    ref = _reference(q, kv_cache, attn, scale)
+    tol = max(TOL[q_dtype], TOL[kv_dtype])
+    err = (out.double() - ref).abs().max().item()
+    assert err < tol, f"{path} {q_dtype}/{kv_dtype}: max error {err:.2e}"
+
+
+@pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_deterministic_attention_row_does_not_depend_on_batch(q_dtype, kv_dtype):
+    """A decode row's output is bit-identical alone, in a batch, or as part of a prefill chunk."""
+    q, k, v, kv_cache, attn = _setup("cascade-decode", q_dtype, kv_dtype, seed=3)
+    scale = D**-0.5
+    batch = deterministic_attention(q, k, v, kv_cache.clone(), attn, scale, piece_tokens=8)
+    for i in range(attn.num_seqs):
+        one = AttentionMetadata(attn.slot_mapping[i : i + 1], [0, 1], attn.seq_lens[i : i + 1],
+                                attn.context_runs[i : i + 1])
+        alone = deterministic_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], kv_cache.clone(), one, scale, 8)
+        assert torch.equal(alone[0], batch[i])
+    # the same last query computed inside a 6-token chunk whose first 5 tokens are already cached
+    table, start, _ = PATHS["cascade-decode"][1]
+    cache = kv_cache.clone()
+    paged_attention(q[1:2], k[1:2], v[1:2], cache, AttentionMetadata(
+        attn.slot_mapping[1:2], [0, 1], attn.seq_lens[1:2], attn.context_runs[1:2]), scale)  # write it
+    runs = _runs(table, start + 1)
+    slots = _slots(runs)[start - 5 : start + 1]
+    chunk_q = torch.cat([torch.randn(5, KVH * GROUP, D).to(q_dtype), q[1:2]])
+    chunk_k = cache[0][:, slots].transpose(0, 1).to(q_dtype)
+    chunk_v = cache[1][:, slots].transpose(0, 1).to(q_dtype)
+    chunk = AttentionMetadata(torch.tensor(slots), [0, 6], [start + 1], [runs])
+    out = deterministic_attention(chunk_q, chunk_k, chunk_v, cache, chunk, scale, piece_tokens=8)
+    assert torch.equal(out[5], batch[1])

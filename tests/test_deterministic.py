@@ -1,0 +1,79 @@
+"""Deterministic mode: a sequence's logprobs are bit-identical whatever happened around it.
+
+Cache on or off, alone or in a batch of eight, with a step budget that chunks prompts at other
+places, and a follow-up prompt whose earlier answer was computed by decode steps (cache on: reused
+from the cache) or by a prefill (cache off). Exact equality, in every dtype and compute policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from promptcache import LLM, SamplingParams
+
+POLICIES = [("float32", "float32"), ("bfloat16", "bfloat16"), ("bfloat16", "float32"), ("float16", "float16")]
+NUM_TOKENS = 12
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 4000, (length,), generator=g).tolist()
+
+
+# two groups sharing long prefixes (more than one 256-key attention piece) plus two loners
+PREFIXES = [prompt_of(300, seed=1), prompt_of(170, seed=2)]
+PROMPTS = [PREFIXES[i % 2] + prompt_of(10 + 7 * i, seed=20 + i) for i in range(6)] + [
+    prompt_of(45, seed=40), prompt_of(333, seed=41)
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from conftest import save_hf_checkpoint
+
+    return save_hf_checkpoint("llama", tmp_path_factory.mktemp("det") / "llama", seed=5)
+
+
+def _logprobs(outs) -> list[list[tuple[int, float, tuple]]]:
+    return [[(lp.token_id, lp.logprob, lp.top) for lp in o.logprobs] for o in outs]
+
+
+@pytest.mark.parametrize("dtype,compute", POLICIES, ids=[f"{d}-{c}-math" for d, c in POLICIES])
+def test_logprobs_bit_identical_across_cache_batch_and_budget(checkpoint, dtype, compute):
+    params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True, logprobs=3)
+
+    def engine(cache: bool, budget: int) -> LLM:
+        return LLM(str(checkpoint), dtype=dtype, compute_dtype=compute, deterministic=True, num_blocks=512,
+                   enable_prefix_caching=cache, max_num_batched_tokens=budget)
+
+    cached = engine(True, 2048)
+    batch = cached.generate(PROMPTS, params)
+    assert sum(o.usage.cached_tokens for o in batch) > 0  # the cache was really used
+    reference = _logprobs(batch)
+    assert _logprobs(engine(False, 2048).generate(PROMPTS, params)) == reference
+    # one at a time: each later prompt of a group reuses its prefix from the cache
+    singles = engine(True, 2048)
+    assert _logprobs([singles.generate([p], params)[0] for p in PROMPTS]) == reference
+    # other chunk boundaries (48 and 80 tokens a step), cache on and off
+    assert _logprobs(engine(True, 48).generate(PROMPTS, params)) == reference
+    assert _logprobs(engine(False, 80).generate(PROMPTS, params)) == reference
+
+    # a follow-up turn: with the cache on, the first answer's K/V come from its decode steps
+    follow = [p + o.token_ids + prompt_of(9, seed=60 + i) for i, (p, o) in enumerate(zip(PROMPTS, batch, strict=True))]
+    on = cached.generate(follow, params)
+    assert sum(o.usage.cached_tokens for o in on) > sum(len(p) for p in PROMPTS[:6]) // 2
+    assert _logprobs(on) == _logprobs(engine(False, 64).generate(follow, params))
+
+
+def test_default_mode_is_not_tiled(checkpoint):
+    """The switch really switches: default linears and attention are the fast, shape-dependent ones."""
+    from promptcache.model.transformer import Attention, Linear
+
+    fast = LLM(str(checkpoint), dtype="float32", num_blocks=64).engine.runner.loaded.model
+    det = LLM(str(checkpoint), dtype="float32", num_blocks=64, deterministic=True).engine.runner.loaded.model
+    assert not any(m.row_tiled for m in fast.modules() if isinstance(m, Linear))
+    assert all(m.row_tiled for m in det.modules() if isinstance(m, Linear))
+    assert all(m.deterministic for m in det.modules() if isinstance(m, Attention))
