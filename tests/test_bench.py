@@ -156,3 +156,23 @@ def test_markdown_lists_targets():
               "targets": [{"name": "warm TTFT / suffix-only TTFT", "value": 1.1, "limit": 1.25, "met": True}]}
     text = markdown(report)
     assert "warm / suffix-only TTFT (ideal 1.0) | 1.100" in text and "(met)" in text
+
+
+def test_bench_agreement_figures_and_deterministic_arms(tmp_path, capsys):
+    """Native bf16 math (forced, so any CPU runs it): agreement figures of the default arms, and the
+    deterministic arms' cost and exactness, all in one run."""
+    r = _run(tmp_path, "--workload", "multi-turn", "--users", "2", "--rounds", "2", "--prefix-tokens", "300",
+             "--question-tokens", "16", "--output-tokens", "6", "--no-throughput", "--dtype", "bfloat16",
+             "--compute-dtype", "bfloat16", "--deterministic-arms")
+    assert set(r["arms"]) == {"cache", "no-cache", "det-cache", "det-no-cache"}
+    assert r["backends"]["det-cache"]["deterministic"] is True and r["engine"]["deterministic"] is False
+    assert r["backends"]["det-cache"]["compute_dtype"] == "bfloat16"
+    assert 0.0 <= r["greedy_agree_fraction"] <= 1.0 and r["max_logprob_diff"] >= 0.0
+    assert r["greedy_agree_fraction"] == 1.0 - len(r["greedy_mismatches"]) / 4
+    det = r["deterministic"]
+    assert det["det_greedy_agree_fraction"] == 1.0 and det["det_max_logprob_diff"] == 0.0  # bit-exact
+    assert det["slowdown_cache"] > 0 and det["det_tokens_per_s_cache"] > 0
+    assert [x["cached_tokens"] for x in r["requests"]["det-cache"]] == [x["cached_tokens"] for x in
+                                                                          r["requests"]["cache"]]
+    out = capsys.readouterr().out
+    assert "requests whose greedy outputs agree" in out and "deterministic mode: total time" in out

@@ -31,6 +31,7 @@ class RequestResult:
     latency_s: float  # submit -> last generated token
     wave: int = 0
     ideal_cached_tokens: int = 0  # filled in by the runner (workloads.ideal_cached_tokens)
+    output_logprobs: list[float] = field(default_factory=list)  # per generated token, where known
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -55,8 +56,9 @@ class Backend(Protocol):
 
 
 def greedy(max_tokens: int) -> SamplingParams:
-    # ignore_eos: random weights may pick EOS early; every arm must generate the same count
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    # ignore_eos: random weights may pick EOS early; every arm must generate the same count.
+    # logprobs=0: each sampled token's logprob, to measure how far the arms' results are apart
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
 
 
 class EngineBackend:
@@ -101,6 +103,7 @@ class EngineBackend:
                         completion_tokens=out.usage.completion_tokens,
                         ttft_s=first.get(rid, now) - start,
                         latency_s=now - start,
+                        output_logprobs=[lp.logprob for lp in out.logprobs or []],
                     )
                     if on_done is not None:
                         on_done()
@@ -127,4 +130,5 @@ class EngineBackend:
             "kv_cache_bytes": runner.kv_cache_bytes,
             "block_size": self.engine.block_size,
             "max_num_batched_tokens": self.engine.config.max_num_batched_tokens,
+            "deterministic": self.engine.config.deterministic,
         }

@@ -63,6 +63,8 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     t.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode stream")
     t.add_argument("--decode-prompt-tokens", type=int, default=128)
     t.add_argument("--no-throughput", action="store_true", help="skip prefill/decode/GEMM measurements")
+    t.add_argument("--deterministic-arms", action="store_true",
+                   help="also run cache on and off in deterministic mode: its cost and exactness, same run")
     h = p.add_argument_group("HTTP (any OpenAI-compatible server)")
     h.add_argument("--url", help="benchmark the server at this address instead of the in-process engine")
     h.add_argument("--cold-url", help="a second server with prefix caching off: the no-cache arm")

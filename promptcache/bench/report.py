@@ -19,6 +19,8 @@ FIGURES: list[tuple[str, str, str]] = [
     ("transformers_cache_copy_s", "transformers DynamicCache copy (untimed), s", "{:.4f}"),
     ("cached_tokens", "cached tokens (warm)", "{}"),
     ("greedy_match", "greedy outputs cache on == off", "{}"),
+    ("greedy_agree_fraction", "requests whose greedy outputs agree, cache on vs off", "{:.1%}"),
+    ("max_logprob_diff", "largest |logprob difference|, cache on vs off", "{:.2e}"),
     ("prefill_tokens_per_s", "prefill, cold (tokens/s)", "{:.1f}"),
     ("decode_tokens_per_s_b1", "decode, batch 1 (tokens/s)", "{:.1f}"),
     ("decode_tokens_per_s_b8", "decode, batch 8 (tokens/s)", "{:.1f}"),
@@ -28,6 +30,17 @@ FIGURES: list[tuple[str, str, str]] = [
     ("peak_rss_bytes", "peak RSS (MiB)", "mib"),
     ("gemm_flops_per_s", "GEMM GFLOP/s (largest model matmul, best dtype)", "gflops"),
     ("mfu", "model FLOP utilisation, cold prefill", "{:.1%}"),
+]
+
+
+# figures of --deterministic-arms (report["deterministic"]), same run as the default arms
+DETERMINISTIC: list[tuple[str, str, str]] = [
+    ("det_greedy_agree_fraction", "requests whose greedy outputs agree, cache on vs off", "{:.1%}"),
+    ("det_max_logprob_diff", "largest |logprob difference|, cache on vs off", "{:.2e}"),
+    ("slowdown_cache", "total time / default mode's, cache on", "{:.2f}x"),
+    ("slowdown_no-cache", "total time / default mode's, cache off", "{:.2f}x"),
+    ("tokens_per_s_cache", "default mode, computed tokens/s, cache on", "{:.1f}"),
+    ("det_tokens_per_s_cache", "computed tokens/s, cache on", "{:.1f}"),
 ]
 
 
@@ -68,6 +81,9 @@ def markdown(report: dict[str, Any]) -> str:
     for key, label, spec in FIGURES:
         if key in report:
             lines.append(f"| {label} | {_fmt(report[key], spec)} |")
+    for key, label, spec in DETERMINISTIC:
+        if key in report.get("deterministic", {}):
+            lines.append(f"| deterministic mode: {label} | {_fmt(report['deterministic'][key], spec)} |")
     for dtype, rate in report.get("gemm_flops_per_s_by_dtype", {}).items():
         lines.append(f"| GEMM GFLOP/s in {dtype} | {_fmt(rate, 'gflops')} |")
     for target in report.get("targets", []):

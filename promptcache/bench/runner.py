@@ -88,6 +88,29 @@ def greedy_mismatches(a: ArmResult, b: ArmResult) -> list[str]:
     return [r.name for r in a.results if theirs.get(r.name) != r.output_key]
 
 
+def agreement(a: ArmResult, b: ArmResult) -> dict[str, Any]:
+    """How far two arms' results are apart: the fraction of requests whose greedy outputs agree,
+    and the largest |logprob difference| of a generated token over positions whose preceding
+    tokens agree (after a flip the contexts differ; the flip's own position still counts)."""
+    theirs = {r.name: r for r in b.results}
+    mismatches = greedy_mismatches(a, b)
+    diff: float | None = None
+    for r in a.results:
+        other = theirs.get(r.name)
+        if other is None or not r.output_logprobs or not other.output_logprobs:
+            continue
+        for i, (x, y) in enumerate(zip(r.output_logprobs, other.output_logprobs, strict=False)):
+            diff = max(diff or 0.0, abs(x - y))
+            if r.output_ids[i] != other.output_ids[i]:
+                break
+    return {
+        "greedy_match": not mismatches,
+        "greedy_mismatches": mismatches,
+        "greedy_agree_fraction": 1 - len(mismatches) / len(a.results) if a.results else 1.0,
+        "max_logprob_diff": diff,
+    }
+
+
 def run_workload(workload: Workload, arms: dict[str, Backend], progress: bool = True) -> dict[str, Any]:
     """Every arm through the whole workload; each starts from an empty cache where it can."""
     bar = tqdm(total=num_requests(workload) * len(arms), unit="req", disable=not progress, leave=False)
@@ -103,14 +126,29 @@ def run_workload(workload: Workload, arms: dict[str, Backend], progress: bool = 
         "requests": {arm: [_request_row(x) for x in r.results] for arm, r in results.items()},
     }
     if "cache" in results and "no-cache" in results:
-        mismatches = greedy_mismatches(results["cache"], results["no-cache"])
-        report["greedy_match"] = not mismatches
-        report["greedy_mismatches"] = mismatches
+        report.update(agreement(results["cache"], results["no-cache"]))
         on, off = results["cache"].total_s, results["no-cache"].total_s
         report["speedup_total"] = off / on if on > 0 else float("nan")
         p50_on, p50_off = report["arms"]["cache"]["ttft_p50_s"], report["arms"]["no-cache"]["ttft_p50_s"]
         report["speedup_ttft_p50"] = p50_off / p50_on if p50_on > 0 else float("nan")
+    if "det-cache" in results and "det-no-cache" in results:
+        report["deterministic"] = _deterministic_figures(results)
     return report
+
+
+def _deterministic_figures(results: dict[str, ArmResult]) -> dict[str, Any]:
+    """The deterministic mode's price (same workload, same run) and its exactness, cache on vs off."""
+    det = {f"det_{k}": v for k, v in agreement(results["det-cache"], results["det-no-cache"]).items()}
+    for arm in ("cache", "no-cache"):
+        fast, slow = results[arm], results[f"det-{arm}"]
+        det[f"slowdown_{arm}"] = slow.total_s / fast.total_s if fast.total_s > 0 else float("nan")
+        tokens = sum(r.prompt_tokens - r.cached_tokens + r.completion_tokens for r in fast.results)
+        det[f"tokens_per_s_{arm}"] = tokens / fast.total_s if fast.total_s > 0 else float("nan")
+        det[f"det_tokens_per_s_{arm}"] = (
+            sum(r.prompt_tokens - r.cached_tokens + r.completion_tokens for r in slow.results) / slow.total_s
+            if slow.total_s > 0 else float("nan")
+        )
+    return det
 
 
 def _request_row(r: RequestResult) -> dict[str, Any]:

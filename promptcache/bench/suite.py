@@ -73,6 +73,9 @@ def build_arms(args: argparse.Namespace, both: bool) -> dict[str, Backend]:
     if both:
         off = dataclasses.replace(config, enable_prefix_caching=False)
         arms["no-cache"] = EngineBackend(LLMEngine(off), "no-cache")
+        if getattr(args, "deterministic_arms", False):  # the same two arms in deterministic mode
+            for arm, cfg in (("det-cache", config), ("det-no-cache", off)):
+                arms[arm] = EngineBackend(LLMEngine(dataclasses.replace(cfg, deterministic=True)), arm)
     return arms
 
 
