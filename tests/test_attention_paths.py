@@ -85,16 +85,18 @@ def _reference(q, kv_cache, attn, scale) -> torch.Tensor:
     return torch.cat(out)
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-kernels", "portable"])
 @pytest.mark.parametrize("kernel", ["paged", "deterministic"])
 @pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("path", list(PATHS))
-def test_attention_path_matches_float64(path, q_dtype, kv_dtype, kernel):
+def test_attention_path_matches_float64(path, q_dtype, kv_dtype, kernel, cpu_kernels):
+    """``portable`` is the code GPUs run (no CPU flash kernel, no cascade), forced here on CPU."""
     q, k, v, kv_cache, attn = _setup(path, q_dtype, kv_dtype)
     scale = D**-0.5
     if kernel == "paged":
-        out = paged_attention(q, k, v, kv_cache, attn, scale)
+        out = paged_attention(q, k, v, kv_cache, attn, scale, cpu_kernels=cpu_kernels)
     else:  # 8-key pieces: contexts here span up to three, so the merge runs
-        out = deterministic_attention(q, k, v, kv_cache, attn, scale, piece_tokens=8)
+        out = deterministic_attention(q, k, v, kv_cache, attn, scale, piece_tokens=8, cpu_kernels=cpu_kernels)
     assert out.dtype == q_dtype and out.shape == q.shape
     ref = _reference(q, kv_cache, attn, scale)
     tol = max(TOL[q_dtype], TOL[kv_dtype])

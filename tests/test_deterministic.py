@@ -41,13 +41,17 @@ def _logprobs(outs) -> list[list[tuple[int, float, tuple]]]:
     return [[(lp.token_id, lp.logprob, lp.top) for lp in o.logprobs] for o in outs]
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
 @pytest.mark.parametrize("dtype,compute", POLICIES, ids=[f"{d}-{c}-math" for d, c in POLICIES])
-def test_logprobs_bit_identical_across_cache_batch_and_budget(checkpoint, dtype, compute):
+def test_logprobs_bit_identical_across_cache_batch_and_budget(checkpoint, dtype, compute, device):
     params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True, logprobs=3)
 
     def engine(cache: bool, budget: int) -> LLM:
         return LLM(str(checkpoint), dtype=dtype, compute_dtype=compute, deterministic=True, num_blocks=512,
-                   enable_prefix_caching=cache, max_num_batched_tokens=budget)
+                   enable_prefix_caching=cache, max_num_batched_tokens=budget, device=device)
 
     cached = engine(True, 2048)
     batch = cached.generate(PROMPTS, params)
@@ -72,8 +76,9 @@ def test_default_mode_is_not_tiled(checkpoint):
     """The switch really switches: default linears and attention are the fast, shape-dependent ones."""
     from promptcache.model.transformer import Attention, Linear
 
-    fast = LLM(str(checkpoint), dtype="float32", num_blocks=64).engine.runner.loaded.model
-    det = LLM(str(checkpoint), dtype="float32", num_blocks=64, deterministic=True).engine.runner.loaded.model
+    fast = LLM(str(checkpoint), dtype="float32", num_blocks=64, device="cpu").engine.runner.loaded.model
+    det_llm = LLM(str(checkpoint), dtype="float32", num_blocks=64, deterministic=True, device="cpu")
+    det = det_llm.engine.runner.loaded.model
     assert not any(m.row_tiled for m in fast.modules() if isinstance(m, Linear))
     assert all(m.row_tiled for m in det.modules() if isinstance(m, Linear))
     assert all(m.deterministic for m in det.modules() if isinstance(m, Attention))

@@ -45,32 +45,38 @@ def checkpoint(tmp_path_factory) -> Path:
     return save_hf_checkpoint("llama", tmp_path_factory.mktemp("precision") / "llama", seed=4)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
+
+
 @functools.cache
-def transformers_reference(path: str, dtype: str, compute: str) -> list[tuple[list[int], list[torch.Tensor]]]:
+def transformers_reference(
+    path: str, dtype: str, compute: str, device: str = "cpu"
+) -> list[tuple[list[int], list[torch.Tensor]]]:
     """Greedy tokens and their logprobs from transformers. For the upcast policy: float32 math on
     weights rounded to the 16-bit dtype (what promptcache computes there)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, compute)).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, compute)).to(device).eval()
     if compute != dtype:
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.to(getattr(torch, dtype)).float())
     refs = []
     for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=device)
         with torch.no_grad():
             out = model.generate(
                 ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NUM_TOKENS,
                 min_new_tokens=NUM_TOKENS, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
             )
         tokens = out.sequences[0, len(prompt) :].tolist()
-        refs.append((tokens, [torch.log_softmax(lg[0].float(), -1) for lg in out.logits]))  # [vocab] per step
+        refs.append((tokens, [torch.log_softmax(lg[0].float(), -1).cpu() for lg in out.logits]))  # [vocab] per step
     return refs
 
 
 @functools.cache
-def run_cell(path: str, dtype: str, compute: str, cache: bool):
+def run_cell(path: str, dtype: str, compute: str, cache: bool, device: str = "cpu"):
     """Generate the batch, then prompt 0 alone; record what the runner and attention did."""
     seen = {"chunked": 0, "decode_batch": 0, "cascade_group": 0}
     plan, execute = attention._plan_decode, ModelRunner.execute
@@ -86,7 +92,7 @@ def run_cell(path: str, dtype: str, compute: str, cache: bool):
         return execute(self, seqs)
 
     llm = LLM(path, dtype=dtype, compute_dtype=compute, num_blocks=128, max_num_batched_tokens=BUDGET,
-              enable_prefix_caching=cache)
+              enable_prefix_caching=cache, device=device)
     params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True, logprobs=5)
     attention._plan_decode, ModelRunner.execute = spy_plan, spy_execute  # type: ignore[method-assign]
     try:
@@ -120,16 +126,20 @@ def _ours(out):
     return lookup
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cache", [True, False], ids=["cache-on", "cache-off"])
 @pytest.mark.parametrize("dtype,compute", POLICIES, ids=[f"{d}-{c}-math" for d, c in POLICIES])
-def test_policy_matches_transformers(checkpoint, dtype, compute, cache):
-    runner, batch, alone, seen = run_cell(str(checkpoint), dtype, compute, cache)
+def test_policy_matches_transformers(checkpoint, dtype, compute, cache, device):
+    runner, batch, alone, seen = run_cell(str(checkpoint), dtype, compute, cache, device)
     assert runner.compute_dtype == getattr(torch, compute) and runner.dtype == getattr(torch, dtype)
-    # every stage ran: chunked prefill, decode in a batch, cascade over the cached prefix (cache on)
+    assert runner.device.type == device and runner.kv_caches[0].device.type == device
+    # every stage ran: chunked prefill, decode in a batch, cascade over the cached prefix (cache on;
+    # on CPU: other devices gather each context and run one SDPA call per sequence)
     assert seen["chunked"] >= 2 and seen["decode_batch"] >= 4
-    assert seen["cascade_group"] >= (3 if cache else 1)
+    if device == "cpu":
+        assert seen["cascade_group"] >= (3 if cache else 1)
     assert [o.usage.cached_tokens for o in batch] == ([0, 0, 0, 96, 96] if cache else [0] * 5)
-    refs = transformers_reference(str(checkpoint), dtype, compute)
+    refs = transformers_reference(str(checkpoint), dtype, compute, device)
     tol = TOL[(dtype, compute)]
     same = [_check_against(out, toks, lambda i, t, lps=lps: lps[i][t].item(), tol)
             for out, (toks, lps) in zip(batch, refs, strict=True)]
@@ -141,10 +151,11 @@ def test_policy_matches_transformers(checkpoint, dtype, compute, cache):
     _check_against(alone, batch[0].token_ids, _ours(batch[0]), tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,compute", POLICIES, ids=[f"{d}-{c}-math" for d, c in POLICIES])
-def test_cache_on_agrees_with_cache_off(checkpoint, dtype, compute):
-    _, on, _, _ = run_cell(str(checkpoint), dtype, compute, True)
-    _, off, _, _ = run_cell(str(checkpoint), dtype, compute, False)
+def test_cache_on_agrees_with_cache_off(checkpoint, dtype, compute, device):
+    _, on, _, _ = run_cell(str(checkpoint), dtype, compute, True, device)
+    _, off, _, _ = run_cell(str(checkpoint), dtype, compute, False, device)
     if compute == "float32":
         assert [a.token_ids for a in on] == [b.token_ids for b in off]
         diffs = [abs(x.logprob - y.logprob) for a, b in zip(on, off, strict=True)
@@ -153,6 +164,18 @@ def test_cache_on_agrees_with_cache_off(checkpoint, dtype, compute):
     else:  # 16-bit math: bit-exact only in deterministic mode (test_deterministic.py)
         for a, b in zip(on, off, strict=True):
             _check_against(a, b.token_ids, _ours(b), TOL[(dtype, compute)])
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_greedy_matches_cpu_float32_math(checkpoint, dtype):
+    """CUDA against the CPU engine computing in float32 on the same (dtype-rounded) weights."""
+    _, gpu, _, _ = run_cell(str(checkpoint), dtype, dtype, True, "cuda")
+    _, cpu, _, _ = run_cell(str(checkpoint), dtype, "float32", True, "cpu")
+    tol = TOL[(dtype, dtype)]
+    for g, c in zip(gpu, cpu, strict=True):
+        _check_against(g, c.token_ids, _ours(c), tol)
 
 
 def test_compute_dtype_is_validated():

@@ -198,14 +198,17 @@ def paged_attention(
     kv_cache: torch.Tensor,
     attn: AttentionMetadata,
     scale: float,
+    cpu_kernels: bool | None = None,
 ) -> torch.Tensor:
     """Store this step's K/V, then attend every query over its sequence's full context.
 
     q: [num_tokens, H, d]; k, v: [num_tokens, kvh, d]; returns [num_tokens, H, d].
+    ``cpu_kernels`` (default: on CPU tensors) picks cascade decode with the CPU flash kernel; False
+    runs the portable path GPUs take (tests force it on CPU so it never goes untested).
     """
     write_kv(kv_cache, k, v, attn.slot_mapping)
     decodes: dict[int, torch.Tensor] = {}
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" if cpu_kernels is None else cpu_kernels:
         rows = [
             i for i in range(attn.num_seqs)
             if attn.query_start_loc[i + 1] - attn.query_start_loc[i] == 1 < attn.seq_lens[i]

@@ -119,10 +119,10 @@ def _plan(attn: AttentionMetadata, group: int, piece_tokens: int, device: torch.
 
 
 def _piece_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, cpu_kernels: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-shape attention of query tiles over one piece: (out [n, kvh, L, d], lse [n, kvh, L])."""
-    if q.device.type == "cpu":
+    if cpu_kernels:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)[:2]
         return out, lse
     # other devices: the same math in plain ops (no fused kernel returns the log-sum-exp portably)
@@ -139,11 +139,14 @@ def deterministic_attention(
     attn: AttentionMetadata,
     scale: float,
     piece_tokens: int = PIECE_TOKENS,
+    cpu_kernels: bool | None = None,
 ) -> torch.Tensor:
     """Store this step's K/V, then attend every query over its context in fixed pieces.
 
     q: [T, H, d]; k, v: [T, kvh, d]; returns [T, H, d] in q's dtype. Accumulates in float32.
+    ``cpu_kernels`` as in ``paged_attention`` (False: the portable path, plain matmuls).
     """
+    use_cpu = q.device.type == "cpu" if cpu_kernels is None else cpu_kernels
     write_kv(kv_cache, k, v, attn.slot_mapping)
     num_tokens, num_heads, d = q.shape
     kvh = kv_cache.shape[1]
@@ -162,7 +165,7 @@ def deterministic_attention(
         qt = qf.index_select(0, piece.tokens).view(n_tiles, QUERY_TILE, kvh, group, d)
         qt = qt.permute(0, 2, 1, 3, 4).reshape(n_tiles, kvh, QUERY_TILE * group, d)
         shape = (n_tiles, -1, -1, -1)
-        o, lse = _piece_attention(qt, k_piece.expand(shape), v_piece.expand(shape), piece.mask, scale)
+        o, lse = _piece_attention(qt, k_piece.expand(shape), v_piece.expand(shape), piece.mask, scale, use_cpu)
         o = o.view(n_tiles, kvh, QUERY_TILE, group, d).permute(0, 2, 1, 3, 4).reshape(-1, kvh, group, d)
         lse = lse.view(n_tiles, kvh, QUERY_TILE, group).permute(0, 2, 1, 3).reshape(-1, kvh, group)
         outs[piece.index].index_copy_(0, piece.tokens, o)  # padding rows all land on row T
