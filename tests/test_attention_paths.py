@@ -59,6 +59,11 @@ def _setup(path: str, q_dtype: torch.dtype, kv_dtype: torch.dtype, seed: int = 0
         new_slots += _slots(runs)[start:]
         seq_lens.append(start + n)
         starts.append(starts[-1] + n)
+    # slots no context covers hold NaN: no path may read them, not even as masked padding
+    used = torch.zeros(kv_cache.shape[2], dtype=torch.bool)
+    for runs in context_runs:
+        used[_slots(runs)] = True
+    kv_cache[:, :, ~used] = float("nan")
     T = starts[-1]
     q = torch.randn(T, KVH * GROUP, D, generator=g).to(q_dtype)
     k = torch.randn(T, KVH, D, generator=g).to(q_dtype)

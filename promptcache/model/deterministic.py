@@ -73,8 +73,9 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 @dataclass(frozen=True)
 class _Piece:
-    index: int  # j: keys at absolute positions [j*P, j*P + len(slots))
-    slots: torch.Tensor  # [P] cache slots, zero-padded past the context (those keys are masked)
+    index: int  # j: keys at absolute positions [j*P, j*P + num_keys)
+    num_keys: int  # real keys; the rest of the P are padding (masked, and zeroed: never NaN garbage)
+    slots: torch.Tensor  # [P] cache slots, zero-padded past the context
     tokens: torch.Tensor  # [n_tiles * QUERY_TILE] batch rows of the queries, padded with num_tokens
     mask: torch.Tensor  # [n_tiles, 1, QUERY_TILE * G, P] additive causal mask (0 / -inf)
 
@@ -112,7 +113,7 @@ def _plan(attn: AttentionMetadata, group: int, piece_tokens: int, device: torch.
         mask.masked_fill_(key_pos > query_pos, float("-inf"))
         piece_slots = torch.zeros(piece_tokens, dtype=torch.long)
         piece_slots[: len(key)] = torch.tensor(key, dtype=torch.long)
-        pieces.append(_Piece(j, piece_slots.to(device), torch.tensor(tokens, device=device),
+        pieces.append(_Piece(j, len(key), piece_slots.to(device), torch.tensor(tokens, device=device),
                              mask.unsqueeze(1).to(device)))
         num_pieces = max(num_pieces, j + 1)
     return _Plan(pieces, num_pieces)
@@ -162,6 +163,8 @@ def deterministic_attention(
         n_tiles = piece.mask.shape[0]
         k_piece = kv_cache[0].index_select(1, piece.slots).float().unsqueeze(0)  # [1, kvh, P, d]
         v_piece = kv_cache[1].index_select(1, piece.slots).float().unsqueeze(0)
+        k_piece[:, :, piece.num_keys :] = 0.0  # masked keys must still be finite: 0 * NaN is NaN  # masked keys must still be finite: 0 * NaN is NaN
+        v_piece[:, :, piece.num_keys :] = 0.0
         qt = qf.index_select(0, piece.tokens).view(n_tiles, QUERY_TILE, kvh, group, d)
         qt = qt.permute(0, 2, 1, 3, 4).reshape(n_tiles, kvh, QUERY_TILE * group, d)
         shape = (n_tiles, -1, -1, -1)
