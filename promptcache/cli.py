@@ -78,7 +78,7 @@ def _generate(args: argparse.Namespace) -> int:
     if out is not None:
         u = out.usage
         print(f"[{u.prompt_tokens} prompt tokens, {u.completion_tokens} generated, finish={out.finish_reason}, "
-              f"ttft {first or 0:.3f}s, total {total:.3f}s]", file=sys.stderr)
+              f"ttft {first or 0:.3f}s, total {total:.3f}s; {engine.precision}]", file=sys.stderr)
     return 0
 
 

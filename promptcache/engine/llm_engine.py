@@ -14,6 +14,7 @@ from promptcache.cache import NO_RETENTION, KVCacheManager, Retention, namespace
 from promptcache.engine.config import EngineConfig
 from promptcache.engine.model_runner import ModelRunner, SeqInput
 from promptcache.engine.output import OutputState
+from promptcache.engine.precision import describe as describe_precision
 from promptcache.engine.request import Request, RequestOutput, Status
 from promptcache.engine.sampling import SamplingParams
 from promptcache.engine.scheduler import ScheduledChunk, Scheduler
@@ -53,6 +54,10 @@ class LLMEngine:
         # K/V values depend on the dtypes they were computed and stored in
         ident.update(f"{self.runner.compute_dtype}/{self.runner.kv_dtype}".encode())
         self.model_identity = ident.hexdigest()
+        r = self.runner
+        self.precision = describe_precision(r.dtype, r.compute_dtype, r.kv_dtype, r.device) + (
+            ", deterministic" if self.config.deterministic else ""
+        )
         self._outputs: dict[str, OutputState] = {}
         self._requests: dict[str, Request] = {}
 

@@ -87,3 +87,14 @@ def compute_dtype_for(dtype: torch.dtype, device: torch.device, requested: str =
             "matmuls run either in float32 or in the weights' own dtype"
         )
     return forced
+
+
+def describe(dtype: torch.dtype, compute: torch.dtype, kv: torch.dtype, device: torch.device) -> str:
+    """One line for logs and banners: which policy this machine got, and whether it is native."""
+    def name(t: torch.dtype) -> str:
+        return str(t).removeprefix("torch.")
+
+    how = "native" if native_compute(compute, device) else "emulated: forced, slow"
+    math = "float32 math" if compute == torch.float32 else f"{name(compute)} math ({how})"
+    values = "" if dtype == compute else f" on {name(dtype)} weights"
+    return f"{device.type}, {math}{values}, {name(kv)} KV cache"

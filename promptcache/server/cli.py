@@ -58,7 +58,7 @@ def serve(args: argparse.Namespace) -> int:
     tenants = "open, single tenant"
     if api_keys:
         tenants = f"{len(set(api_keys.values()))} tenant(s) from {args.api_keys}"
-    print(f"promptcache: serving {engine.model_name} ({engine.max_model_len} tokens context, "
+    print(f"promptcache: serving {engine.model_name} ({engine.precision}; {engine.max_model_len} tokens context, "
           f"{engine.stats()['blocks_total']} KV blocks of {engine.block_size}; {tenants}) at "
           f"http://{args.host}:{args.port}  (docs: http://{args.host}:{args.port}/docs)", flush=True)
     try:
