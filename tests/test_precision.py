@@ -190,7 +190,8 @@ def test_engine_says_which_policy_it_runs():
 
     auto = LLM("random:tiny", num_blocks=8, device="cpu").engine.precision
     native = cpu_has_native_bf16()
-    assert auto == ("cpu, bfloat16 math (native), bfloat16 KV cache" if native else "cpu, float32 math, float32 KV cache")
+    expected = "cpu, bfloat16 math (native), bfloat16 KV cache" if native else "cpu, float32 math, float32 KV cache"
+    assert auto == expected
     forced = LLM("random:tiny", dtype="bfloat16", compute_dtype="float32", kv_cache_dtype="bfloat16",
                  deterministic=True, num_blocks=8, device="cpu").engine.precision
     assert forced == "cpu, float32 math on bfloat16 weights, bfloat16 KV cache, deterministic"

@@ -163,7 +163,7 @@ def deterministic_attention(
         n_tiles = piece.mask.shape[0]
         k_piece = kv_cache[0].index_select(1, piece.slots).float().unsqueeze(0)  # [1, kvh, P, d]
         v_piece = kv_cache[1].index_select(1, piece.slots).float().unsqueeze(0)
-        k_piece[:, :, piece.num_keys :] = 0.0  # masked keys must still be finite: 0 * NaN is NaN  # masked keys must still be finite: 0 * NaN is NaN
+        k_piece[:, :, piece.num_keys :] = 0.0  # masked keys must still be finite: 0 * NaN is NaN
         v_piece[:, :, piece.num_keys :] = 0.0
         qt = qf.index_select(0, piece.tokens).view(n_tiles, QUERY_TILE, kvh, group, d)
         qt = qt.permute(0, 2, 1, 3, 4).reshape(n_tiles, kvh, QUERY_TILE * group, d)
