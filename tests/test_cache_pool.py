@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from promptcache.cache import NO_RETENTION, KVCacheManager, Retention, hash_blocks, namespace_hash, parse_ttl
+from promptcache.cache import NO_RETENTION, KVCacheManager, Retention, hash_blocks, namespace_hash
 from promptcache.cache.hashing import hash_block
 
 
@@ -190,9 +190,10 @@ def test_reset_and_disabled_caching():
     assert not off.pool.cached
 
 
-def test_parse_ttl():
-    assert parse_ttl("5m") == 300 and parse_ttl("1h") == 3600 and parse_ttl("24h") == 86400
-    assert parse_ttl("30m") == 1800 and parse_ttl("300s") == 300 and parse_ttl(12) == 12
-    for bad in ("soon", "nanm", "infh", float("nan"), "9999d", -1):
+def test_retention_takes_seconds_and_bounds_them():
+    assert Retention(300.0, ((16, 3600.0),)).ttl_for_block(0, 16) == 3600.0
+    for bad in (float("nan"), float("inf"), -1.0, 31 * 86400.0):
         with pytest.raises(ValueError):
-            parse_ttl(bad)
+            Retention(bad)
+        with pytest.raises(ValueError):
+            Retention(0.0, ((16, bad),))

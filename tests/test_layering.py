@@ -38,8 +38,21 @@ def test_model_never_sees_requests():
     assert offenders("model", ("promptcache.engine", "promptcache.server", "promptcache.cache")) == []
 
 
-def test_server_never_touches_tensors():
-    assert offenders("server", ("torch", "promptcache.model")) == []
+def test_server_never_touches_tensors_or_cache_internals():
+    # the CLI is the composition root: it builds the engine; every other module uses engine/api.py
+    assert offenders("server", ("torch", "promptcache.model", "promptcache.cache")) == []
+    engine_imports = [
+        f"{file}: {name}"
+        for file, names in imports_of("server").items()
+        if file != "server/cli.py"
+        for name in names
+        if name.startswith("promptcache.engine") and name != "promptcache.engine.api"
+    ]
+    assert engine_imports == []
+
+
+def test_engine_never_imports_the_server():
+    assert offenders("engine", ("promptcache.server", "promptcache.bench")) == []
 
 
 def test_the_check_sees_real_imports():

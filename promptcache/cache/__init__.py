@@ -2,18 +2,11 @@
 
 from promptcache.cache.block_pool import Block, BlockPool
 from promptcache.cache.hashing import BlockHash, hash_block, hash_blocks, namespace_hash
-from promptcache.cache.manager import (
-    NO_RETENTION,
-    RETENTION_NAMES,
-    CacheHit,
-    KVCacheManager,
-    Retention,
-    parse_ttl,
-)
+from promptcache.cache.manager import MAX_TTL_S, NO_RETENTION, CacheHit, KVCacheManager, Retention
 
 __all__ = [
+    "MAX_TTL_S",
     "NO_RETENTION",
-    "RETENTION_NAMES",
     "Block",
     "BlockHash",
     "BlockPool",
@@ -23,5 +16,4 @@ __all__ = [
     "hash_block",
     "hash_blocks",
     "namespace_hash",
-    "parse_ttl",
 ]

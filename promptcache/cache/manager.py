@@ -18,28 +18,7 @@ from dataclasses import dataclass, field
 from promptcache.cache.block_pool import Block, BlockPool
 from promptcache.cache.hashing import BlockHash
 
-# Provider retention names -> seconds of idle time a block is kept (refreshed on every hit).
-RETENTION_NAMES = {"5m": 300.0, "in_memory": 600.0, "1h": 3600.0, "24h": 86400.0}
-MAX_TTL_S = 30 * 86400.0
-
-
-def parse_ttl(value: str | float | int | None) -> float:
-    """``"5m"``, ``"1h"``, ``"24h"``, ``"in_memory"``, ``"300s"``, ``"30m"`` or seconds -> seconds."""
-    if value is None:
-        return 0.0
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif value in RETENTION_NAMES:
-        seconds = RETENTION_NAMES[value]
-    else:
-        units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-        try:
-            seconds = float(value[:-1]) * units[value[-1]]
-        except (KeyError, ValueError, IndexError):
-            raise ValueError(f"invalid ttl {value!r}: use e.g. '300s', '5m', '1h', '24h'") from None
-    if not 0 <= seconds <= MAX_TTL_S:  # also rejects NaN and inf
-        raise ValueError(f"ttl must be between 0 and 30 days, got {value!r}")
-    return seconds
+MAX_TTL_S = 30 * 86400.0  # the longest a block may be kept after its last use
 
 
 @dataclass(frozen=True)
@@ -53,6 +32,11 @@ class Retention:
 
     default_ttl_s: float = 0.0
     breakpoints: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        for ttl in (self.default_ttl_s, *(t for _, t in self.breakpoints)):
+            if not 0 <= ttl <= MAX_TTL_S:  # also rejects NaN and inf
+                raise ValueError(f"ttl must be between 0 and {MAX_TTL_S:.0f} seconds, got {ttl!r}")
 
     def ttl_for_block(self, block_index: int, block_size: int) -> float:
         block_end = (block_index + 1) * block_size

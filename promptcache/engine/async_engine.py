@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from promptcache.cache import NO_RETENTION, Retention
+from promptcache.engine.info import EngineInfo, EngineStats
 from promptcache.engine.llm_engine import LLMEngine
 from promptcache.engine.request import RequestOutput
 from promptcache.engine.sampling import SamplingParams
@@ -54,6 +55,7 @@ class _Died:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
         self.engine = engine
+        self.info: EngineInfo = engine.info()
         self.max_waiting = max_waiting
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -76,6 +78,10 @@ class AsyncEngine:
         """Run ``fn(engine)`` between steps (stats, integrity checks, cache resets)."""
         with self._lock:
             return fn(self.engine)
+
+    def snapshot(self) -> EngineStats:
+        """Counters and finish reasons, taken between two steps."""
+        return self.call(lambda e: e.snapshot())
 
     @property
     def error(self) -> BaseException | None:

@@ -5,13 +5,14 @@ One step is: schedule -> run the model -> commit newly full blocks and process o
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from promptcache.cache import NO_RETENTION, KVCacheManager, Retention, namespace_hash
+from promptcache.cache import NO_RETENTION, KVCacheManager, Retention
+from promptcache.cache.namespace import Namespace, model_identity
 from promptcache.engine.config import EngineConfig
+from promptcache.engine.info import EngineInfo, EngineStats
 from promptcache.engine.model_runner import ModelRunner, SeqInput
 from promptcache.engine.output import OutputState
 from promptcache.engine.precision import describe as describe_precision
@@ -46,15 +47,15 @@ class LLMEngine:
         self.counters = EngineCounters()
         self.eos_token_ids = self._eos_ids()
         self.model_name = self.config.model or "default"
-        # The namespace's model identity: the checkpoint's config and weights' names and sizes, so a
-        # cache entry is never served to a different model that happens to share a directory name.
-        ident = hashlib.sha256((self.runner.model_dir / "config.json").read_bytes())
-        for f in sorted(self.runner.model_dir.glob("*.safetensors")):
-            ident.update(f"{f.name}:{f.stat().st_size}".encode())
-        # K/V values depend on the dtypes they were computed and stored in
-        ident.update(f"{self.runner.compute_dtype}/{self.runner.kv_dtype}".encode())
-        self.model_identity = ident.hexdigest()
+        # what every block hash is chained from: model content, dtypes, layout, mode (cache/namespace.py)
         r = self.runner
+        self.namespace = Namespace(
+            model=model_identity(r.model_dir),
+            compute_dtype=str(r.compute_dtype).removeprefix("torch."),
+            kv_dtype=str(r.kv_dtype).removeprefix("torch."),
+            deterministic=self.config.deterministic,
+            seed=self.config.hash_seed,
+        )
         self.precision = describe_precision(r.dtype, r.compute_dtype, r.kv_dtype, r.device) + (
             ", deterministic" if self.config.deterministic else ""
         )
@@ -107,7 +108,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate_prompt(prompt_token_ids, params)
-        root = namespace_hash(self.model_identity, tenant, self.config.hash_seed)
+        root = self.namespace.root(tenant)
         req = Request(
             request_id, prompt_token_ids, params, root, self.block_size, retention, self.config.hash_seed
         )
@@ -240,6 +241,13 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.model_name, self.max_model_len, self.block_size, self.kv.pool.num_blocks,
+                          self.precision, self.tokenizer)
+
+    def snapshot(self) -> EngineStats:
+        return EngineStats(self.stats(), dict(self.counters.finished))
 
     def stats(self) -> dict[str, int]:
         c = self.counters

@@ -9,7 +9,6 @@ same directory, so every engine is measured on identical weights.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+
+from promptcache.home import cache_root
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_DIR = ASSETS / "tokenizer"
@@ -173,10 +174,6 @@ def write_checkpoint(shape: str, out: str | Path, dtype: str = "bfloat16", seed:
         shutil.copyfile(TOKENIZER_DIR / name, out / name)
     save_file(_hf_tensors(cfg, seed, torch_dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PROMPTCACHE_HOME", Path.home() / ".cache" / "promptcache"))
 
 
 def random_checkpoint(shape: str, seed: int = 0) -> Path:

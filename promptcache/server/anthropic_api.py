@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from promptcache.engine.request import RequestOutput
+from promptcache.engine.api import RequestOutput
 from promptcache.server.anthropic_prompt import anthropic_usage, build_prompt
 from promptcache.server.errors import ApiError, anthropic_error_body, error_json
 from promptcache.server.generation import EventStream, Generation, guarded_events

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from promptcache.cache import Retention, parse_ttl
-from promptcache.engine.request import Usage
+from promptcache.engine.api import Retention, Usage
 from promptcache.server.errors import ApiError
 from promptcache.server.prompt import Cut, TemplateMessage, build_chat_prompt, part_text
+from promptcache.server.retention import parse_ttl
 from promptcache.server.schemas_anthropic import ContentBlock, CountTokensRequest
 from promptcache.tokenizer import Tokenizer
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from promptcache.engine.async_engine import AsyncEngine
+from promptcache.engine.api import AsyncEngine
 from promptcache.server import anthropic_api, openai_api
 from promptcache.server.errors import install_error_handlers
 from promptcache.server.metrics import ServerMetrics, StatusCounterMiddleware
@@ -36,14 +35,14 @@ def create_app(
     ``model_names`` are the ids clients may send (default: the engine's model name); the first one
     is listed first and reported in responses. Request bodies above ``max_request_bytes`` get a 413.
     """
-    names = tuple(model_names or (aengine.engine.model_name,))
+    names = tuple(model_names or (aengine.info.model_name,))
     if not names or any(not n for n in names):
         raise ValueError("model_names must be non-empty strings")
     if max_request_bytes < 1:
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     app = FastAPI(title="promptcache", description=DESCRIPTION, version="0.1.0")
     metrics = ServerMetrics(aengine)
-    max_prompt_chars = prompt_char_limit(aengine.engine.tokenizer, aengine.engine.max_model_len)
+    max_prompt_chars = prompt_char_limit(aengine.info.tokenizer, aengine.info.max_model_len)
     app.state.server = ServerState(aengine=aengine, api_keys=api_keys, model_names=names, metrics=metrics,
                                    max_prompt_chars=max_prompt_chars)
     install_error_handlers(app)
@@ -57,7 +56,7 @@ def create_app(
         if error is not None or not aeng.is_alive:  # the details are in the server log
             reason = type(error).__name__ if error is not None else "the engine loop is not running"
             return JSONResponse({"status": "error", "error": reason}, status_code=503)
-        stats = await run_in_threadpool(aeng.call, _health_stats)
+        stats = _health_stats((await run_in_threadpool(aeng.snapshot)).counters)
         return JSONResponse({"status": "ok", "model": names[0], **stats})
 
     @app.get("/metrics", tags=["Server"], summary="Prometheus metrics")
@@ -70,6 +69,5 @@ def create_app(
     return app
 
 
-def _health_stats(engine: Any) -> dict[str, int]:
-    stats = engine.stats()
+def _health_stats(stats: dict[str, int]) -> dict[str, int]:
     return {k: stats[k] for k in ("requests_running", "requests_waiting", "blocks_total", "blocks_in_use")}

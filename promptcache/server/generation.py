@@ -26,10 +26,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from promptcache.cache import NO_RETENTION, Retention
-from promptcache.engine.async_engine import EngineDead, EngineOverloaded
-from promptcache.engine.request import RequestOutput
-from promptcache.engine.sampling import SamplingParams
+from promptcache.engine.api import NO_RETENTION, EngineDead, EngineOverloaded, RequestOutput, Retention, SamplingParams
 from promptcache.server.errors import ENGINE_FAILED, ApiError
 from promptcache.server.state import ServerState
 

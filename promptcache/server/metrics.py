@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from promptcache.engine.async_engine import AsyncEngine
+from promptcache.engine.api import AsyncEngine
 
 # Paths counted by name; anything else is "other", so a scanner cannot blow up label cardinality.
 API_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
@@ -43,7 +43,8 @@ class EngineCollector(Collector):
         return []  # values are only known at scrape time; nothing to pre-register
 
     def collect(self) -> Iterable[Metric]:
-        stats, finished = self.aengine.call(lambda e: (e.stats(), dict(e.counters.finished)))
+        snap = self.aengine.snapshot()
+        stats, finished = snap.counters, snap.finished
         for key, (name, doc) in _COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=stats[key])
         prompt = stats["prompt_tokens"]

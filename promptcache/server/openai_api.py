@@ -19,12 +19,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from promptcache.cache import RETENTION_NAMES, Retention
-from promptcache.engine.sampling import SamplingParams
+from promptcache.engine.api import Retention, SamplingParams
 from promptcache.server import openai_format as fmt
 from promptcache.server.errors import ApiError, is_anthropic
 from promptcache.server.generation import EventStream, Generation
 from promptcache.server.prompt import Cut, TemplateMessage, build_chat_prompt, check_prompt_chars, part_text
+from promptcache.server.retention import RETENTION_NAMES
 from promptcache.server.schemas_openai import ChatCompletionRequest, CompletionRequest, OpenAIRequestBase
 from promptcache.server.state import ServerState, get_state, new_id, sampling_params, tenant_of, ttl_seconds
 

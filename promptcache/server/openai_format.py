@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from promptcache.engine.request import RequestOutput, TokenLogprob, Usage
+from promptcache.engine.api import RequestOutput, TokenLogprob, Usage
 from promptcache.server.errors import ApiError, error_json, openai_error_body
 from promptcache.server.generation import Generation, guarded_events
 from promptcache.tokenizer import Tokenizer

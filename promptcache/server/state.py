@@ -9,12 +9,11 @@ from typing import Any
 
 from fastapi import Request
 
-from promptcache.cache import parse_ttl
-from promptcache.engine.async_engine import AsyncEngine
-from promptcache.engine.sampling import SamplingParams
+from promptcache.engine.api import AsyncEngine, SamplingParams
 from promptcache.server.auth import resolve_tenant
 from promptcache.server.errors import ApiError
 from promptcache.server.metrics import ServerMetrics
+from promptcache.server.retention import parse_ttl
 from promptcache.tokenizer import Tokenizer
 
 # Normalizers may drop characters before tokenizing: keep a margin so no prompt that fits is refused.
@@ -40,16 +39,15 @@ class ServerState:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self.aengine.engine.tokenizer
+        return self.aengine.info.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.aengine.engine.max_model_len
+        return self.aengine.info.max_model_len
 
     @property
     def kv_capacity_tokens(self) -> int:
-        engine = self.aengine.engine
-        return engine.kv.pool.num_blocks * engine.block_size
+        return self.aengine.info.kv_capacity_tokens
 
     def check_model(self, name: str, anthropic: bool) -> str:
         """The served name for ``name``; 404 in the dialect's words when this server does not serve it."""

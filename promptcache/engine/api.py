@@ -1,0 +1,28 @@
+"""What the server may use of the engine: a narrow face of plain types and one async engine.
+
+The server imports from here (and builds the engine in its CLI), never from ``cache/`` or
+``model/`` and never through an engine's attributes: the layering test checks both.
+"""
+
+from __future__ import annotations
+
+from promptcache.cache import MAX_TTL_S, NO_RETENTION, Retention
+from promptcache.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from promptcache.engine.info import EngineInfo, EngineStats
+from promptcache.engine.request import RequestOutput, TokenLogprob, Usage
+from promptcache.engine.sampling import SamplingParams
+
+__all__ = [
+    "MAX_TTL_S",
+    "NO_RETENTION",
+    "AsyncEngine",
+    "EngineDead",
+    "EngineInfo",
+    "EngineStats",
+    "EngineOverloaded",
+    "RequestOutput",
+    "Retention",
+    "SamplingParams",
+    "TokenLogprob",
+    "Usage",
+]

@@ -1,0 +1,31 @@
+"""Plain records the engine hands out about itself (no engine object crosses to the server)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from promptcache.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Facts about an engine that never change while it runs (safe to read from any thread)."""
+
+    model_name: str
+    max_model_len: int  # tokens of context
+    block_size: int  # tokens per KV block
+    num_blocks: int  # KV blocks in the pool
+    precision: str  # e.g. "cpu, bfloat16 math (native), bfloat16 KV cache"
+    tokenizer: Tokenizer
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A consistent snapshot of the engine's counters, taken between two steps."""
+
+    counters: dict[str, int]  # LLMEngine.stats(): tokens, blocks, requests, evictions, preemptions
+    finished: dict[str, int]  # finished requests by finish reason
