@@ -7,50 +7,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that builds an engine (see ``engine_config_from_args``)."""
-    p.add_argument("--model", default=None, help="checkpoint directory, hub id, or random:<shape> "
-                   "(default: the embedded demo model)")
-    p.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
-    p.add_argument("--kv-cache-dtype", default="auto",
-                   help="auto (the dtype matmuls run in) | bfloat16 | float16 | float32")
-    p.add_argument("--compute-dtype", default="auto",
-                   help="auto (16-bit math where the hardware has it, else float32) | float32 | the --dtype "
-                   "(forces native 16-bit math, emulated on CPUs without it)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="bit-identical logits whether a prefix was cached or computed, whatever the batch "
-                   "(slower; see docs/architecture.md)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB, 4GiB")
-    p.add_argument("--no-prefix-cache", action="store_true", help="disable prefix reuse (for comparisons)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-
-
-def engine_config_from_args(args: argparse.Namespace):
-    from promptcache.engine.config import EngineConfig
-
-    return EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        kv_cache_dtype=args.kv_cache_dtype,
-        compute_dtype=args.compute_dtype,
-        deterministic=args.deterministic,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory,
-        enable_prefix_caching=not args.no_prefix_cache,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-    )
+from promptcache.bench.cli import add_bench_parser
+from promptcache.engine.config import add_engine_flags
+from promptcache.server.cli import add_serve_parser
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from promptcache.engine.config import engine_config_from_args
     from promptcache.engine.llm_engine import LLMEngine
+    from promptcache.engine.request import RequestSpec
     from promptcache.engine.sampling import SamplingParams
 
     engine = LLMEngine(engine_config_from_args(args))
@@ -64,7 +29,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed, stop=args.stop or [],
     )
     start = time.perf_counter()
-    engine.add_request("cli", ids, params)
+    engine.add_request(RequestSpec("cli", ids, params))
     first = None
     out = None
     while engine.has_unfinished_requests():
@@ -94,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="one-shot generation, streamed to the terminal")
-    add_engine_args(g)
+    g = sub.add_parser("generate", help="one-shot generation, streamed to the terminal",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_engine_flags(g)
     g.add_argument("prompt", nargs="?", default="The quick brown fox")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     g.add_argument("--max-tokens", type=int, default=64)
@@ -113,18 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_make_model)
 
-    try:
-        from promptcache.server.cli import add_serve_parser
-    except ImportError:
-        pass
-    else:
-        add_serve_parser(sub)
-    try:
-        from promptcache.bench.cli import add_bench_parser
-    except ImportError:
-        pass
-    else:
-        add_bench_parser(sub)
+    add_serve_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

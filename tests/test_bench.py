@@ -176,3 +176,14 @@ def test_bench_agreement_figures_and_deterministic_arms(tmp_path, capsys):
                                                                           r["requests"]["cache"]]
     out = capsys.readouterr().out
     assert "requests whose greedy outputs agree" in out and "deterministic mode: total time" in out
+
+
+def test_report_states_the_machine(tmp_path, capsys):
+    r = _run(tmp_path, "--workload", "long-doc", "--documents", "1", "--doc-tokens", "32", "--asks", "1",
+             "--question-tokens", "8", "--output-tokens", "2", "--no-throughput")
+    from promptcache.engine.precision import POLICY_FLAGS, cpu_has_native_bf16
+
+    flags = r["host"]["cpu_flags"]
+    assert set(flags) <= set(POLICY_FLAGS) and ("avx512_bf16" in flags or "amx_bf16" in flags) == cpu_has_native_bf16()
+    assert r["engine"]["precision"] == "cpu, float32 math, float32 KV cache"
+    assert f"flags {' '.join(flags)}" in capsys.readouterr().out

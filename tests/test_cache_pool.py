@@ -147,18 +147,18 @@ def test_breakpoint_ttl_covers_blocks_before_it():
     assert [r.ttl_for_block(i, 4) for i in range(4)] == [3600.0, 3600.0, 300.0, 0.0]
 
 
-def test_pending_blocks_are_reported_to_others():
+def test_inflight_blocks_are_reported_to_others():
     kv = KVCacheManager(num_blocks=16, block_size=4, clock=Clock())
     tokens = list(range(20))
     hs = hashes(tokens)
     hit = kv.match("a", hs, 20)
-    assert kv.allocate("a", 8, hit, pending_hashes=hs[:5]) is not None
-    assert kv.match("b", hs, 20).num_pending_blocks == 4  # capped: the last token must run
+    assert kv.allocate("a", 8, hit, inflight_hashes=hs[:5]) is not None
+    assert kv.match("b", hs, 20).num_inflight_blocks == 4  # capped: the last token must run
     kv.commit("a", hs, 8)
     m = kv.match("b", hs, 20)
-    assert (m.num_tokens, m.num_pending_blocks) == (8, 2)
+    assert (m.num_tokens, m.num_inflight_blocks) == (8, 2)
     kv.free("a")
-    assert kv.match("b", hs, 20).num_pending_blocks == 0
+    assert kv.match("b", hs, 20).num_inflight_blocks == 0
     kv.check_integrity()
 
 
@@ -173,7 +173,7 @@ def test_duplicate_content_is_indexed_once():
     kv.free("a")
     kv.free("b")
     kv.check_integrity()
-    assert len(kv.pool.cached) == 2
+    assert len(kv.pool.by_hash) == 2
 
 
 def test_reset_and_disabled_caching():
@@ -187,7 +187,7 @@ def test_reset_and_disabled_caching():
     run(off, "a", list(range(9)))
     off.free("a")
     assert run(off, "b", list(range(9)))[0] == 0
-    assert not off.pool.cached
+    assert not off.pool.by_hash
 
 
 def test_retention_takes_seconds_and_bounds_them():

@@ -59,3 +59,72 @@ def test_the_check_sees_real_imports():
     # the parser must find what is there, or the tests above could never fail
     assert any("torch" in names for names in imports_of("model").values())
     assert any("promptcache.cache" in names for names in imports_of("engine").values())
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """promptcache module -> the promptcache modules it imports (lazy imports inside functions too)."""
+    modules = {
+        "promptcache." + ".".join(p.relative_to(PKG).with_suffix("").parts).removesuffix(".__init__")
+        for p in PKG.rglob("*.py")
+    }
+    modules = {m.removesuffix(".__init__") for m in modules}
+    graph: dict[str, set[str]] = {}
+    for path in PKG.rglob("*.py"):
+        name = "promptcache." + ".".join(path.relative_to(PKG).with_suffix("").parts)
+        name = name.removesuffix(".__init__")
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            found = []
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # "from pkg import sub" imports the submodule; the package itself only for other names
+                subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+                found = subs + ([node.module] if len(subs) < len(node.names) else [])
+            targets.update(f for f in found if f in modules and f != name)
+        graph[name] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    assert _cycles(_module_graph()) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert "promptcache.engine.config" in _module_graph()["promptcache.cli"]

@@ -7,6 +7,7 @@ import shutil
 
 from promptcache import LLM
 from promptcache.cache.namespace import IDENTITY_FILE, Namespace, model_identity
+from promptcache.engine.request import RequestSpec
 from promptcache.model.shapes import write_checkpoint
 
 
@@ -40,7 +41,7 @@ def test_same_shape_checkpoints_never_share_a_block(tmp_path):
     hashes = {}
     for name, path in (("a", a), ("b", b), ("a-copy", shutil.copytree(a, tmp_path / "a-copy"))):
         engine = LLM(str(path), dtype="float32", num_blocks=16, device="cpu").engine
-        hashes[name] = engine.add_request("r", prompt, _params()).block_hashes
+        hashes[name] = engine.add_request(RequestSpec("r", prompt, _params())).block_hashes
     assert len(hashes["a"]) == 4
     assert not set(hashes["a"]) & set(hashes["b"])
     assert hashes["a"] == hashes["a-copy"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from promptcache import LLM, SamplingParams
+from promptcache.engine.request import RequestSpec
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -129,7 +130,7 @@ def test_cache_writes_count_whole_prompt_blocks_once(llm):
 def test_abort_all_frees_everything(llm):
     engine = llm.engine
     for i in range(3):
-        engine.add_request(f"ab{i}", ids(50, 30 + i), SamplingParams(max_tokens=20, ignore_eos=True))
+        engine.add_request(RequestSpec(f"ab{i}", ids(50, 30 + i), SamplingParams(max_tokens=20, ignore_eos=True)))
     engine.step()
     engine.abort_all()
     assert not engine.has_unfinished_requests()
@@ -160,11 +161,11 @@ def test_cache_hit_does_not_queue_behind_a_long_cold_prefill():
     engine = LLM("random:tiny", dtype="float32", num_blocks=256, max_num_batched_tokens=256).engine
     warm = ids(600, 60)
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    engine.add_request("warm", warm, params)
+    engine.add_request(RequestSpec("warm", warm, params))
     while engine.has_unfinished_requests():
         engine.step()
-    engine.add_request("long", ids(1000, 61), params)  # arrives first, needs 4 steps of prefill
-    engine.add_request("hit", warm + ids(10, 62), params)  # 592 cached, 18 to compute
+    engine.add_request(RequestSpec("long", ids(1000, 61), params))  # arrives first, needs 4 steps of prefill
+    engine.add_request(RequestSpec("hit", warm + ids(10, 62), params))  # 592 cached, 18 to compute
     first_step = {o.request_id: o for o in engine.step()}
     assert "hit" in first_step and first_step["hit"].usage.cached_tokens == 592
     running = {r.request_id: r for r in engine.scheduler.running}

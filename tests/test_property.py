@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from promptcache.engine.config import EngineConfig
 from promptcache.engine.llm_engine import LLMEngine
+from promptcache.engine.request import RequestSpec
 from promptcache.engine.sampling import SamplingParams
 
 
@@ -17,11 +18,10 @@ from promptcache.engine.sampling import SamplingParams
 def reference_outputs(prompt: tuple[int, ...], max_tokens: int) -> list[int]:
     """Greedy tokens of an engine with caching off (one request at a time, plenty of memory)."""
     engine = _engine(
-        EngineConfig(model="random:tiny", dtype="float32", num_blocks=64, enable_prefix_caching=False)
+        EngineConfig.of(model="random:tiny", dtype="float32", num_blocks=64, enable_prefix_caching=False)
     )
-    engine.add_request(
-        "ref", list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    )
+    engine.add_request(RequestSpec(
+        "ref", list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)))
     out = None
     while engine.has_unfinished_requests():
         for o in engine.step():
@@ -61,7 +61,7 @@ def request_stream(draw):
 def test_random_streams_match_cache_off_engine(stream):
     block_size, num_blocks, reqs = stream
     engine = LLMEngine(
-        EngineConfig(
+        EngineConfig.of(
             model="random:tiny",
             dtype="float32",
             block_size=block_size,
@@ -75,9 +75,8 @@ def test_random_streams_match_cache_off_engine(stream):
     while pending or engine.has_unfinished_requests():
         while pending and pending[0][1][2] <= step:
             i, (prompt, max_tokens, _) = pending.pop(0)
-            engine.add_request(
-                f"r{i}", list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-            )
+            engine.add_request(RequestSpec(
+                f"r{i}", list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)))
         for out in engine.step():
             if out.finished:
                 results[out.request_id] = out.token_ids

@@ -109,7 +109,7 @@ def _send(srv: Server, body: dict[str, Any]) -> socket.socket:
 
 
 def _aborted(srv: Server) -> int:
-    return srv.aengine.call(lambda e: e.counters.finished.get("abort", 0))
+    return srv.aengine.snapshot().finished.get("abort", 0)
 
 
 def test_full_queue_is_429_and_a_queued_client_can_hang_up() -> None:

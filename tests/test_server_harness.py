@@ -31,7 +31,7 @@ KEYS = {"sk-acme-0001": "acme", "sk-globex-0002": "globex"}
 
 
 def tiny_engine(num_blocks: int = 1024, max_model_len: int = 4096, model: str = MODEL, **config: Any) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=model, dtype="float32", device="cpu", num_blocks=num_blocks,
+    return LLMEngine(EngineConfig.of(model=model, dtype="float32", device="cpu", num_blocks=num_blocks,
                                   max_model_len=max_model_len, max_num_batched_tokens=1024, **config))
 
 

@@ -25,7 +25,7 @@ def _idle(server: Server) -> bool:
 
 
 def _aborted(server: Server) -> int:
-    return server.aengine.call(lambda e: e.counters.finished.get("abort", 0))
+    return server.aengine.snapshot().finished.get("abort", 0)
 
 
 def test_disconnect_mid_stream_frees_every_block(server: Server) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from promptcache import LLM, SamplingParams
+from promptcache.engine.request import RequestSpec
 from promptcache.model.shapes import DEFAULT_MODEL_DIR
 from promptcache.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -77,15 +78,29 @@ def test_eos_from_generation_config_stops_unless_ignored(llm):
     assert (
         llm.tokenizer.token_to_id("<|im_end|>") in eos and llm.tokenizer.token_to_id("<|endoftext|>") in eos
     )
+    # the demo model never picks those; make its 4th greedy token an EOS id and watch it stop there
+    free = llm.generate("abc", SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    fourth = free.token_ids[3]
+    assert fourth not in free.token_ids[:3]
+    saved = set(eos)
+    try:
+        llm.engine.eos_token_ids.add(fourth)
+        stopped = llm.generate("abc", SamplingParams(max_tokens=8, temperature=0.0))[0]
+        ignored = llm.generate("abc", SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    finally:
+        llm.engine.eos_token_ids.clear()
+        llm.engine.eos_token_ids.update(saved)
+    assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[:4]
+    assert stopped.usage.completion_tokens == 4 and stopped.text == llm.tokenizer.decode(free.token_ids[:3])
+    assert ignored.finish_reason == "length" and ignored.token_ids == free.token_ids
 
 
 def test_streamed_deltas_add_up_to_text(llm):
     engine = llm.engine
-    engine.add_request(
+    engine.add_request(RequestSpec(
         "s",
         llm.tokenizer.encode("stream me"),
-        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
-    )
+        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)))
     deltas, last = [], None
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -129,7 +144,8 @@ def test_extreme_but_valid_values_never_crash(llm):
 
 def test_outputs_are_snapshots(llm):
     engine = llm.engine
-    engine.add_request("snap", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True))
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=1, ignore_eos=True)
+    engine.add_request(RequestSpec("snap", [5, 6, 7], params))
     seen = []
     while engine.has_unfinished_requests():
         seen.extend(engine.step())

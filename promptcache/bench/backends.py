@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from promptcache.bench.workloads import BenchRequest
 from promptcache.engine.llm_engine import LLMEngine
+from promptcache.engine.request import RequestSpec
 from promptcache.engine.sampling import SamplingParams
 
 OnDone = Callable[[], None]
@@ -78,7 +79,7 @@ class EngineBackend:
         for req in requests:
             rid = f"bench-{self.name}-{next(self._ids)}"
             submitted[rid] = time.perf_counter()
-            engine.add_request(rid, req.prompt_ids, greedy(req.max_tokens))
+            engine.add_request(RequestSpec(rid, req.prompt_ids, greedy(req.max_tokens)))
             names[rid] = req
         first: dict[str, float] = {}
         done: dict[str, RequestResult] = {}
@@ -125,10 +126,11 @@ class EngineBackend:
             "compute_dtype": str(getattr(runner, "compute_dtype", runner.dtype)).removeprefix("torch."),
             "kv_cache_dtype": str(getattr(runner, "kv_dtype", runner.dtype)).removeprefix("torch."),
             "device": str(runner.device),
-            "prefix_caching": self.engine.config.enable_prefix_caching,
+            "prefix_caching": self.engine.config.cache.enable_prefix_caching,
             "kv_bytes_per_token": runner.kv_bytes_per_token,
             "kv_cache_bytes": runner.kv_cache_bytes,
             "block_size": self.engine.block_size,
-            "max_num_batched_tokens": self.engine.config.max_num_batched_tokens,
-            "deterministic": self.engine.config.deterministic,
+            "max_num_batched_tokens": self.engine.config.scheduler.max_num_batched_tokens,
+            "deterministic": self.engine.config.model.deterministic,
+            "precision": self.engine.precision,
         }

@@ -24,7 +24,7 @@ examples:
 
 def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     from promptcache.bench.suite import WORKLOADS
-    from promptcache.cli import add_engine_args
+    from promptcache.engine.config import add_engine_flags
 
     p: argparse.ArgumentParser = sub.add_parser(
         "bench", help="benchmark prompt caching: TTFT cache on vs off, throughput, baselines",
@@ -32,7 +32,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
                     "greedy outputs match, and report TTFT, throughput, hit rate and memory.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_engine_args(p)  # --no-prefix-cache is ignored: every run measures both arms
+    add_engine_flags(p)  # --no-prefix-cache is ignored: every run measures both arms
     p.add_argument("--workload", choices=WORKLOADS, default="prefix-pair")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
     p.add_argument("--threads", type=int, default=None,

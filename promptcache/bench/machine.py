@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from promptcache.engine.precision import cpu_model, policy_flags
 from promptcache.model.config import ArchConfig
 
 
@@ -62,6 +63,7 @@ def describe_host() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "processor": _cpu_model(),
+        "cpu_flags": policy_flags(),  # the ones that decide the dtype policy (engine/precision.py)
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -69,14 +71,7 @@ def describe_host() -> dict[str, Any]:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpu_model() or platform.processor() or "unknown"
 
 
 def percentile(values: list[float], q: int) -> float:

@@ -67,6 +67,10 @@ def markdown(report: dict[str, Any]) -> str:
              f"{head.get('dtype', '?')}, {report.get('host', {}).get('threads', '?')} threads")
     lines = [f"### {report['workload']} — {head.get('model', '?')}, {where}", ""]
     params = ", ".join(f"{k}={v}" for k, v in report.get("params", {}).items())
+    host = report.get("host", {})
+    flags = " ".join(host.get("cpu_flags", [])) or "none of avx2/avx512/amx"
+    lines += [f"machine: {host.get('processor', '?')}, flags {flags}, {host.get('threads', '?')} threads; "
+              f"{head.get('precision', '')}", ""]
     lines += [f"params: {params}", ""]
     lines += ["| arm | requests | TTFT p50 (s) | TTFT p95 (s) | total (s) | hit rate | ideal hit rate |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]

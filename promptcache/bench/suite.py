@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 from typing import Any
@@ -65,17 +64,17 @@ def build_arms(args: argparse.Namespace, both: bool) -> dict[str, Backend]:
         if both and args.cold_url:
             arms["no-cache"] = HttpBackend(args.cold_url, args.served_model, "no-cache", args.api_key)
         return arms
-    from promptcache.cli import engine_config_from_args
+    from promptcache.engine.config import engine_config_from_args
     from promptcache.engine.llm_engine import LLMEngine
 
     config = engine_config_from_args(args)
-    arms = {"cache": EngineBackend(LLMEngine(dataclasses.replace(config, enable_prefix_caching=True)), "cache")}
+    arms = {"cache": EngineBackend(LLMEngine(config.replace(enable_prefix_caching=True)), "cache")}
     if both:
-        off = dataclasses.replace(config, enable_prefix_caching=False)
+        off = config.replace(enable_prefix_caching=False)
         arms["no-cache"] = EngineBackend(LLMEngine(off), "no-cache")
         if getattr(args, "deterministic_arms", False):  # the same two arms in deterministic mode
             for arm, cfg in (("det-cache", config), ("det-no-cache", off)):
-                arms[arm] = EngineBackend(LLMEngine(dataclasses.replace(cfg, deterministic=True)), arm)
+                arms[arm] = EngineBackend(LLMEngine(cfg.replace(deterministic=True)), arm)
     return arms
 
 

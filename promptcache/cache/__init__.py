@@ -2,7 +2,7 @@
 
 from promptcache.cache.block_pool import Block, BlockPool
 from promptcache.cache.hashing import BlockHash, hash_block, hash_blocks, namespace_hash
-from promptcache.cache.manager import MAX_TTL_S, NO_RETENTION, CacheHit, KVCacheManager, Retention
+from promptcache.cache.manager import MAX_TTL_S, NO_RETENTION, CacheHit, IntegrityError, KVCacheManager, Retention
 
 __all__ = [
     "MAX_TTL_S",
@@ -11,6 +11,7 @@ __all__ = [
     "BlockHash",
     "BlockPool",
     "CacheHit",
+    "IntegrityError",
     "KVCacheManager",
     "Retention",
     "hash_block",

@@ -105,7 +105,7 @@ class BlockPool:
         self.lru = LRUList()
         self.retained: list[tuple[float, int, Block]] = []  # (expires_at, token, block)
         self.num_retained = 0
-        self.cached: dict[BlockHash, Block] = {}
+        self.by_hash: dict[BlockHash, Block] = {}
         self.counters = PoolCounters()
         self._tokens = itertools.count()
 
@@ -121,7 +121,7 @@ class BlockPool:
     # ---- lookups -------------------------------------------------------------------------------
 
     def get_cached(self, block_hash: BlockHash) -> Block | None:
-        return self.cached.get(block_hash)
+        return self.by_hash.get(block_hash)
 
     # ---- taking and releasing ------------------------------------------------------------------
 
@@ -161,16 +161,16 @@ class BlockPool:
 
     def index(self, block: Block, block_hash: BlockHash) -> bool:
         """Make a computed block findable by ``block_hash``; False if another block already has it."""
-        if block_hash in self.cached:
+        if block_hash in self.by_hash:
             return False
         block.block_hash = block_hash
-        self.cached[block_hash] = block
+        self.by_hash[block_hash] = block
         return True
 
     def drop_all_hashes(self) -> int:
         """Forget every cached prefix (``reset_prefix_cache``); returns how many were dropped."""
-        dropped = len(self.cached)
-        for block in list(self.cached.values()):
+        dropped = len(self.by_hash)
+        for block in list(self.by_hash.values()):
             if block.ref_cnt == 0:
                 self._unlink_free(block)
                 self._forget(block)
@@ -225,6 +225,6 @@ class BlockPool:
 
     def _forget(self, block: Block) -> None:
         assert block.block_hash is not None
-        del self.cached[block.block_hash]
+        del self.by_hash[block.block_hash]
         block.block_hash = None
         block.ttl_s = block.expires_at = 0.0

@@ -1,7 +1,7 @@
 """Which KV blocks each request uses: prefix matching, allocation, commit, release.
 
 The manager owns every request's block table (a list of blocks, in token order) and the
-"pending" map that lets a request see that blocks it wants are being computed right now by
+"inflight" map that lets a request see that blocks it wants are being computed right now by
 another request (in-flight sharing). It never sees tensors.
 
 Index arithmetic for one request, in tokens::
@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 
 from promptcache.cache.block_pool import Block, BlockPool
 from promptcache.cache.hashing import BlockHash
+
+
+class IntegrityError(AssertionError):
+    """The cache's bookkeeping broke an invariant (a bug, never the caller's input)."""
+
 
 MAX_TTL_S = 30 * 86400.0  # the longest a block may be kept after its last use
 
@@ -54,7 +59,7 @@ NO_RETENTION = Retention()
 class CacheHit:
     blocks: tuple[Block, ...]
     num_tokens: int  # reused tokens (whole blocks)
-    num_pending_blocks: int  # blocks right after the hit that another request is computing now
+    num_inflight_blocks: int  # blocks right after the hit that another request is computing now
 
 
 @dataclass
@@ -62,7 +67,7 @@ class _Table:
     blocks: list[Block] = field(default_factory=list)
     num_committed_blocks: int = 0
     retention: Retention = NO_RETENTION
-    pending: list[BlockHash] = field(default_factory=list)
+    promised: list[BlockHash] = field(default_factory=list)  # blocks it computes that others wait for
 
 
 class KVCacheManager:
@@ -79,7 +84,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, clock)
         self.tables: dict[str, _Table] = {}
-        self.pending: dict[BlockHash, str] = {}  # hash -> request computing it now
+        self.inflight: dict[BlockHash, str] = {}  # hash -> request computing it now
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -107,13 +112,13 @@ class KVCacheManager:
             if block is None:
                 break
             hit.append(block)
-        pending = 0
+        inflight = 0
         for h in block_hashes[len(hit) : max_hit_blocks]:
-            owner = self.pending.get(h)
+            owner = self.inflight.get(h)
             if owner is None or owner == request_id:
                 break
-            pending += 1
-        return CacheHit(tuple(hit), len(hit) * self.block_size, pending)
+            inflight += 1
+        return CacheHit(tuple(hit), len(hit) * self.block_size, inflight)
 
     # ---- allocation ----------------------------------------------------------------------------
 
@@ -123,13 +128,13 @@ class KVCacheManager:
         num_tokens: int,
         hit: CacheHit | None = None,
         retention: Retention = NO_RETENTION,
-        pending_hashes: Sequence[BlockHash] = (),
+        inflight_hashes: Sequence[BlockHash] = (),
     ) -> list[int] | None:
         """Make the request's block table cover ``num_tokens`` tokens; None (and no change) if full.
 
         The first call for a request passes its ``hit``: those blocks are pinned and start the table.
-        ``pending_hashes`` are the full prompt blocks this request will compute; other requests that
-        want them wait (``CacheHit.num_pending_blocks``) instead of computing them a second time.
+        ``inflight_hashes`` are the full prompt blocks this request will compute; other requests that
+        want them wait (``CacheHit.num_inflight_blocks``) instead of computing them a second time.
         The caller owns the table until it calls ``free(request_id)``, which it must do on finish,
         abort and preemption alike.
         """
@@ -147,10 +152,10 @@ class KVCacheManager:
                 self.pool.touch(block, retention.ttl_for_block(i, self.block_size))
             table.blocks.extend(hit_blocks)
             table.num_committed_blocks = len(hit_blocks)
-        for h in pending_hashes:
-            if self.enable_caching and h not in self.pending and self.pool.get_cached(h) is None:
-                self.pending[h] = request_id
-                table.pending.append(h)
+        for h in inflight_hashes:
+            if self.enable_caching and h not in self.inflight and self.pool.get_cached(h) is None:
+                self.inflight[h] = request_id
+                table.promised.append(h)
         new_ids = []
         for _ in range(num_new):
             fresh = self.pool.take_new()
@@ -170,8 +175,8 @@ class KVCacheManager:
         newly: list[int] = []
         for i in range(table.num_committed_blocks, num_full):
             h = block_hashes[i]
-            if self.pending.get(h) == request_id:
-                del self.pending[h]
+            if self.inflight.get(h) == request_id:
+                del self.inflight[h]
             block = table.blocks[i]
             block.ttl_s = max(block.ttl_s, table.retention.ttl_for_block(i, self.block_size))
             if self.enable_caching and self.pool.index(block, h):
@@ -184,55 +189,68 @@ class KVCacheManager:
         table = self.tables.pop(request_id, None)
         if table is None:
             return
-        for h in table.pending:
-            if self.pending.get(h) == request_id:
-                del self.pending[h]
+        for h in table.promised:
+            if self.inflight.get(h) == request_id:
+                del self.inflight[h]
         for block in reversed(table.blocks):
             self.pool.release(block)
 
     def reset_prefix_cache(self) -> int:
-        self.pending.clear()
+        self.inflight.clear()
         for table in self.tables.values():
-            table.pending.clear()
+            table.promised.clear()
         return self.pool.drop_all_hashes()
 
     # ---- invariants ----------------------------------------------------------------------------
 
     def check_integrity(self) -> None:
-        """Raise AssertionError unless every block is in exactly one place and counts agree."""
+        """Raise ``IntegrityError`` unless every block is in exactly one place and counts agree.
+
+        Explicit checks, not ``assert``: they must hold under ``python -O`` too (the async engine
+        decides from this whether it may keep serving after a failed step)."""
         pool = self.pool
         where: dict[int, str] = {}
 
         def place(block: Block, name: str) -> None:
-            assert block.block_id not in where, f"block {block.block_id} in {where[block.block_id]} and {name}"
+            if block.block_id in where:
+                raise IntegrityError(f"block {block.block_id} in {where[block.block_id]} and {name}")
             where[block.block_id] = name
 
         for b in pool.empty:
-            assert b.ref_cnt == 0 and b.block_hash is None, f"empty block {b} has ref or hash"
+            if not (b.ref_cnt == 0 and b.block_hash is None):
+                raise IntegrityError(f"empty block {b} has ref or hash")
             place(b, "empty")
         for b in pool.lru:
-            assert b.ref_cnt == 0 and b.block_hash is not None, f"lru block {b} has ref or no hash"
+            if not (b.ref_cnt == 0 and b.block_hash is not None):
+                raise IntegrityError(f"lru block {b} has ref or no hash")
             place(b, "lru")
         live = [entry[2] for entry in pool.retained if entry[1] == entry[2].heap_token]
-        assert len(live) == pool.num_retained, f"retained count {pool.num_retained} != {len(live)}"
+        if not (len(live) == pool.num_retained):
+            raise IntegrityError(f"retained count {pool.num_retained} != {len(live)}")
         for r in live:
-            assert r.ref_cnt == 0 and r.block_hash is not None, f"retained block {r} has ref or no hash"
+            if not (r.ref_cnt == 0 and r.block_hash is not None):
+                raise IntegrityError(f"retained block {r} has ref or no hash")
             place(r, "retained")
         refs: dict[int, int] = {}
         for table in self.tables.values():
             for b in table.blocks:
                 refs[b.block_id] = refs.get(b.block_id, 0) + 1
         for b in pool.blocks:
-            assert b.ref_cnt == refs.get(b.block_id, 0), f"block {b.block_id} ref {b.ref_cnt} != tables"
+            if not (b.ref_cnt == refs.get(b.block_id, 0)):
+                raise IntegrityError(f"block {b.block_id} ref {b.ref_cnt} != tables")
             if b.ref_cnt:
                 place(b, "in use")
-        assert len(where) == pool.num_blocks, f"{pool.num_blocks - len(where)} blocks are nowhere"
-        for h, b in pool.cached.items():
-            assert b.block_hash == h, f"hash map entry for block {b.block_id} disagrees"
+        if not (len(where) == pool.num_blocks):
+            raise IntegrityError(f"{pool.num_blocks - len(where)} blocks are nowhere")
+        for h, b in pool.by_hash.items():
+            if not (b.block_hash == h):
+                raise IntegrityError(f"hash map entry for block {b.block_id} disagrees")
         hashed = sum(1 for b in pool.blocks if b.block_hash is not None)
-        assert hashed == len(pool.cached), f"{hashed} hashed blocks but {len(pool.cached)} indexed"
-        for h, owner in self.pending.items():
-            assert owner in self.tables and h in self.tables[owner].pending, "stale pending entry"
+        if not (hashed == len(pool.by_hash)):
+            raise IntegrityError(f"{hashed} hashed blocks but {len(pool.by_hash)} indexed")
+        for h, owner in self.inflight.items():
+            if not (owner in self.tables and h in self.tables[owner].promised):
+                raise IntegrityError("stale in-flight entry")
 
     def stats(self) -> dict[str, int]:
         pool = self.pool

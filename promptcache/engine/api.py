@@ -9,8 +9,9 @@ from __future__ import annotations
 from promptcache.cache import MAX_TTL_S, NO_RETENTION, Retention
 from promptcache.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from promptcache.engine.info import EngineInfo, EngineStats
-from promptcache.engine.request import RequestOutput, TokenLogprob, Usage
+from promptcache.engine.request import RequestOutput, RequestSpec, TokenLogprob
 from promptcache.engine.sampling import SamplingParams
+from promptcache.engine.usage import Usage
 
 __all__ = [
     "MAX_TTL_S",
@@ -21,6 +22,7 @@ __all__ = [
     "EngineStats",
     "EngineOverloaded",
     "RequestOutput",
+    "RequestSpec",
     "Retention",
     "SamplingParams",
     "TokenLogprob",

@@ -16,11 +16,9 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from promptcache.cache import NO_RETENTION, Retention
 from promptcache.engine.info import EngineInfo, EngineStats
 from promptcache.engine.llm_engine import LLMEngine
-from promptcache.engine.request import RequestOutput
-from promptcache.engine.sampling import SamplingParams
+from promptcache.engine.request import RequestOutput, RequestSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,25 +95,19 @@ class AsyncEngine:
         # commands not yet applied count too (approximate: aborts are in there as well)
         return len(self.engine.scheduler.waiting) + self._commands.qsize()
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        tenant: str | None = None,
-        retention: Retention = NO_RETENTION,
-    ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, spec: RequestSpec) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as steps produce them; the last one has ``finished``.
 
         Raises ValueError for a request that can never run, EngineOverloaded when the queue is full.
         """
         self._raise_if_dead()
-        self.engine.validate_prompt(prompt_token_ids, params)  # pure: safe off the engine thread
+        request_id = spec.request_id
+        self.engine.validate(spec)  # pure: safe off the engine thread
         if self.num_waiting >= self.max_waiting:
             raise EngineOverloaded(retry_after_s=max(1, self.num_waiting // 8))
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
-        self._commands.put(("add", (request_id, prompt_token_ids, params, tenant, retention)))
+        self._commands.put(("add", spec))
         self._wake.set()
         self._raise_if_dead()  # it may have died after the first check, before we registered
         finished = False
@@ -148,11 +140,11 @@ class AsyncEngine:
             if kind == "abort":
                 self.engine.abort_request(arg)
                 continue
-            request_id = arg[0]
+            request_id = arg.request_id
             if request_id not in self._queues:
                 continue  # the caller already left
             try:
-                self.engine.add_request(*arg)
+                self.engine.add_request(arg)
             except ValueError as e:  # e.g. a duplicate id: the caller gets it as a refusal
                 target = self._queues.pop(request_id, None)
                 if target is not None:

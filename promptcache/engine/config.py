@@ -1,64 +1,127 @@
-"""Engine configuration: small frozen dataclasses, validated where they are built."""
+"""Engine configuration: one small frozen dataclass per concern, validated where it is built, owning
+its command-line flags (``promptcache/flags.py``)."""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from promptcache.cache.hashing import DEFAULT_HASH_SEED
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
-
-
-def parse_bytes(value: str | int) -> int:
-    """``"4GiB"``, ``"512MiB"``, ``"2G"``, ``1073741824`` -> bytes."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"invalid size {value!r}: use e.g. '512MiB', '4GiB', '2G' or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
+from promptcache.flags import add_flags, opt, parse_bytes, values_from_args
 
 DTYPE_NAMES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+_DTYPES = ("auto", "bfloat16", "float16", "float32")  # the spellings --help offers
+
+
+def _check_dtype(name: str, value: str) -> None:
+    if value not in DTYPE_NAMES:
+        raise ValueError(f"{name} must be auto, bfloat16, float16 or float32; got {value!r}")
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    model: str | None = None  # local dir, hub id, random:<shape>, or None for the embedded default
-    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    kv_cache_dtype: str = "auto"  # auto (= the dtype matmuls run in) | bfloat16 | float16 | float32
-    # the dtype matmuls run in: auto (native 16-bit where the hardware has it, else float32) | float32 |
-    # the weights' dtype (forces native 16-bit math, emulated on CPUs without it); see engine/precision.py
-    compute_dtype: str = "auto"
-    # logits bit-identical whether a prefix was cached or computed, whatever the batch or step budget
-    deterministic: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    max_model_len: int | None = None  # default: the model's max_position_embeddings (capped at 32k)
-    # cache
-    block_size: int = 16
-    kv_cache_memory: int | str = "1GiB"  # KV budget in bytes, turned into a block count
-    num_blocks: int | None = None  # exact block count (tests); overrides kv_cache_memory
-    enable_prefix_caching: bool = True
-    hash_seed: bytes = DEFAULT_HASH_SEED
-    inflight_wait_s: float = 30.0  # longest a request waits for blocks another request is computing
-    # scheduler
-    max_num_batched_tokens: int = 2048  # tokens per step; long prompts are chunked to fit
-    max_num_seqs: int = 64
-    seed: int = 0
+class ModelConfig:
+    """What runs: the checkpoint, where, and in which precision (policy: engine/precision.py)."""
+
+    model: str | None = opt(None, "checkpoint directory, hub id, or random:<shape> (default: the embedded demo model)")
+    dtype: str = opt("auto", "weights' dtype; auto = bfloat16 where 16-bit math is native (GPU, "
+                     "AVX512-BF16/AMX CPU), else float32", choices=_DTYPES)
+    compute_dtype: str = opt("auto", "dtype matmuls run in: auto (16-bit where native, else float32), float32, "
+                             "or the --dtype itself (forces native 16-bit math, emulated on CPUs without it)",
+                             choices=_DTYPES)
+    kv_cache_dtype: str = opt("auto", "KV cache dtype; auto = the compute dtype", choices=_DTYPES)
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    max_model_len: int | None = opt(None, "context length (default: the model's, capped at 32768)")
+    deterministic: bool = opt(False, "bit-identical logits whether a prefix was cached or computed, whatever "
+                              "the batch or step budget (slower; docs/architecture.md)")
+
+    def __post_init__(self) -> None:
+        for name in ("dtype", "kv_cache_dtype", "compute_dtype"):
+            _check_dtype(name, getattr(self, name))
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The KV pool and the prefix cache's rules."""
+
+    block_size: int = opt(16, "tokens per KV block (cache hits are whole blocks)")
+    kv_cache_memory: int | str = opt("1GiB", "KV cache budget, e.g. 512MiB, 4GiB", metavar="SIZE", parse=str)
+    num_blocks: int | None = opt(None, "exact KV block count; overrides kv_cache_memory", cli=False)
+    enable_prefix_caching: bool = opt(True, "disable prefix reuse (for comparisons)", flag="--no-prefix-cache")
+    hash_seed: bytes = opt(DEFAULT_HASH_SEED, "key of every block hash: processes sharing a tier must agree",
+                           parse=str.encode, metavar="TEXT")
+    inflight_wait_s: float = opt(30.0, "longest a request waits for blocks another request is computing, s")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 1024:
             raise ValueError(f"block_size must be in [1, 1024], got {self.block_size}")
-        if self.max_num_batched_tokens < self.block_size:
-            raise ValueError("max_num_batched_tokens must be at least block_size")
-        if self.max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be >= 1")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
-        parse_bytes(self.kv_cache_memory)
-        for name in ("dtype", "kv_cache_dtype", "compute_dtype"):
-            value = getattr(self, name)
-            if value not in DTYPE_NAMES:
-                raise ValueError(f"{name} must be auto, bfloat16, float16 or float32; got {value!r}")
+        if parse_bytes(self.kv_cache_memory) < 1:
+            raise ValueError("kv_cache_memory must be at least one byte")
+        if not self.hash_seed:
+            raise ValueError("hash_seed must not be empty")
+        if not 0 <= self.inflight_wait_s < float("inf"):
+            raise ValueError("inflight_wait_s must be a finite number of seconds >= 0")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How each step's token budget is spent, and the sampler's base seed."""
+
+    max_num_batched_tokens: int = opt(2048, "tokens per step; longer prompts are chunked")
+    max_num_seqs: int = opt(64, "requests running at once")
+    seed: int = opt(0, "base seed of requests that set none (a request's own seed fixes its samples)",
+                    flag="--sampler-seed")
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+
+
+_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+_OWNER = {f.name: part for part, cls in _PARTS.items() for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's settings, one frozen config per concern. Build it flat (``EngineConfig.of(
+    block_size=32, dtype="float32")``: each keyword goes to the config that owns it) or from parts."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.scheduler.max_num_batched_tokens < self.cache.block_size:
+            raise ValueError("max_num_batched_tokens must be at least block_size")
+
+    @classmethod
+    def of(cls, **settings: Any) -> EngineConfig:
+        return cls().replace(**settings)
+
+    def replace(self, **settings: Any) -> EngineConfig:
+        """A copy with flat settings changed, e.g. ``config.replace(enable_prefix_caching=False)``."""
+        unknown = sorted(set(settings) - set(_OWNER))
+        if unknown:
+            raise ValueError(f"unknown engine setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_OWNER))}")
+        parts = {}
+        for part in _PARTS:
+            mine = {k: v for k, v in settings.items() if _OWNER[k] == part}
+            parts[part] = dataclasses.replace(getattr(self, part), **mine) if mine else getattr(self, part)
+        return EngineConfig(**parts)
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Every engine flag, generated from the configs above (one definition each)."""
+    for title, cls in (("model", ModelConfig), ("KV cache", CacheConfig), ("scheduler", SchedulerConfig)):
+        add_flags(parser.add_argument_group(title), cls)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{part: cls(**values_from_args(cls, args)) for part, cls in _PARTS.items()})

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from promptcache.cache import NO_RETENTION, Retention
 from promptcache.engine.config import EngineConfig
 from promptcache.engine.llm_engine import LLMEngine
-from promptcache.engine.request import RequestOutput
+from promptcache.engine.request import RequestOutput, RequestSpec
 from promptcache.engine.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -21,7 +21,7 @@ class LLM:
     """``LLM(model="path-or-hub-id-or-random:shape")``; every other keyword is an ``EngineConfig`` field."""
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.engine = LLMEngine(EngineConfig.of(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
@@ -43,16 +43,15 @@ class LLM:
         else:
             batch = list(prompts)  # type: ignore[arg-type]
         params = params or SamplingParams()
-        ids = []
+        specs = []
         for prompt in batch:  # validate everything before anything starts
-            token_ids = self._to_ids(prompt)
-            self.engine.validate_prompt(token_ids, params)
-            ids.append(token_ids)
+            spec = RequestSpec(f"llm-{next(self._ids)}", self._to_ids(prompt), params, tenant, retention)
+            self.engine.validate(spec)
+            specs.append(spec)
         order = []
-        for token_ids in ids:
-            rid = f"llm-{next(self._ids)}"
-            self.engine.add_request(rid, token_ids, params, tenant=tenant, retention=retention)
-            order.append(rid)
+        for spec in specs:
+            self.engine.add_request(spec)
+            order.append(spec.request_id)
         return self._run(order, use_tqdm)
 
     def chat(

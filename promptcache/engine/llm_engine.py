@@ -7,30 +7,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 
-from promptcache.cache import NO_RETENTION, KVCacheManager, Retention
+from promptcache.cache import KVCacheManager
 from promptcache.cache.namespace import Namespace, model_identity
 from promptcache.engine.config import EngineConfig
 from promptcache.engine.info import EngineInfo, EngineStats
 from promptcache.engine.model_runner import ModelRunner, SeqInput
 from promptcache.engine.output import OutputState
 from promptcache.engine.precision import describe as describe_precision
-from promptcache.engine.request import Request, RequestOutput, Status
-from promptcache.engine.sampling import SamplingParams
+from promptcache.engine.request import Request, RequestOutput, RequestSpec, Status
 from promptcache.engine.scheduler import ScheduledChunk, Scheduler
+from promptcache.engine.usage import UsageLedger
 from promptcache.tokenizer import Tokenizer
-
-
-@dataclass
-class EngineCounters:
-    requests_added: int = 0
-    prompt_tokens: int = 0  # prompt tokens of every admitted request
-    cached_tokens: int = 0  # ... of which were reused from the cache
-    computed_tokens: int = 0  # tokens that ran through the model (prompt, recompute and decode)
-    generated_tokens: int = 0
-    cache_write_tokens: int = 0
-    finished: dict[str, int] = field(default_factory=dict)  # by finish reason
 
 
 class LLMEngine:
@@ -39,25 +27,25 @@ class LLMEngine:
         self.runner = ModelRunner(self.config)
         self.tokenizer = Tokenizer(self.runner.model_dir)
         self.max_model_len = self.runner.max_model_len
-        self.block_size = self.config.block_size
+        self.block_size = self.config.cache.block_size
         self.kv = KVCacheManager(
-            self.runner.num_blocks, self.block_size, self.config.enable_prefix_caching, clock
+            self.runner.num_blocks, self.block_size, self.config.cache.enable_prefix_caching, clock
         )
-        self.scheduler = Scheduler(self.config, self.kv, clock)
-        self.counters = EngineCounters()
+        self.usage = UsageLedger(self.block_size)  # every usage and counter rule (engine/usage.py)
+        self.scheduler = Scheduler(self.config, self.kv, clock, self.usage)
         self.eos_token_ids = self._eos_ids()
-        self.model_name = self.config.model or "default"
+        self.model_name = self.config.model.model or "default"
         # what every block hash is chained from: model content, dtypes, layout, mode (cache/namespace.py)
         r = self.runner
         self.namespace = Namespace(
             model=model_identity(r.model_dir),
             compute_dtype=str(r.compute_dtype).removeprefix("torch."),
             kv_dtype=str(r.kv_dtype).removeprefix("torch."),
-            deterministic=self.config.deterministic,
-            seed=self.config.hash_seed,
+            deterministic=self.config.model.deterministic,
+            seed=self.config.cache.hash_seed,
         )
         self.precision = describe_precision(r.dtype, r.compute_dtype, r.kv_dtype, r.device) + (
-            ", deterministic" if self.config.deterministic else ""
+            ", deterministic" if self.config.model.deterministic else ""
         )
         self._outputs: dict[str, OutputState] = {}
         self._requests: dict[str, Request] = {}
@@ -75,8 +63,9 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError (never later) for a request that can never run."""
+    def validate(self, spec: RequestSpec) -> None:
+        """Raise ValueError (never later) for a request that can never run. Pure: any thread."""
+        prompt_token_ids, params = spec.prompt_token_ids, spec.params
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
@@ -97,24 +86,17 @@ class LLMEngine:
                 f"the cache has only {self.kv.pool.num_blocks}; raise --kv-cache-memory or lower max_tokens"
             )
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        tenant: str | None = None,
-        retention: Retention = NO_RETENTION,
-    ) -> Request:
+    def add_request(self, spec: RequestSpec) -> Request:
+        request_id = spec.request_id
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.validate_prompt(prompt_token_ids, params)
-        root = self.namespace.root(tenant)
-        req = Request(
-            request_id, prompt_token_ids, params, root, self.block_size, retention, self.config.hash_seed
-        )
+        self.validate(spec)
+        root = self.namespace.root(spec.tenant)
+        req = Request(request_id, spec.prompt_token_ids, spec.params, root, self.block_size, spec.retention,
+                      self.config.cache.hash_seed)
         self._requests[request_id] = req
         self._outputs[request_id] = OutputState(req, self.tokenizer, self.eos_token_ids)
-        self.counters.requests_added += 1
+        self.usage.added(req)
         self.scheduler.add(req)
         return req
 
@@ -164,8 +146,8 @@ class LLMEngine:
         req = chunk.request
         reaches_end = chunk.reaches_end
         req.num_computed_tokens += chunk.num_tokens
-        self.counters.computed_tokens += chunk.num_tokens
-        self._account_writes(req, self.kv.commit(req.request_id, req.block_hashes, req.num_computed_tokens))
+        self.usage.computed(chunk.num_tokens)
+        self.usage.indexed(req, self.kv.commit(req.request_id, req.block_hashes, req.num_computed_tokens))
         if not reaches_end:
             return None
         if req.params.max_tokens == 0:  # pre-warm: the prompt is cached, nothing to generate
@@ -173,7 +155,7 @@ class LLMEngine:
             return self._output(req)
         token, logprob = result
         req.append_token(token)
-        self.counters.generated_tokens += 1
+        self.usage.generated(req)
         if req.logprobs is not None and logprob is not None:
             req.logprobs.append(logprob)
         reason = self._outputs[req.request_id].on_token(token, self.max_model_len)
@@ -181,28 +163,10 @@ class LLMEngine:
             self._finish(req, reason)
         return self._output(req)
 
-    def _account_writes(self, req: Request, newly_indexed: list[int]) -> None:
-        """Count prompt blocks this request stored first. Only blocks wholly inside the prompt count
-        (so the figure does not depend on max_tokens), and each block once, even if a preemption
-        made it be computed and indexed again."""
-        bs = self.block_size
-        for i in newly_indexed:
-            if i >= req.num_prompt_blocks or i in req.written_blocks:
-                continue
-            req.written_blocks.add(i)
-            ttl = req.retention.ttl_for_block(i, bs)
-            by_ttl = req.usage.cache_write_tokens_by_ttl
-            by_ttl[ttl] = by_ttl.get(ttl, 0) + bs
-            req.usage.cache_write_tokens += bs
-            self.counters.cache_write_tokens += bs
-
     def _finish(self, req: Request, reason: str) -> None:
         if req.is_finished:
             return
-        if req.first_scheduled_time is not None:
-            self.counters.prompt_tokens += req.num_prompt_tokens
-            self.counters.cached_tokens += req.usage.cached_tokens
-        self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
+        self.usage.finished(req, reason, ran=req.first_scheduled_time is not None)
         self.scheduler.finish(req, reason)
         self._outputs[req.request_id].finish_text(reason)
         self.runner.sampler.forget(req.request_id)
@@ -215,7 +179,6 @@ class LLMEngine:
         state = self._outputs[req.request_id]
         finished = req.status is Status.FINISHED
         new_text, new_tokens = state.take_new(finished)
-        req.usage.completion_tokens = len(req.output_token_ids)
         out = RequestOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
@@ -226,7 +189,7 @@ class LLMEngine:
             finished=finished,
             finish_reason=req.finish_reason,
             # copies: the caller may read them on another thread while the engine goes on
-            usage=replace(req.usage, cache_write_tokens_by_ttl=dict(req.usage.cache_write_tokens_by_ttl)),
+            usage=req.usage.snapshot(),
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
             stop_reason=req.stop_reason,
         )
@@ -247,10 +210,10 @@ class LLMEngine:
                           self.precision, self.tokenizer)
 
     def snapshot(self) -> EngineStats:
-        return EngineStats(self.stats(), dict(self.counters.finished))
+        return EngineStats(self.stats(), dict(self.usage.counters.finished))
 
     def stats(self) -> dict[str, int]:
-        c = self.counters
+        c = self.usage.counters
         return {
             "requests_added": c.requests_added,
             "requests_running": len(self.scheduler.running),

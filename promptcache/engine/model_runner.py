@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from promptcache.engine.config import EngineConfig, parse_bytes
+from promptcache.engine.config import EngineConfig
 from promptcache.engine.precision import compute_dtype_for, pick_device, pick_dtype
 from promptcache.engine.request import TokenLogprob
 from promptcache.engine.sampler import Sampler
 from promptcache.engine.sampling import SamplingParams
+from promptcache.flags import parse_bytes
 from promptcache.model.attention import AttentionMetadata, Run, slots_after
+from promptcache.model.backends import AttentionBackend, pick_backend
 from promptcache.model.loader import LoadedModel, load_model, resolve_model_dir
 
 MAX_DEFAULT_MODEL_LEN = 32768
@@ -36,29 +38,31 @@ class SeqInput:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
-        if config.device in ("auto", "cpu") and not os.environ.get("OMP_NUM_THREADS"):
+        if config.model.device in ("auto", "cpu") and not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(max(1, os.cpu_count() or 1))
-        self.device = pick_device(config.device)
-        self.dtype = pick_dtype(config.dtype, self.device)  # what the user asked for (weights' values)
-        self.compute_dtype = compute_dtype_for(self.dtype, self.device, config.compute_dtype)
+        self.device = pick_device(config.model.device)
+        self.dtype = pick_dtype(config.model.dtype, self.device)  # what the user asked for (weights' values)
+        self.compute_dtype = compute_dtype_for(self.dtype, self.device, config.model.compute_dtype)
         # The KV cache holds what attention reads: by default the compute dtype (no conversion on
         # the hot path); a 16-bit cache on a float32-compute CPU doubles capacity for a small cost.
         self.kv_dtype = (
-            self.compute_dtype if config.kv_cache_dtype == "auto" else pick_dtype(config.kv_cache_dtype, self.device)
+            self.compute_dtype
+            if config.model.kv_cache_dtype == "auto"
+            else pick_dtype(config.model.kv_cache_dtype, self.device)
         )
-        self.model_dir = resolve_model_dir(config.model)
-        max_len = config.max_model_len or MAX_DEFAULT_MODEL_LEN
+        self.model_dir = resolve_model_dir(config.model.model)
+        max_len = config.model.max_model_len or MAX_DEFAULT_MODEL_LEN
         self.loaded: LoadedModel = load_model(
             self.model_dir, self.compute_dtype, self.device, max_len, value_dtype=self.dtype,
-            deterministic=config.deterministic,
+            deterministic=config.model.deterministic,
         )
         arch = self.loaded.arch
         self.max_model_len = min(max_len, arch.max_position_embeddings)
-        self.block_size = config.block_size
+        self.block_size = config.cache.block_size
         elem = torch.finfo(self.kv_dtype).bits // 8
-        self.kv_bytes_per_token = arch.kv_bytes_per_token * elem
-        self.num_blocks = config.num_blocks or max(
-            1, parse_bytes(config.kv_cache_memory) // (self.kv_bytes_per_token * self.block_size)
+        self.kv_bytes_per_token = arch.kv_elements_per_token * elem
+        self.num_blocks = config.cache.num_blocks or max(
+            1, parse_bytes(config.cache.kv_cache_memory) // (self.kv_bytes_per_token * self.block_size)
         )
         num_slots = self.num_blocks * self.block_size
         # per layer [2 (k, v), kv_heads, num_slots, head_dim]; torch.empty: pages are touched lazily
@@ -66,7 +70,8 @@ class ModelRunner:
             torch.empty(2, arch.num_kv_heads, num_slots, arch.head_dim, dtype=self.kv_dtype, device=self.device)
             for _ in range(arch.num_layers)
         ]
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.scheduler.seed)
+        self.attention: AttentionBackend = pick_backend(self.device, config.model.deterministic)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -106,7 +111,10 @@ class ModelRunner:
             query_start_loc=starts,
             seq_lens=seq_lens,
             context_runs=context_runs,
+            num_kv_heads=self.loaded.arch.num_kv_heads,
+            backend=self.attention,
         )
+        self.attention.prepare(attn, self.loaded.arch.num_heads, self.compute_dtype, self.device)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.loaded.model(ids_t, pos_t, attn, self.kv_caches)  # [num_tokens, hidden]

@@ -25,13 +25,38 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.f
           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
+# the flags that decide a dtype policy, reported beside every benchmark figure
+POLICY_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, flags) of the first CPU in /proc/cpuinfo; ("", {}) where there is none."""
+    model, flags = "", frozenset[str]()
     try:
         with open("/proc/cpuinfo") as f:
-            return frozenset(word for line in f if line.startswith("flags") for word in line.split())
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = frozenset(value.split())
     except OSError:
-        return frozenset()
+        pass
+    return model, flags
+
+
+def _cpu_flags() -> frozenset[str]:
+    return _cpuinfo()[1]
+
+
+def cpu_model() -> str:
+    return _cpuinfo()[0]
+
+
+def policy_flags() -> list[str]:
+    """Which of ``POLICY_FLAGS`` this CPU has."""
+    return [f for f in POLICY_FLAGS if f in _cpu_flags()]
 
 
 def cpu_has_native_bf16() -> bool:

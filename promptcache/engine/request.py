@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from promptcache.cache import BlockHash, Retention, hash_blocks
+from promptcache.cache import NO_RETENTION, BlockHash, Retention, hash_blocks
 from promptcache.cache.hashing import DEFAULT_HASH_SEED
 from promptcache.engine.sampling import SamplingParams
+from promptcache.engine.usage import Usage
 
 
 class Status(enum.Enum):
@@ -21,16 +22,6 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose K/V were reused, never recomputed
-    cache_write_tokens: int = 0  # prompt tokens this request newly stored in the cache
-    completion_tokens: int = 0
-    # cache_write_tokens split by the retention (seconds) their blocks were stored with
-    cache_write_tokens_by_ttl: dict[float, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,6 +39,19 @@ class RequestOutput:
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What a caller asks for — the one shape in which ``LLM``, ``AsyncEngine`` and the server hand
+    a request to ``LLMEngine``. The tenant is decided by the server (from the API key), never read
+    from a request body; it only selects the cache namespace."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    tenant: str | None = None
+    retention: Retention = NO_RETENTION
 
 
 class Request:
@@ -70,9 +74,11 @@ class Request:
         self.status = Status.WAITING
         self.first_scheduled_time: float | None = None
         self.wait_started: float | None = None  # when it began waiting for in-flight blocks
-        # [0, usage.cached_tokens) reused | [.., num_computed_tokens) computed here | rest to schedule
+        # [0, hit at this admission) reused | [.., num_computed_tokens) computed | [.., num_tokens) to run;
+        # a preemption resets num_computed_tokens to 0 and the next admission takes a new hit
+        # (usage.cached_tokens keeps the first one: engine/usage.py)
         self.num_computed_tokens = 0
-        self.usage = Usage(prompt_tokens=len(prompt_token_ids))
+        self.usage = Usage()
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from promptcache.cache import KVCacheManager
 from promptcache.engine.config import EngineConfig
 from promptcache.engine.request import Request, Status
+from promptcache.engine.usage import UsageLedger
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,12 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv: KVCacheManager, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, config: EngineConfig, kv: KVCacheManager, clock: Callable[[], float], usage: UsageLedger
+    ) -> None:
         self.config = config
         self.kv = kv
+        self.usage = usage
         self.clock = clock
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -58,7 +62,7 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------------
 
     def schedule(self) -> list[ScheduledChunk]:
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.scheduler.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         scheduled: set[str] = set()
         decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
@@ -114,10 +118,10 @@ class Scheduler:
         """
         held_back: list[Request] = []
         now = self.clock()
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.config.scheduler.max_num_seqs:
             req = self.waiting.popleft()
             hit = self.kv.match(req.request_id, req.block_hashes, req.num_tokens)
-            if hit.num_pending_blocks and self._may_wait(req, now):
+            if hit.num_inflight_blocks and self._may_wait(req, now):
                 held_back.append(req)  # its prefix is being computed right now: reuse it instead
                 continue
             if short_only and req.num_tokens - hit.num_tokens > budget:
@@ -125,17 +129,17 @@ class Scheduler:
                 continue
             num_new = min(req.num_tokens - hit.num_tokens, budget)
             # the full prompt blocks it will compute: others wanting them wait for this request
-            pending = req.block_hashes[len(hit.blocks) : req.num_prompt_blocks]
+            inflight = req.block_hashes[len(hit.blocks) : req.num_prompt_blocks]
             ids = self.kv.allocate(
-                req.request_id, hit.num_tokens + num_new, hit, req.retention, pending_hashes=pending
+                req.request_id, hit.num_tokens + num_new, hit, req.retention, inflight_hashes=inflight
             )
             if ids is None:
                 self.waiting.appendleft(req)  # first come, first served: nobody jumps the queue
                 break
             req.num_computed_tokens = hit.num_tokens
+            self.usage.admitted(req, hit.num_tokens, first=req.first_scheduled_time is None)
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-                req.usage.cached_tokens = min(hit.num_tokens, req.num_prompt_tokens)
             req.status = Status.RUNNING
             req.wait_started = None
             self.running.append(req)
@@ -148,4 +152,4 @@ class Scheduler:
     def _may_wait(self, req: Request, now: float) -> bool:
         if req.wait_started is None:
             req.wait_started = now
-        return now - req.wait_started < self.config.inflight_wait_s
+        return now - req.wait_started < self.config.cache.inflight_wait_s

@@ -14,6 +14,7 @@ it whole (they are compute-bound anyway, so the copy is noise).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,10 @@ class AttentionMetadata:
     seq_lens: list[int]  # [num_seqs] context length including this step's tokens
     context_runs: list[list[Run]]  # per sequence, covering exactly seq_lens[i] slots
     # the decode plan is the same in every layer: built by the first, reused by the others
+    num_kv_heads: int = 0  # of the KV storage (plans need it before any layer runs)
+    # the backend the runner picked (model/backends.py); None: paged_attention chosen by device
+    backend: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
+    # per-step plans a backend builds once, before the first layer, and every layer reuses
     decode_plan: _DecodePlan | None = field(default=None, repr=False)
     deterministic_plan: object | None = field(default=None, repr=False)  # model/deterministic.py's
 
@@ -169,6 +174,14 @@ def _decode_cascade(
     return {i: out[j].reshape(1, -1, d) for j, i in enumerate(rows)}
 
 
+def decode_rows(attn: AttentionMetadata) -> list[int]:
+    """Sequences of this step that decode: one query over a context of more than one token."""
+    return [
+        i for i in range(attn.num_seqs)
+        if attn.query_start_loc[i + 1] - attn.query_start_loc[i] == 1 < attn.seq_lens[i]
+    ]
+
+
 def slots_after(runs: list[Run], skip: int) -> list[int]:
     """Slots of the positions after the first ``skip`` ones of a context given as runs."""
     out: list[int] = []
@@ -209,10 +222,7 @@ def paged_attention(
     write_kv(kv_cache, k, v, attn.slot_mapping)
     decodes: dict[int, torch.Tensor] = {}
     if q.device.type == "cpu" if cpu_kernels is None else cpu_kernels:
-        rows = [
-            i for i in range(attn.num_seqs)
-            if attn.query_start_loc[i + 1] - attn.query_start_loc[i] == 1 < attn.seq_lens[i]
-        ]
+        rows = decode_rows(attn)
         decodes = _decode_cascade(q, kv_cache, attn, rows, scale) if rows else {}
     outs = []
     for i in range(attn.num_seqs):

@@ -77,8 +77,8 @@ class ArchConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token across all layers, per element byte (multiply by dtype size)."""
+    def kv_elements_per_token(self) -> int:
+        """Elements of K and V per token across all layers (times the dtype size: bytes)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
     @property

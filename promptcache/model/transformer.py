@@ -13,7 +13,7 @@ from torch import nn
 
 from promptcache.model.attention import AttentionMetadata, paged_attention
 from promptcache.model.config import ArchConfig
-from promptcache.model.deterministic import deterministic_attention, pointwise, tiled_linear
+from promptcache.model.deterministic import pointwise, tiled_linear
 
 
 class Linear(nn.Linear):
@@ -92,7 +92,6 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
-        self.deterministic = False
 
     def forward(
         self,
@@ -111,7 +110,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = rotary(q, k, positions)
-        attend = deterministic_attention if self.deterministic else paged_attention
+        attend = attn.backend or paged_attention  # the runner's choice (model/backends.py)
         out = attend(q, k, v, kv_cache, attn, self.scale)  # [T, H, d]
         return self.o(out.reshape(num_tokens, self.q_size))
 
@@ -135,7 +134,7 @@ class MLP(nn.Module):
         return self.down(act(h))
 
 
-class Block(nn.Module):
+class DecoderLayer(nn.Module):
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         norm = (lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps)) if cfg.family == "llama" else (
@@ -163,7 +162,7 @@ class CausalLM(nn.Module):
             nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.family == "gpt2" else None
         )
         self.rotary = Rotary(cfg, self.max_model_len) if cfg.family == "llama" else None
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = (
             RMSNorm(cfg.hidden_size, cfg.norm_eps)
             if cfg.family == "llama"
@@ -172,11 +171,12 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        if deterministic:  # batch-invariant operators everywhere a row's result could depend on the batch
+        # batch-invariant linears and pointwise ops (attention: the runner's deterministic backend)
+        if deterministic:
             for module in self.modules():
                 if isinstance(module, Linear):
                     module.row_tiled = True
-                elif isinstance(module, Attention | MLP):
+                elif isinstance(module, MLP):
                     module.deterministic = True
 
     def finish_loading(self, device: torch.device) -> None:

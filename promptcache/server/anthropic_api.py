@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from promptcache.engine.api import RequestOutput
+from promptcache.engine.api import RequestOutput, RequestSpec
 from promptcache.server.anthropic_prompt import anthropic_usage, build_prompt
 from promptcache.server.errors import ApiError, anthropic_error_body, error_json
 from promptcache.server.generation import EventStream, Generation, guarded_events
@@ -58,8 +58,8 @@ async def create_message(body: MessagesRequest, request: Request, tenant: Tenant
     params = sampling_params(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                              top_k=body.top_k, stop=body.stop_sequences, ignore_eos=body.ignore_eos)
     rid = new_id("msg_")
-    gen = await Generation.start(state, request, "/v1/messages", rid, prompt.token_ids, params, tenant,
-                                 prompt.retention)
+    spec = RequestSpec(rid, prompt.token_ids, params, tenant, prompt.retention)
+    gen = await Generation.start(state, request, "/v1/messages", spec)
     if body.stream:
         return EventStream(guarded_events(gen, _message_events(gen, rid, model), _error_event))
     out = await gen.final(request)

@@ -11,9 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from promptcache.engine.api import AsyncEngine
 from promptcache.server import anthropic_api, openai_api
+from promptcache.server.config import DEFAULT_MAX_REQUEST_BYTES
 from promptcache.server.errors import install_error_handlers
 from promptcache.server.metrics import ServerMetrics, StatusCounterMiddleware
-from promptcache.server.middleware import DEFAULT_MAX_REQUEST_BYTES, ApiGuard
+from promptcache.server.middleware import ApiGuard
 from promptcache.server.state import ServerState, get_state, prompt_char_limit
 
 DESCRIPTION = """Self-hosted prompt-caching LLM server.

@@ -26,7 +26,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from promptcache.engine.api import NO_RETENTION, EngineDead, EngineOverloaded, RequestOutput, Retention, SamplingParams
+from promptcache.engine.api import EngineDead, EngineOverloaded, RequestOutput, RequestSpec
 from promptcache.server.errors import ENGINE_FAILED, ApiError
 from promptcache.server.state import ServerState
 
@@ -71,14 +71,10 @@ class Generation:
         state: ServerState,
         request: Request,
         endpoint: str,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        tenant: str | None,
-        retention: Retention = NO_RETENTION,
+        spec: RequestSpec,
     ) -> Generation:
         started = time.monotonic()
-        stream = state.aengine.generate(request_id, prompt_token_ids, params, tenant, retention)
+        stream = state.aengine.generate(spec)
         try:
             first = await race_disconnect(request, _next(stream))
         except ApiError:  # the client went away (499)
@@ -89,7 +85,7 @@ class Generation:
             raise ApiError(429, str(e), code="rate_limit_exceeded",
                            headers={"Retry-After": str(e.retry_after_s)}) from None
         except Exception as e:
-            raise _engine_failed(request_id, e) from None
+            raise _engine_failed(spec.request_id, e) from None
         state.metrics.observe_ttft(endpoint, started)
         return cls(stream, first)
 

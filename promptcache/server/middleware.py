@@ -14,8 +14,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from promptcache.server.auth import resolve_tenant
 from promptcache.server.errors import ApiError, error_response
 
-DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
-
 
 class ApiGuard:
     def __init__(self, app: ASGIApp, api_keys: dict[str, str] | None, max_request_bytes: int) -> None:

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from promptcache.engine.api import Retention, SamplingParams
+from promptcache.engine.api import RequestSpec, Retention, SamplingParams
 from promptcache.server import openai_format as fmt
 from promptcache.server.errors import ApiError, is_anthropic
 from promptcache.server.generation import EventStream, Generation
@@ -120,8 +120,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
     params = _params(state, body, max_tokens, len(prompt_ids),
                      (body.top_logprobs or 0) if want_logprobs else None)
     rid = new_id("chatcmpl-")
-    gen = await Generation.start(state, request, "/v1/chat/completions", rid, prompt_ids, params, tenant,
-                                 retention)
+    gen = await Generation.start(state, request, "/v1/chat/completions",
+                                 RequestSpec(rid, prompt_ids, params, tenant, retention))
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(fmt.chat_stream(gen, state.tokenizer, rid, model, include_usage, want_logprobs))
@@ -161,8 +161,8 @@ async def completions(body: CompletionRequest, request: Request, tenant: Tenant)
     params = _params(state, body, body.max_tokens, len(prompt_ids), body.logprobs)
     retention = Retention(_ttl(body, False))
     rid = new_id("cmpl-")
-    gen = await Generation.start(state, request, "/v1/completions", rid, prompt_ids, params, tenant,
-                                 retention)
+    gen = await Generation.start(state, request, "/v1/completions",
+                                 RequestSpec(rid, prompt_ids, params, tenant, retention))
     want_logprobs = body.logprobs is not None
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

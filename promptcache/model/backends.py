@@ -1,0 +1,73 @@
+"""Attention backends. The runner picks one per engine (by device and mode) and, once per step,
+lets it build its plan into the step's ``AttentionMetadata``; every layer then reuses that plan.
+
+| backend        | where                     | decode                                                  |
+| -------------- | ------------------------- | ------------------------------------------------------- |
+| ``cpu-cascade``| CPU                       | heads read in place, shared prefixes once (cascade)     |
+| ``portable``   | any device (GPUs today)   | each context gathered, one SDPA call per sequence       |
+| ``deterministic`` | any device, opt-in     | fixed 256-key pieces merged in order (model/deterministic.py) |
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from promptcache.model import attention as _attention
+from promptcache.model import deterministic as _deterministic
+from promptcache.model.attention import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Build this step's plan into ``attn`` (once; every layer reuses it)."""
+        ...
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...
+
+
+class CascadeCPU:
+    name = "cpu-cascade"
+
+    def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
+        rows = _attention.decode_rows(attn)
+        attn.decode_plan = _attention._plan_decode(attn, rows, dtype, device) if rows else None
+
+    def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
+        return _attention.paged_attention(q, k, v, kv_cache, attn, scale, cpu_kernels=True)
+
+
+class Portable:
+    name = "portable"
+
+    def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
+        pass  # nothing shared between layers: each sequence's context is gathered per layer
+
+    def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
+        return _attention.paged_attention(q, k, v, kv_cache, attn, scale, cpu_kernels=False)
+
+
+class Deterministic:
+    name = "deterministic"
+
+    def __init__(self, cpu_kernels: bool) -> None:
+        self.cpu_kernels = cpu_kernels
+
+    def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
+        group = num_heads // int(attn.num_kv_heads)
+        attn.deterministic_plan = _deterministic._plan(attn, group, _deterministic.PIECE_TOKENS, device)
+
+    def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
+        return _deterministic.deterministic_attention(q, k, v, kv_cache, attn, scale, cpu_kernels=self.cpu_kernels)
+
+
+def pick_backend(device: torch.device, deterministic: bool) -> AttentionBackend:
+    if deterministic:
+        return Deterministic(cpu_kernels=device.type == "cpu")
+    return CascadeCPU() if device.type == "cpu" else Portable()

@@ -1,0 +1,37 @@
+"""The HTTP server's settings: one frozen config owning its ``promptcache serve`` flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from promptcache.flags import opt, parse_bytes
+
+DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = opt("127.0.0.1", "interface to bind (0.0.0.0 for all)")
+    port: int = opt(8000, "TCP port")
+    api_keys: str | None = opt(None, 'JSON file mapping API keys to tenant names, e.g. {"sk-a": "acme"}; each '
+                               "tenant is its own cache namespace. Without it the server is open and "
+                               "single-tenant.", metavar="FILE")
+    max_waiting: int = opt(256, "queued requests before new ones get 429 with Retry-After")
+    max_request_bytes: int = opt(DEFAULT_MAX_REQUEST_BYTES, "largest request body accepted (e.g. 32MiB, 1MB, a "
+                                 "byte count); larger ones get 413", parse=parse_bytes, metavar="SIZE")
+    served_model_name: tuple[str, ...] | None = opt(
+        None, "model id clients send and /v1/models lists (repeatable; default: --model or 'default')",
+        metavar="NAME", append=True,
+    )
+    log_level: str = opt("info", "uvicorn's log level", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
+        if self.max_request_bytes < 1:
+            raise ValueError("max_request_bytes must be at least 1 byte")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
