@@ -82,3 +82,12 @@ def save_hf_checkpoint(family: str, out: Path, seed: int = 0, max_shard_size: st
 def hf_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     return {f: save_hf_checkpoint(f, root / f) for f in ("llama", "mistral", "qwen2", "qwen3", "gpt2")}
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real uvicorn server on loopback over a tiny engine, one per test module (its own cache)."""
+    from test_server_harness import running, serve, tiny_engine
+
+    with running(tiny_engine()) as aengine, serve(aengine) as srv:
+        yield srv

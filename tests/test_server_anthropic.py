@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from anthropic import Anthropic, BadRequestError
-from test_server_harness import (
-    MODEL,
-    Server,
-    common_prefix,
-    nonce,
-    running,
-    serve,
-    text_of_tokens,
-    tiny_engine,
-)
+from test_server_harness import MODEL, Server, nonce, text_of_tokens
+
+from promptcache.sequences import common_prefix_len
 
 BLOCK = 16
 TTL_ORDER = ("a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block. "
              "Note that blocks are processed in the following order: `tools`, `system`, `messages`.")
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    with running(tiny_engine()) as aengine, serve(aengine) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +34,7 @@ def _breakpoint_tokens(server: Server, messages: list[dict[str, str]], block_tex
     text = tok.render_chat(messages)
     full = tok.encode(text, add_special_tokens=False)
     end = text.index(block_text) + len(block_text)
-    return common_prefix(tok.encode(text[:end], add_special_tokens=False), full)
+    return common_prefix_len(tok.encode(text[:end], add_special_tokens=False), full)
 
 
 def test_system_cache_control_writes_then_reads(server: Server, client: Anthropic) -> None:

@@ -102,13 +102,6 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0, interval_s
         time.sleep(interval_s)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def text_of_tokens(tok: Any, num_tokens: int, opening: str) -> str:
     """Prose of about ``num_tokens`` tokens (at least), opening with ``opening``."""
     words = 50
@@ -119,12 +112,6 @@ def text_of_tokens(tok: Any, num_tokens: int, opening: str) -> str:
         mid = (lo + hi) // 2
         lo, hi = (mid + 1, hi) if len(tok.encode(long_text(mid, opening))) < num_tokens else (lo, mid)
     return long_text(lo, opening)
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    with running(tiny_engine()) as aengine, serve(aengine) as srv:
-        yield srv
 
 
 # ---- the harness' own checks: health, docs, models, metrics, CLI ---------------------------------

@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from openai import OpenAI
-from test_server_harness import (
-    MODEL,
-    Server,
-    common_prefix,
-    nonce,
-    running,
-    serve,
-    text_of_tokens,
-    tiny_engine,
-)
+from test_server_harness import MODEL, Server, nonce, text_of_tokens
 
 from promptcache.engine.request import TokenLogprob
+from promptcache.sequences import common_prefix_len
 from promptcache.server import openai_format as fmt
 
 BLOCK = 16
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    with running(tiny_engine()) as aengine, serve(aengine) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +49,7 @@ def test_shared_system_prompt_is_reused_exactly(server: Server, client: OpenAI) 
 
     r1, r2 = usages[0], usages[1]
     assert r1 == (len(ids1), 0, len(ids1) // BLOCK * BLOCK, 4)
-    reused = common_prefix(ids1, ids2) // BLOCK * BLOCK  # block-aligned, through the whole system prompt
+    reused = common_prefix_len(ids1, ids2) // BLOCK * BLOCK  # block-aligned, through the whole system prompt
     assert reused >= system_end // BLOCK * BLOCK
     assert r2[:3] == (len(ids2), reused, len(ids2) // BLOCK * BLOCK - reused)
     assert usages[2:] == usages[:2]
@@ -123,7 +108,7 @@ def test_content_parts_roles_and_prompt_cache_fields(server: Server, client: Ope
     # the explicit breakpoint pins [0, breakpoint) for an hour; everything after it is plain LRU
     pinned = server.aengine.call(lambda e: sum(1 for b in e.kv.pool.blocks if b.ttl_s == 3600.0))
     head_ids = tok.encode(f"<|im_start|>system\n{head}", add_special_tokens=False)
-    breakpoint_at = common_prefix(head_ids, expected)
+    breakpoint_at = common_prefix_len(head_ids, expected)
     assert pinned == breakpoint_at // BLOCK > 0
     messages[-1] = {"role": "user", "content": "Different question."}
     r2 = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, extra_body=extra)

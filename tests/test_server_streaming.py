@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI, OpenAI
-from test_server_harness import MODEL, Server, nonce, running, serve, text_of_tokens, tiny_engine, wait_until
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    with running(tiny_engine()) as aengine, serve(aengine) as srv:
-        yield srv
+from test_server_harness import MODEL, Server, nonce, text_of_tokens, wait_until
 
 
 def _idle(server: Server) -> bool:

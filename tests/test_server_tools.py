@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 from anthropic import Anthropic
-from test_server_harness import Server, common_prefix, nonce, running, serve, text_of_tokens, tiny_engine
+from test_server_harness import Server, nonce, running, serve, text_of_tokens, tiny_engine
 
 from promptcache.model.shapes import random_checkpoint
+from promptcache.sequences import common_prefix_len
 
 BLOCK = 16
 TOOLS_TEMPLATE = (
@@ -56,7 +57,8 @@ def _tokens_through_line_of(server: Server, messages: list[dict[str, str]], tool
                                                         "parameters": t["input_schema"]}} for t in tools]
     text = tok.render_chat(messages, tools=template_tools)
     end = text.index("\n", text.index(marker)) + 1
-    return common_prefix(tok.encode(text[:end], add_special_tokens=False), tok.encode(text, add_special_tokens=False))
+    head, full = tok.encode(text[:end], add_special_tokens=False), tok.encode(text, add_special_tokens=False)
+    return common_prefix_len(head, full)
 
 
 def test_tool_breakpoints_cover_the_tool_definitions(server: Server) -> None:

@@ -8,18 +8,22 @@ from typing import Any
 
 from promptcache.bench.workloads import LongDoc
 
-EPILOG = """\
-workload flags left unset take the workload's CPU default (shared/BENCHMARKS.md):
-  prefix-pair    --prompt-tokens 2048 --suffix-tokens 64 --output-tokens 8
-  shared-prefix  --groups 4 --questions 8 --prefix-tokens 2048 --question-tokens 64 --output-tokens 16
-  multi-turn     --users 4 --rounds 5 --prefix-tokens 512 --question-tokens 128 --output-tokens 32
-  long-doc       --documents 4 --doc-tokens 4096 --asks 3 --question-tokens 32 --output-tokens 8 --order tile
-
+EPILOG_EXAMPLES = """\
 examples:
   promptcache bench --model random:smollm2-135m --dtype bfloat16 --workload prefix-pair \\
       --baseline transformers --json pair.json --plot pair.png
   promptcache bench --workload shared-prefix --url http://127.0.0.1:8000 --cold-url http://127.0.0.1:8001
 """
+
+
+def _epilog() -> str:
+    from promptcache.bench.suite import DEFAULTS
+
+    lines = ["workload flags left unset take the workload's CPU default (shared/BENCHMARKS.md):"]
+    for name, shape in DEFAULTS.items():
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shape.items())
+        lines.append(f"  {name:<14} {flags}" + (" --order tile" if name == "long-doc" else ""))
+    return "\n".join(lines) + "\n\n" + EPILOG_EXAMPLES
 
 
 def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
@@ -30,7 +34,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         "bench", help="benchmark prompt caching: TTFT cache on vs off, throughput, baselines",
         description="Run a workload with the prefix cache on and off (same token ids, same run), check that "
                     "greedy outputs match, and report TTFT, throughput, hit rate and memory.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_engine_flags(p)  # --no-prefix-cache is ignored: every run measures both arms
     p.add_argument("--workload", choices=WORKLOADS, default="prefix-pair")

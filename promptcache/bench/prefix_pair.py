@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from promptcache.bench.backends import Backend, RequestResult
 from promptcache.bench.baselines import TransformersBaseline
-from promptcache.bench.machine import median, percentile
-from promptcache.bench.runner import warm_up
+from promptcache.bench.machine import median
+from promptcache.bench.runner import request_row, summarize, warm_up
 from promptcache.bench.workloads import BenchRequest, TokenSource
 
 
@@ -93,15 +93,11 @@ def run_prefix_pair(pp: PrefixPair, backend: Backend, baseline: TransformersBase
         cold_out[1] = _one(backend, "cold-check", pp.prompts(pp.seed)[1], pp.output_tokens, reset=True)
     bar.close()
     report = _summarise(pp, samples, cold_out, warm_out)
-    p_tokens = pp.prompt_tokens
     if tf is not None:
         report.update(tf.summary())
-        for arm, rows in tf.arms().items():
-            report["requests"][arm] = rows
-            ttfts = [row["ttft_s"] for row in rows]
-            report["arms"][arm] = {"requests": len(rows), "ttft_p50_s": percentile(ttfts, 50),
-                                   "ttft_p95_s": percentile(ttfts, 95), "ttft_min_s": min(ttfts),
-                                   "ttft_max_s": max(ttfts), "hit_rate": rows[0]["cached_tokens"] / p_tokens}
+        for arm, results in tf.arms().items():
+            report["requests"][arm] = [request_row(x) for x in results]
+            report["arms"][arm] = summarize(results, with_ideal=False)
         report["cold_over_transformers_cold"] = report["cold_ttft_s"] / report["transformers_cold_ttft_s"]
         report["warm_over_transformers_warm"] = report["warm_ttft_s"] / report["transformers_warm_ttft_s"]
     return report
@@ -126,14 +122,16 @@ class _BaselinePair:
         self.warm.append(seconds)
         self.copies.append(copy_s)
 
-    def arms(self) -> dict[str, list[dict[str, Any]]]:
-        """Per-repeat rows in the shape of the engine's (for the table and the plot)."""
+    def arms(self) -> dict[str, list[RequestResult]]:
+        """Per-repeat results in the shape of the engine's (for the table and the plot)."""
         p, shared = self.pp.prompt_tokens, self.pp.shared_tokens
+
+        def result(name: str, cached: int, t: float) -> RequestResult:
+            return RequestResult(name, p, cached, [], "", 0, t, t)
+
         return {
-            "transformers cold": [{"name": f"tf-cold-{i}", "prompt_tokens": p, "cached_tokens": 0, "ttft_s": t}
-                                  for i, t in enumerate(self.cold)],
-            "transformers warm": [{"name": f"tf-warm-{i}", "prompt_tokens": p, "cached_tokens": shared,
-                                   "ttft_s": t} for i, t in enumerate(self.warm)],
+            "transformers cold": [result(f"tf-cold-{i}", 0, t) for i, t in enumerate(self.cold)],
+            "transformers warm": [result(f"tf-warm-{i}", shared, t) for i, t in enumerate(self.warm)],
         }
 
     def summary(self) -> dict[str, Any]:
@@ -162,23 +160,10 @@ def _summarise(pp: PrefixPair, samples: dict[str, list[RequestResult]], cold_out
         "ideal_cached_tokens": pp.shared_tokens,
         "greedy_match": greedy,
         "samples": ttft,
-        "arms": {arm: _arm_summary(xs) for arm, xs in samples.items()},
+        "arms": {arm: summarize(xs, with_ideal=False) for arm, xs in samples.items()},
     }
     report["warm_over_suffix_only"] = report["warm_ttft_s"] / report["suffix_only_ttft_s"]
     report["warm_over_cold"] = report["warm_ttft_s"] / report["cold_ttft_s"]
     report["prefill_tokens_per_s"] = pp.prompt_tokens / report["cold_ttft_s"]
-    report["requests"] = {
-        arm: [{"name": x.name, "prompt_tokens": x.prompt_tokens, "cached_tokens": x.cached_tokens,
-               "ttft_s": x.ttft_s, "latency_s": x.latency_s} for x in xs]
-        for arm, xs in samples.items()
-    }
+    report["requests"] = {arm: [request_row(x) for x in xs] for arm, xs in samples.items()}
     return report
-
-
-def _arm_summary(xs: list[RequestResult]) -> dict[str, Any]:
-    ttfts = [x.ttft_s for x in xs]
-    prompt = sum(x.prompt_tokens for x in xs)
-    cached = sum(x.cached_tokens for x in xs)
-    return {"requests": len(xs), "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
-            "ttft_min_s": min(ttfts), "ttft_max_s": max(ttfts), "prompt_tokens": prompt,
-            "cached_tokens": cached, "hit_rate": cached / prompt if prompt else 0.0}

@@ -25,23 +25,33 @@ class ArmResult:
     counters: dict[str, int]  # what the backend's counters grew by during the arm (engine only)
 
     def summary(self) -> dict[str, Any]:
-        ttfts = [r.ttft_s for r in self.results]
-        prompt = sum(r.prompt_tokens for r in self.results)
-        cached = sum(r.cached_tokens for r in self.results)
-        ideal = sum(r.ideal_cached_tokens for r in self.results)
         return {
-            "requests": len(self.results),
+            **summarize(self.results, with_ideal=True),
             "total_s": self.total_s,
-            "ttft_p50_s": percentile(ttfts, 50),
-            "ttft_p95_s": percentile(ttfts, 95),
-            "prompt_tokens": prompt,
-            "cached_tokens": cached,
-            "hit_rate": cached / prompt if prompt else 0.0,
-            "ideal_cached_tokens": ideal,
-            "ideal_hit_rate": ideal / prompt if prompt else 0.0,
-            "output_tokens": sum(r.completion_tokens for r in self.results),
             **{k: self.counters[k] for k in ("computed_tokens", "blocks_evicted") if k in self.counters},
         }
+
+
+def summarize(results: list[RequestResult], with_ideal: bool) -> dict[str, Any]:
+    """One arm's figures from its requests (every workload, prefix-pair included, uses this)."""
+    ttfts = [r.ttft_s for r in results]
+    prompt = sum(r.prompt_tokens for r in results)
+    cached = sum(r.cached_tokens for r in results)
+    out: dict[str, Any] = {
+        "requests": len(results),
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p95_s": percentile(ttfts, 95),
+        "ttft_min_s": min(ttfts, default=float("nan")),
+        "ttft_max_s": max(ttfts, default=float("nan")),
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "hit_rate": cached / prompt if prompt else 0.0,
+        "output_tokens": sum(r.completion_tokens for r in results),
+    }
+    if with_ideal:
+        ideal = sum(r.ideal_cached_tokens for r in results)
+        out.update(ideal_cached_tokens=ideal, ideal_hit_rate=ideal / prompt if prompt else 0.0)
+    return out
 
 
 def run_arm(arm: str, workload: Workload, backend: Backend, bar: tqdm | None = None) -> ArmResult:
@@ -123,7 +133,7 @@ def run_workload(workload: Workload, arms: dict[str, Backend], progress: bool = 
         "workload": workload.name,
         "params": workload.params(),
         "arms": {arm: r.summary() for arm, r in results.items()},
-        "requests": {arm: [_request_row(x) for x in r.results] for arm, r in results.items()},
+        "requests": {arm: [request_row(x) for x in r.results] for arm, r in results.items()},
     }
     if "cache" in results and "no-cache" in results:
         report.update(agreement(results["cache"], results["no-cache"]))
@@ -151,7 +161,7 @@ def _deterministic_figures(results: dict[str, ArmResult]) -> dict[str, Any]:
     return det
 
 
-def _request_row(r: RequestResult) -> dict[str, Any]:
+def request_row(r: RequestResult) -> dict[str, Any]:
     return {"name": r.name, "wave": r.wave, "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
             "ideal_cached_tokens": r.ideal_cached_tokens, "ttft_s": r.ttft_s, "latency_s": r.latency_s,
             "output_tokens": r.completion_tokens}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import time
 from typing import Any
@@ -24,14 +25,18 @@ from promptcache.bench.workloads import LongDoc, MultiTurn, SharedPrefix, TokenS
 
 WORKLOADS = ("prefix-pair", "shared-prefix", "multi-turn", "long-doc")
 
+WORKLOAD_CLASSES: dict[str, type] = {"prefix-pair": PrefixPair, "shared-prefix": SharedPrefix,
+                                     "multi-turn": MultiTurn, "long-doc": LongDoc}
+
+
+def _shape_defaults(cls: type) -> dict[str, Any]:
+    """A workload's shape parameters and their defaults, read from its constructor (the one place)."""
+    return {name: p.default for name, p in inspect.signature(cls).parameters.items()
+            if name not in ("seed", "repeats", "order") and p.default is not inspect.Parameter.empty}
+
+
 # CPU defaults of shared/BENCHMARKS.md; a flag left unset (None) takes the workload's value
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "prefix-pair": {"prompt_tokens": 2048, "suffix_tokens": 64, "output_tokens": 8},
-    "shared-prefix": {"groups": 4, "questions": 8, "prefix_tokens": 2048, "question_tokens": 64,
-                      "output_tokens": 16},
-    "multi-turn": {"users": 4, "rounds": 5, "prefix_tokens": 512, "question_tokens": 128, "output_tokens": 32},
-    "long-doc": {"documents": 4, "doc_tokens": 4096, "asks": 3, "question_tokens": 32, "output_tokens": 8},
-}
+DEFAULTS: dict[str, dict[str, Any]] = {name: _shape_defaults(cls) for name, cls in WORKLOAD_CLASSES.items()}
 
 
 def _opt(args: argparse.Namespace, name: str) -> Any:

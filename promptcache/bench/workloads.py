@@ -9,8 +9,9 @@ vocabulary and clear of the tokenizer's special tokens.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
+
+from promptcache.sequences import common_prefix_len
 
 TOKEN_LOW, TOKEN_HIGH = 10, 4000  # plain (non-special) ids of the shipped 4096-id tokenizer
 
@@ -150,14 +151,6 @@ class LongDoc(Workload):
         return {"documents": self.documents, "doc_tokens": self.doc_tokens, "asks": self.asks,
                 "question_tokens": self.question_tokens, "output_tokens": self.output_tokens,
                 "order": self.order}
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def ideal_cached_tokens(waves: list[list[tuple[list[int], list[int]]]]) -> list[list[int]]:

@@ -57,7 +57,7 @@ class ModelRunner:
             deterministic=config.model.deterministic,
         )
         arch = self.loaded.arch
-        self.max_model_len = min(max_len, arch.max_position_embeddings)
+        self.max_model_len = self.loaded.model.max_model_len  # clamped to the checkpoint's positions
         self.block_size = config.cache.block_size
         elem = torch.finfo(self.kv_dtype).bits // 8
         self.kv_bytes_per_token = arch.kv_elements_per_token * elem

@@ -157,7 +157,9 @@ def write_checkpoint(shape: str, out: str | Path, dtype: str = "bfloat16", seed:
     """Write a random-weight checkpoint of ``shape`` into directory ``out`` and return it."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    torch_dtype = getattr(torch, dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     special = _token_ids()

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from promptcache.sequences import common_prefix_len
 from promptcache.server.errors import ApiError
 from promptcache.tokenizer import Tokenizer
 
@@ -94,14 +95,6 @@ def build_chat_prompt(tok: Tokenizer, messages: Sequence[TemplateMessage], tools
     return ChatPrompt(text, ids, [_cut_token(tok, messages, tools, text, ids, c) for c in cuts])
 
 
-def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _cut_token(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict[str, Any]] | None,
                text: str, ids: list[int], cut: Cut) -> int:
     if cut.message is None:
@@ -110,7 +103,7 @@ def _cut_token(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[
         chars = _part_end_chars(tok, messages, tools, text, cut.message, cut.part)
     if chars <= 0:
         return 0
-    return _common_prefix(tok.encode(text[:chars], add_special_tokens=False), ids)
+    return common_prefix_len(tok.encode(text[:chars], add_special_tokens=False), ids)
 
 
 def _part_end_chars(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict[str, Any]] | None,
@@ -127,7 +120,7 @@ def _part_end_chars(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: 
         pass
     truncated = [*messages[:message], replace(msg, parts=msg.parts[: part + 1])]
     try:
-        return _common_prefix(render(tok, truncated, tools, add_generation_prompt=False), text)
+        return common_prefix_len(render(tok, truncated, tools, add_generation_prompt=False), text)
     except ValueError:  # the template refuses a partial conversation: the breakpoint covers nothing
         return 0
 
@@ -145,4 +138,4 @@ def _tool_end_chars(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: 
     at = with_marker.find(_SENTINEL)
     if at < 0:  # the template does not render tools
         return 0
-    return min(at, _common_prefix(without, with_marker), _common_prefix(without, text))
+    return min(at, common_prefix_len(without, with_marker), common_prefix_len(without, text))
