@@ -173,7 +173,7 @@ def test_duplicate_content_is_indexed_once():
     kv.free("a")
     kv.free("b")
     kv.check_integrity()
-    assert len(kv.pool.by_hash) == 2
+    assert len(kv.index) == 2
 
 
 def test_reset_and_disabled_caching():
@@ -183,11 +183,11 @@ def test_reset_and_disabled_caching():
     assert kv.reset_prefix_cache() == 2
     kv.check_integrity()
     assert run(kv, "b", list(range(9)))[0] == 0
-    off = KVCacheManager(num_blocks=4, block_size=4, enable_caching=False, clock=Clock())
+    off = KVCacheManager(num_blocks=4, block_size=4, index="none", clock=Clock())
     run(off, "a", list(range(9)))
     off.free("a")
     assert run(off, "b", list(range(9)))[0] == 0
-    assert not off.pool.by_hash
+    assert len(off.index) == 0
 
 
 def test_retention_takes_seconds_and_bounds_them():
@@ -197,3 +197,19 @@ def test_retention_takes_seconds_and_bounds_them():
             Retention(bad)
         with pytest.raises(ValueError):
             Retention(0.0, ((16, bad),))
+
+
+def test_null_index_never_finds_keeps_or_promises():
+    from promptcache.cache.index import PREFIX_INDEXES
+
+    assert set(PREFIX_INDEXES) == {"hash", "none"}
+    off = KVCacheManager(num_blocks=16, block_size=4, index="none", clock=Clock())
+    hs = hash_blocks(ROOT, list(range(24)), 4)
+    hit = off.match("a", hs, 24)
+    assert off.allocate("a", 8, hit, inflight_hashes=hs[:5]) is not None
+    # with caching off nobody waits for a's blocks: they will never be indexed
+    assert off.match("b", hs, 24).num_inflight_blocks == 0
+    assert off.commit("a", hs, 8) == [] and len(off.index) == 0
+    off.check_integrity()
+    with pytest.raises(ValueError, match="unknown prefix index"):
+        KVCacheManager(num_blocks=4, block_size=4, index="radix")

@@ -26,7 +26,7 @@ class Clock:
 
 def make(num_blocks: int, budget: int) -> tuple[Scheduler, KVCacheManager]:
     clock = Clock()
-    kv = KVCacheManager(num_blocks, BLOCK, True, clock)
+    kv = KVCacheManager(num_blocks, BLOCK, "hash", clock)
     config = EngineConfig.of(block_size=BLOCK, max_num_batched_tokens=budget, num_blocks=num_blocks)
     return Scheduler(config, kv, clock, UsageLedger(BLOCK)), kv
 
@@ -114,8 +114,8 @@ def test_check_integrity_fails_on_corrupted_state(corrupt):
     elif corrupt == "ref-count":
         in_use.ref_cnt += 1
     elif corrupt == "hash-map":
-        h = next(h for h, blk in pool.by_hash.items() if blk is not in_use)
-        pool.by_hash[h] = in_use  # the index points at a block holding other content
+        h = next(h for h, blk in kv.index.entries() if blk is not in_use)
+        kv.index._blocks[h] = in_use  # type: ignore[attr-defined]  # points at a block with other content
     else:
         pool.empty.pop()  # a block no list holds
     with pytest.raises(IntegrityError):

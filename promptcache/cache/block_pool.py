@@ -19,23 +19,10 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from promptcache.cache.hashing import BlockHash
-
-
-@dataclass(eq=False, slots=True)
-class Block:
-    block_id: int
-    ref_cnt: int = 0
-    block_hash: BlockHash | None = None
-    ttl_s: float = 0.0  # retention asked for this block's content; a release keeps it that long
-    expires_at: float = 0.0  # while free: retained until then (0 = not retained)
-    last_used: float = 0.0
-    heap_token: int = -1  # matches the live heap entry while the block sits in the retained heap
-    prev: Block | None = field(default=None, repr=False)
-    next: Block | None = field(default=None, repr=False)
-    in_lru: bool = False
+from promptcache.cache.block import Block
+from promptcache.cache.index import PrefixIndex
 
 
 class LRUList:
@@ -96,7 +83,10 @@ class PoolCounters:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, clock: Callable[[], float]) -> None:
+    """Where every block is. Content hashes live in the ``index`` (cache/index.py): the pool asks it
+    to forget a block's content when it evicts the block."""
+
+    def __init__(self, num_blocks: int, clock: Callable[[], float], index: PrefixIndex) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -105,7 +95,7 @@ class BlockPool:
         self.lru = LRUList()
         self.retained: list[tuple[float, int, Block]] = []  # (expires_at, token, block)
         self.num_retained = 0
-        self.by_hash: dict[BlockHash, Block] = {}
+        self.index = index
         self.counters = PoolCounters()
         self._tokens = itertools.count()
 
@@ -117,11 +107,6 @@ class BlockPool:
     def num_free_blocks(self) -> int:
         """Blocks an allocation may take now (empty + evictable cached)."""
         return len(self.empty) + len(self.lru) + self.num_retained
-
-    # ---- lookups -------------------------------------------------------------------------------
-
-    def get_cached(self, block_hash: BlockHash) -> Block | None:
-        return self.by_hash.get(block_hash)
 
     # ---- taking and releasing ------------------------------------------------------------------
 
@@ -159,18 +144,10 @@ class BlockPool:
         else:
             self.lru.append(block)
 
-    def index(self, block: Block, block_hash: BlockHash) -> bool:
-        """Make a computed block findable by ``block_hash``; False if another block already has it."""
-        if block_hash in self.by_hash:
-            return False
-        block.block_hash = block_hash
-        self.by_hash[block_hash] = block
-        return True
-
     def drop_all_hashes(self) -> int:
         """Forget every cached prefix (``reset_prefix_cache``); returns how many were dropped."""
-        dropped = len(self.by_hash)
-        for block in list(self.by_hash.values()):
+        dropped = len(self.index)
+        for _, block in self.index.entries():
             if block.ref_cnt == 0:
                 self._unlink_free(block)
                 self._forget(block)
@@ -224,7 +201,5 @@ class BlockPool:
         return block
 
     def _forget(self, block: Block) -> None:
-        assert block.block_hash is not None
-        del self.by_hash[block.block_hash]
-        block.block_hash = None
+        self.index.remove(block)
         block.ttl_s = block.expires_at = 0.0

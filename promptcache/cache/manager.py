@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from promptcache.cache.block_pool import Block, BlockPool
 from promptcache.cache.hashing import BlockHash
+from promptcache.cache.index import PREFIX_INDEXES, PrefixIndex
 
 
 class IntegrityError(AssertionError):
@@ -75,16 +76,17 @@ class KVCacheManager:
         self,
         num_blocks: int,
         block_size: int,
-        enable_caching: bool = True,
+        index: str = "hash",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if index not in PREFIX_INDEXES:
+            raise ValueError(f"unknown prefix index {index!r}; known: {', '.join(PREFIX_INDEXES)}")
         self.block_size = block_size
-        self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, clock)
+        self.index: PrefixIndex = PREFIX_INDEXES[index]()  # "none": caching off, a null object
+        self.pool = BlockPool(num_blocks, clock, self.index)
         self.tables: dict[str, _Table] = {}
-        self.inflight: dict[BlockHash, str] = {}  # hash -> request computing it now
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -103,18 +105,16 @@ class KVCacheManager:
 
         Capped so that at least the last token is computed: its logits are needed to sample.
         """
-        if not self.enable_caching:
-            return CacheHit((), 0, 0)
         max_hit_blocks = (num_tokens - 1) // self.block_size  # the last token must run
         hit: list[Block] = []
         for h in block_hashes[:max_hit_blocks]:
-            block = self.pool.get_cached(h)
+            block = self.index.lookup(h)
             if block is None:
                 break
             hit.append(block)
         inflight = 0
         for h in block_hashes[len(hit) : max_hit_blocks]:
-            owner = self.inflight.get(h)
+            owner = self.index.owner(h)
             if owner is None or owner == request_id:
                 break
             inflight += 1
@@ -153,8 +153,7 @@ class KVCacheManager:
             table.blocks.extend(hit_blocks)
             table.num_committed_blocks = len(hit_blocks)
         for h in inflight_hashes:
-            if self.enable_caching and h not in self.inflight and self.pool.get_cached(h) is None:
-                self.inflight[h] = request_id
+            if self.index.promise(h, request_id):
                 table.promised.append(h)
         new_ids = []
         for _ in range(num_new):
@@ -175,11 +174,10 @@ class KVCacheManager:
         newly: list[int] = []
         for i in range(table.num_committed_blocks, num_full):
             h = block_hashes[i]
-            if self.inflight.get(h) == request_id:
-                del self.inflight[h]
+            self.index.settle(h, request_id)
             block = table.blocks[i]
             block.ttl_s = max(block.ttl_s, table.retention.ttl_for_block(i, self.block_size))
-            if self.enable_caching and self.pool.index(block, h):
+            if self.index.insert(block, h):
                 newly.append(i)
         table.num_committed_blocks = max(table.num_committed_blocks, num_full)
         return newly
@@ -190,13 +188,12 @@ class KVCacheManager:
         if table is None:
             return
         for h in table.promised:
-            if self.inflight.get(h) == request_id:
-                del self.inflight[h]
+            self.index.settle(h, request_id)
         for block in reversed(table.blocks):
             self.pool.release(block)
 
     def reset_prefix_cache(self) -> int:
-        self.inflight.clear()
+        self.index.clear()
         for table in self.tables.values():
             table.promised.clear()
         return self.pool.drop_all_hashes()
@@ -242,13 +239,13 @@ class KVCacheManager:
                 place(b, "in use")
         if not (len(where) == pool.num_blocks):
             raise IntegrityError(f"{pool.num_blocks - len(where)} blocks are nowhere")
-        for h, b in pool.by_hash.items():
+        for h, b in self.index.entries():
             if not (b.block_hash == h):
                 raise IntegrityError(f"hash map entry for block {b.block_id} disagrees")
         hashed = sum(1 for b in pool.blocks if b.block_hash is not None)
-        if not (hashed == len(pool.by_hash)):
-            raise IntegrityError(f"{hashed} hashed blocks but {len(pool.by_hash)} indexed")
-        for h, owner in self.inflight.items():
+        if not (hashed == len(self.index)):
+            raise IntegrityError(f"{hashed} hashed blocks but {len(self.index)} indexed")
+        for h, owner in self.index.promises():
             if not (owner in self.tables and h in self.tables[owner].promised):
                 raise IntegrityError("stale in-flight entry")
 

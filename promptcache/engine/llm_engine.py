@@ -28,9 +28,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer(self.runner.model_dir)
         self.max_model_len = self.runner.max_model_len
         self.block_size = self.config.cache.block_size
-        self.kv = KVCacheManager(
-            self.runner.num_blocks, self.block_size, self.config.cache.enable_prefix_caching, clock
-        )
+        index = "hash" if self.config.cache.enable_prefix_caching else "none"  # cache/index.py
+        self.kv = KVCacheManager(self.runner.num_blocks, self.block_size, index, clock)
         self.usage = UsageLedger(self.block_size)  # every usage and counter rule (engine/usage.py)
         self.scheduler = Scheduler(self.config, self.kv, clock, self.usage)
         self.eos_token_ids = self._eos_ids()
