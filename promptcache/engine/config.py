@@ -11,7 +11,10 @@ from typing import Any
 from promptcache.cache.hashing import DEFAULT_HASH_SEED
 from promptcache.flags import add_flags, opt, parse_bytes, values_from_args
 
-DTYPE_NAMES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+# every dtype spelling accepted -> its torch name (engine/precision.py maps those to torch dtypes)
+DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+                 "float32": "float32", "fp32": "float32"}
+DTYPE_NAMES = ("auto", *DTYPE_ALIASES)
 _DTYPES = ("auto", "bfloat16", "float16", "float32")  # the spellings --help offers
 
 

@@ -21,8 +21,9 @@ import functools
 
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+from promptcache.engine.config import DTYPE_ALIASES
+
+DTYPES: dict[str, torch.dtype] = {alias: getattr(torch, name) for alias, name in DTYPE_ALIASES.items()}  # one table
 
 
 # the flags that decide a dtype policy, reported beside every benchmark figure
