@@ -213,3 +213,20 @@ def test_null_index_never_finds_keeps_or_promises():
     off.check_integrity()
     with pytest.raises(ValueError, match="unknown prefix index"):
         KVCacheManager(num_blocks=4, block_size=4, index="radix")
+
+
+def test_retained_heap_stays_bounded_under_repeated_hits():
+    """Each hit on a retained block used to leave a stale heap entry until its ttl ran out."""
+    clock = Clock()
+    kv = KVCacheManager(num_blocks=64, block_size=4, clock=clock)
+    prompt = list(range(200))  # 50 blocks, 49 hit-able
+    day = Retention(default_ttl_s=86400.0)
+    for i in range(2000):
+        run(kv, f"r{i}", prompt, day)
+        kv.free(f"r{i}")
+        clock.now += 1.0
+    pool = kv.pool
+    assert pool.num_retained == 50
+    assert len(pool.retained) <= 2 * pool.num_retained + 64  # was 98,001 entries before the fix
+    kv.check_integrity()
+    assert run(kv, "last", prompt, day)[0] == 49 * 4  # still every block but the last one hit

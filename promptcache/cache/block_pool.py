@@ -141,6 +141,7 @@ class BlockPool:
             block.heap_token = next(self._tokens)
             heapq.heappush(self.retained, (block.expires_at, block.heap_token, block))
             self.num_retained += 1
+            self._compact_retained()
         else:
             self.lru.append(block)
 
@@ -167,6 +168,16 @@ class BlockPool:
             self.num_retained -= 1
         else:
             self.empty.remove(block)  # only for a hash-less block touched by mistake: rare path
+
+    def _compact_retained(self) -> None:
+        """Drop stale heap entries once they outnumber the live ones. Every hit on a retained block
+        leaves its old entry behind (lazy deletion); without this, a prompt hit all day under a 24 h
+        retention grew the heap by one entry per block per hit. Amortised O(1) per release; the
+        heap never holds more than twice the retained blocks (plus a small constant)."""
+        if len(self.retained) <= 2 * self.num_retained + 64:
+            return
+        self.retained = [entry for entry in self.retained if entry[1] == entry[2].heap_token]
+        heapq.heapify(self.retained)
 
     def _expire_retained(self, now: float) -> None:
         while self.retained and self.retained[0][0] <= now:
