@@ -246,3 +246,52 @@ def _anthropic_error(server: Server, path: str, body: Any) -> dict[str, Any]:
     payload = r.json()
     assert set(payload) == {"type", "error"} and payload["type"] == "error"
     return dict(payload["error"])
+
+
+@pytest.fixture
+def renders(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts chat-template renders in this process (the server runs in a thread here)."""
+    import promptcache.server.prompt as prompt_mod
+
+    calls: list[int] = []
+    real = prompt_mod.render
+
+    def counting(*args: Any, **kwargs: Any) -> str:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prompt_mod, "render", counting)
+    return calls
+
+
+def test_breakpoints_are_bounded_before_any_rendering(server: Server, renders: list[int]) -> None:
+    """Each breakpoint costs a render and a tokenization: 1,000 of them took 64 s to be refused."""
+    part = {"type": "text", "text": "x", "prompt_cache_breakpoint": {"mode": "explicit"}}
+    for count, status in ((5, 400), (1000, 400)):
+        r = httpx.post(f"{server.url}/v1/chat/completions", headers={"authorization": f"Bearer {ACME}"},
+                       json={"model": MODEL, "max_tokens": 1, "prompt_cache_options": {"mode": "explicit"},
+                             "messages": [{"role": "user", "content": [part] * count}]})
+        assert r.status_code == status, r.text
+        assert f"At most 4 content parts may carry prompt_cache_breakpoint; found {count}." in r.json()["error"][
+            "message"]
+    assert renders == []
+    ok = httpx.post(f"{server.url}/v1/chat/completions", headers={"authorization": f"Bearer {ACME}"},
+                    json={"model": MODEL, "max_tokens": 1, "prompt_cache_options": {"mode": "explicit"},
+                          "messages": [{"role": "user", "content": [part] * 4}]})
+    assert ok.status_code == 200 and len(renders) >= 1
+
+
+def test_too_much_content_is_refused_before_rendering(server: Server, renders: list[int]) -> None:
+    from promptcache.server.state import prompt_char_limit
+
+    limit = prompt_char_limit(server.aengine.info.tokenizer, server.aengine.info.max_model_len)
+    many = [{"role": "user", "content": ""}] * (server.aengine.info.max_model_len + 1)  # a token each at least
+    big = [{"role": "user", "content": "a" * (limit + 1)}]
+    assert len(json.dumps(big)) < MAX_REQUEST_BYTES and len(json.dumps(many)) < MAX_REQUEST_BYTES
+    for messages in (many, big):
+        with pytest.raises(BadRequestError) as info:
+            _openai(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=1)  # type: ignore[arg-type]
+        assert "context can hold" in _check_openai(info.value.body, param="messages")["message"]
+        err = _anthropic_error(server, "/v1/messages", {"model": MODEL, "max_tokens": 1, "messages": messages})
+        assert "context can hold" in err["message"]
+    assert renders == []

@@ -54,7 +54,8 @@ def _message(rid: str, model: str, out: RequestOutput, streaming_start: bool = F
 async def create_message(body: MessagesRequest, request: Request, tenant: Tenant) -> Response:
     state = get_state(request)
     model = state.check_model(body.model, anthropic=True)
-    prompt = await run_in_threadpool(build_prompt, state.tokenizer, body, state.max_prompt_chars)
+    prompt = await run_in_threadpool(build_prompt, state.tokenizer, body, state.max_prompt_chars,
+                                     state.max_model_len)
     params = sampling_params(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                              top_k=body.top_k, stop=body.stop_sequences, ignore_eos=body.ignore_eos)
     rid = new_id("msg_")
@@ -97,5 +98,6 @@ async def _message_events(gen: Generation, rid: str, model: str) -> AsyncGenerat
 async def count_tokens(body: CountTokensRequest, request: Request, tenant: Tenant) -> dict[str, int]:
     state = get_state(request)
     state.check_model(body.model, anthropic=True)
-    prompt = await run_in_threadpool(build_prompt, state.tokenizer, body, state.max_prompt_chars, False)
+    prompt = await run_in_threadpool(build_prompt, state.tokenizer, body, state.max_prompt_chars,
+                                     state.max_model_len, False)
     return {"input_tokens": len(prompt.token_ids)}

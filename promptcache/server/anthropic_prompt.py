@@ -23,12 +23,11 @@ from typing import Any
 
 from promptcache.engine.api import Retention, Usage
 from promptcache.server.errors import ApiError
-from promptcache.server.prompt import Cut, TemplateMessage, build_chat_prompt, part_text
+from promptcache.server.prompt import MAX_BREAKPOINTS, Cut, TemplateMessage, build_chat_prompt, part_text
 from promptcache.server.retention import parse_ttl
 from promptcache.server.schemas_anthropic import ContentBlock, CountTokensRequest
 from promptcache.tokenizer import Tokenizer
 
-MAX_BREAKPOINTS = 4
 ONE_HOUR_S = 3600.0
 EMPTY_BLOCK_MESSAGE = "cache_control cannot be set for empty text blocks"
 TTL_ORDER_MESSAGE = ("a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block. "
@@ -110,12 +109,12 @@ def _check_breakpoints(breakpoints: list[Breakpoint]) -> None:
         seen_5m = seen_5m or bp.ttl == "5m"
 
 
-def build_prompt(tok: Tokenizer, req: CountTokensRequest, max_chars: int,
+def build_prompt(tok: Tokenizer, req: CountTokensRequest, max_chars: int, max_messages: int,
                  with_breakpoints: bool = True) -> AnthropicPrompt:
     messages, tools, breakpoints = parse_request(req)
     cuts = [bp.cut for bp in breakpoints] if with_breakpoints else []
     try:
-        prompt = build_chat_prompt(tok, messages, tools, cuts, max_chars)
+        prompt = build_chat_prompt(tok, messages, tools, cuts, max_chars, max_messages)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     marks = tuple((end, parse_ttl(bp.ttl)) for end, bp in zip(prompt.cut_tokens, breakpoints, strict=False))

@@ -23,7 +23,14 @@ from promptcache.engine.api import RequestSpec, Retention, SamplingParams
 from promptcache.server import openai_format as fmt
 from promptcache.server.errors import ApiError, is_anthropic
 from promptcache.server.generation import EventStream, Generation
-from promptcache.server.prompt import Cut, TemplateMessage, build_chat_prompt, check_prompt_chars, part_text
+from promptcache.server.prompt import (
+    MAX_BREAKPOINTS,
+    Cut,
+    TemplateMessage,
+    build_chat_prompt,
+    check_prompt_chars,
+    part_text,
+)
 from promptcache.server.retention import RETENTION_NAMES
 from promptcache.server.schemas_openai import ChatCompletionRequest, CompletionRequest, OpenAIRequestBase
 from promptcache.server.state import ServerState, get_state, new_id, sampling_params, tenant_of, ttl_seconds
@@ -96,11 +103,14 @@ def _params(state: ServerState, req: OpenAIRequestBase, max_tokens: int | None, 
 
 def _build_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], Retention]:
     messages, cuts = _template_messages(req)
+    if len(cuts) > MAX_BREAKPOINTS:  # refused before any rendering, in either mode
+        raise ApiError(400, f"At most {MAX_BREAKPOINTS} content parts may carry prompt_cache_breakpoint; "
+                            f"found {len(cuts)}.", param="messages")
     ttl = _ttl(req, bool(cuts))
     explicit = _explicit(req)
     try:
         prompt = build_chat_prompt(state.tokenizer, messages, req.tools, cuts if explicit else (),
-                                   state.max_prompt_chars)
+                                   state.max_prompt_chars, state.max_model_len)
     except ValueError as e:
         raise ApiError(400, str(e), param="messages") from None
     if explicit:
