@@ -59,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="one-shot generation, streamed to the terminal",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = sub.add_parser("generate", help="one-shot generation, streamed to the terminal")
     add_engine_flags(g)
     g.add_argument("prompt", nargs="?", default="The quick brown fox")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")

@@ -59,7 +59,8 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         if not meta.get("cli", False):
             continue
         shown = "" if f.default is None or isinstance(f.default, bool) else f" (default: {_shown(f.default)})"
-        kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"] + shown}
+        # dest is namespaced by the config: a command's own flags (bench --seed) never collide
+        kwargs: dict[str, Any] = {"dest": _dest(cls, f), "help": meta["help"] + shown}
         if isinstance(f.default, bool):
             kwargs["action"] = "store_false" if f.default else "store_true"
         elif meta.get("append"):
@@ -73,13 +74,18 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         parser.add_argument(_flag_name(f), **kwargs)
 
 
+def _dest(cls: type, f: dataclasses.Field) -> str:
+    return f"{cls.__name__}.{f.name}"
+
+
 def _shown(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def values_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """The fields of ``cls`` that ``args`` has (flags added by ``add_flags``)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    given = vars(args)
+    values = {f.name: given[_dest(cls, f)] for f in dataclasses.fields(cls) if _dest(cls, f) in given}
     for f in dataclasses.fields(cls):
         if f.metadata.get("append") and values.get(f.name) is not None:
             values[f.name] = tuple(values[f.name])

@@ -36,8 +36,8 @@ def test_every_setting_has_one_flag_and_its_default():
     for cls in (ModelConfig, CacheConfig, SchedulerConfig):
         for f in dataclasses.fields(cls):
             if f.metadata["cli"]:
-                assert f.name in vars(p.parse_args([])), f.name
-    assert "num_blocks" not in vars(p.parse_args([]))  # a Python-only setting (tests)
+                assert f"{cls.__name__}.{f.name}" in vars(p.parse_args([])), f.name
+    assert "CacheConfig.num_blocks" not in vars(p.parse_args([]))  # a Python-only setting (tests)
 
 
 def test_flags_reach_the_config_that_owns_them():
@@ -91,3 +91,18 @@ def test_help_shows_defaults(capsys):
         build_parser().parse_args(["serve", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: 16)" in out and "(default: 127.0.0.1)" in out and "--sampler-seed" in out
+
+
+def test_command_flags_never_collide_with_engine_flags():
+    """generate --seed is a request's seed and bench --seed the prompts'; --sampler-seed is the engine's."""
+    gen = build_parser().parse_args(["generate", "hi", "--seed", "5"])
+    assert gen.seed == 5 and engine_config_from_args(gen).scheduler.seed == 0
+    gen = build_parser().parse_args(["generate", "hi", "--sampler-seed", "7"])
+    assert gen.seed is None and engine_config_from_args(gen).scheduler.seed == 7
+    bench = build_parser().parse_args(["bench", "--seed", "3", "--sampler-seed", "4"])
+    assert bench.seed == 3 and engine_config_from_args(bench).scheduler.seed == 4
+
+
+def test_dtype_aliases_are_accepted_by_flags():
+    cfg = engine_config_from_args(_parse("--dtype", "bf16", "--kv-cache-dtype", "fp32"))
+    assert cfg.model.dtype == "bf16" and cfg.model.kv_cache_dtype == "fp32"

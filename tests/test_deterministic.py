@@ -86,3 +86,22 @@ def test_default_mode_is_not_tiled(checkpoint):
 
 def fast_llm_backend(checkpoint) -> str:
     return LLM(str(checkpoint), dtype="float32", num_blocks=64, device="cpu").engine.runner.attention.name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_other_families_are_bit_identical_too(tmp_path, family):
+    """LayerNorm, GELU and learned positions (GPT-2); q/k norms and tied embeddings (Qwen3)."""
+    from conftest import save_hf_checkpoint
+
+    path = str(save_hf_checkpoint(family, tmp_path / family, seed=6))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
+
+    def run(cache: bool, budget: int, batch: bool):
+        llm = LLM(path, dtype="bfloat16", compute_dtype="bfloat16", deterministic=True, num_blocks=256,
+                  enable_prefix_caching=cache, max_num_batched_tokens=budget, device="cpu")
+        outs = llm.generate(PROMPTS, params) if batch else [llm.generate([p], params)[0] for p in PROMPTS]
+        return _logprobs(outs)
+
+    reference = run(True, 2048, True)
+    assert run(False, 64, True) == reference
+    assert run(True, 48, False) == reference

@@ -53,6 +53,8 @@ def test_root_frames_dtypes_layout_mode_and_tenant():
         Namespace(model="m2", compute_dtype="bfloat16", kv_dtype="bfloat16"),
         Namespace(model="m", compute_dtype="float32", kv_dtype="bfloat16"),
         Namespace(model="m", compute_dtype="bfloat16", kv_dtype="float32"),
+        Namespace(model="m", compute_dtype="bfloat16", kv_dtype="bfloat16", weights_dtype="float16"),
+        Namespace(model="m", compute_dtype="bfloat16", kv_dtype="bfloat16", device="cuda"),
         Namespace(model="m", compute_dtype="bfloat16", kv_dtype="bfloat16", kv_layout="other"),
         Namespace(model="m", compute_dtype="bfloat16", kv_dtype="bfloat16", deterministic=True),
         Namespace(model="m", compute_dtype="bfloat16", kv_dtype="bfloat16", seed=b"other-seed"),

@@ -172,8 +172,8 @@ class BlockPool:
     def _compact_retained(self) -> None:
         """Drop stale heap entries once they outnumber the live ones. Every hit on a retained block
         leaves its old entry behind (lazy deletion); without this, a prompt hit all day under a 24 h
-        retention grew the heap by one entry per block per hit. Amortised O(1) per release; the
-        heap never holds more than twice the retained blocks (plus a small constant)."""
+        retention grew the heap by one entry per block per hit. Amortised O(1) per release; after a
+        release the heap holds at most twice the retained blocks plus a small constant."""
         if len(self.retained) <= 2 * self.num_retained + 64:
             return
         self.retained = [entry for entry in self.retained if entry[1] == entry[2].heap_token]

@@ -86,6 +86,8 @@ class Namespace:
     model: str  # model_identity(): content digest of the checkpoint
     compute_dtype: str  # what the K/V were computed in ("bfloat16", ...)
     kv_dtype: str  # what they are stored in
+    weights_dtype: str = ""  # the values the weights were rounded to (bf16 weights in float32 math)
+    device: str = "cpu"  # device type: CPU and GPU kernels round the same math differently
     kv_layout: str = KV_LAYOUT
     deterministic: bool = False  # deterministic mode computes other bits for the same tokens
     seed: bytes = DEFAULT_HASH_SEED
@@ -94,7 +96,9 @@ class Namespace:
     def key(self) -> str:
         """The model part of the root, as framed into the hash (also a tier's compatibility key)."""
         mode = "deterministic" if self.deterministic else "default"
-        return "|".join((self.model, self.compute_dtype, self.kv_dtype, self.kv_layout, mode))
+        parts = (self.model, self.weights_dtype or self.compute_dtype, self.compute_dtype, self.kv_dtype,
+                 self.device, self.kv_layout, mode)
+        return "|".join(parts)
 
     def root(self, tenant: str | None) -> BlockHash:
         return namespace_hash(self.key, tenant, self.seed)

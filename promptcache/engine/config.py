@@ -15,7 +15,7 @@ from promptcache.flags import add_flags, opt, parse_bytes, values_from_args
 DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
                  "float32": "float32", "fp32": "float32"}
 DTYPE_NAMES = ("auto", *DTYPE_ALIASES)
-_DTYPES = ("auto", "bfloat16", "float16", "float32")  # the spellings --help offers
+_DTYPES = DTYPE_NAMES  # every spelling is accepted by the flags too
 
 
 def _check_dtype(name: str, value: str) -> None:

@@ -40,6 +40,8 @@ class LLMEngine:
             model=model_identity(r.model_dir),
             compute_dtype=str(r.compute_dtype).removeprefix("torch."),
             kv_dtype=str(r.kv_dtype).removeprefix("torch."),
+            weights_dtype=str(r.dtype).removeprefix("torch."),
+            device=r.device.type,
             deterministic=self.config.model.deterministic,
             seed=self.config.cache.hash_seed,
         )

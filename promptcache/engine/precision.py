@@ -5,7 +5,7 @@ attention run in; the KV cache dtype is what is stored. The policy, per machine:
 
 | machine                                   | ``dtype="auto"`` | compute for a 16-bit dtype      |
 | ----------------------------------------- | ---------------- | ------------------------------- |
-| CUDA GPU                                  | bfloat16         | the 16-bit dtype (native)       |
+| CUDA GPU                                  | bfloat16 (fp16 pre-Ampere) | the 16-bit dtype (native) |
 | CPU with AVX512-BF16 or AMX-BF16          | bfloat16         | bf16 native; fp16 per fp16 flag |
 | CPU with AVX512-FP16 or AMX-FP16          | (bf16 flag rule) | fp16 native                     |
 | CPU without them (AVX2-only, most AMD)    | float32          | float32 on the 16-bit values    |
@@ -80,9 +80,9 @@ def pick_device(name: str) -> torch.device:
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The weights' dtype: ``auto`` is bfloat16 where 16-bit math is native (GPUs, bf16 CPUs)."""
     if name == "auto":
-        if device.type == "cuda" or cpu_has_native_bf16():
-            return torch.bfloat16
-        return torch.float32
+        if device.type == "cuda":  # pre-Ampere GPUs (T4, V100) have fp16 tensor cores, not bf16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use auto, bfloat16, float16 or float32")
     return DTYPES[name]

@@ -26,9 +26,12 @@ Here every call has a fixed shape, whatever the batch:
   ``pointwise`` feeds them in single-threaded chunks whose sizes are multiples of every SIMD step:
   every element takes the SIMD path.
 
+- **Norms** run on the same 32-row tiles: on CPUs a row's reduction is the same alone or in a
+  batch (measured), but a GPU's reduction kernel picks its thread split by the number of rows.
+
 What stays batch-dependent is only which rows share a call, and no row reads another's values.
-Arithmetic pointwise ops (+, *, /, sqrt: correctly rounded either way), embeddings and per-row
-reductions (norms, log-softmax) are batch-invariant already.
+Arithmetic pointwise ops (+, *, /, sqrt: correctly rounded either way), embeddings and the
+sampler's per-row log-softmax are batch-invariant already (on CPUs: tested).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from promptcache.model.attention import AttentionMetadata, slots_after, write_kv
 ROW_TILE = 32  # rows per linear GEMM; measured: 1.4-1.7x prefill cost, 2-7x decode matmul cost
 PIECE_TOKENS = 256  # keys per attention piece (a multiple of every block size up to 256)
 QUERY_TILE = 8  # queries per attention call row-block; a lone decode query is padded to this
+TILE_BATCH = 8  # portable path: query tiles per batched matmul (a fixed batch count)
 
 
 # elements per pointwise call: under ATen's parallel grain (32768: one thread) and a multiple of the
@@ -61,14 +65,20 @@ def pointwise(fn: Callable[..., torch.Tensor], *xs: torch.Tensor) -> torch.Tenso
     return torch.cat(chunks)[:numel].view(shape)
 
 
-def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` computed in fixed ``ROW_TILE``-row GEMMs. x: [M, K] -> [M, N]."""
+def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for a row-wise ``fn``, computed on tiles of exactly ``ROW_TILE`` rows (the last one
+    zero-padded), so every call has one shape whatever the batch. x: [M, ...] -> [M, ...]."""
     num_rows = x.shape[0]
     pad = -num_rows % ROW_TILE
     if pad:
-        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-    tiles = [F.linear(x[i : i + ROW_TILE], weight, bias) for i in range(0, x.shape[0], ROW_TILE)]
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+    tiles = [fn(x[i : i + ROW_TILE]) for i in range(0, x.shape[0], ROW_TILE)]
     return torch.cat(tiles)[:num_rows] if len(tiles) > 1 or pad else tiles[0]
+
+
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` computed in fixed ``ROW_TILE``-row GEMMs. x: [M, K] -> [M, N]."""
+    return tiled_rows(lambda t: F.linear(t, weight, bias), x)
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,8 @@ def _plan(attn: AttentionMetadata, group: int, piece_tokens: int, device: torch.
                 if pos >= lo:  # this query sees at least the piece's first key
                     entry[1].append(t)
                     entry[2].append(pos)
-    pieces, num_pieces = [], 0
+    pieces: list[_Piece] = []
+    num_pieces = 0
     for key, (j, tokens, positions) in by_key.items():
         pad = -len(tokens) % QUERY_TILE
         lo = j * piece_tokens
@@ -116,6 +127,7 @@ def _plan(attn: AttentionMetadata, group: int, piece_tokens: int, device: torch.
         pieces.append(_Piece(j, len(key), piece_slots.to(device), torch.tensor(tokens, device=device),
                              mask.unsqueeze(1).to(device)))
         num_pieces = max(num_pieces, j + 1)
+    pieces.sort(key=lambda p: p.index)  # stable: merge order is position order
     return _Plan(pieces, num_pieces)
 
 
@@ -126,10 +138,22 @@ def _piece_attention(
     if cpu_kernels:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)[:2]
         return out, lse
-    # other devices: the same math in plain ops (no fused kernel returns the log-sum-exp portably)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask  # [n, kvh, L, P]
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v), lse
+    # other devices: the same math in plain ops (no fused kernel returns the log-sum-exp portably),
+    # in batches of exactly TILE_BATCH tiles: a GPU BLAS may pick its kernel by the batch count
+    n = q.shape[0]
+    pad = -n % TILE_BATCH
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, *q.shape[1:])])
+        mask = torch.cat([mask, mask[:1].expand(pad, *mask.shape[1:])])
+    outs, lses = [], []
+    for i in range(0, n + pad, TILE_BATCH):
+        qb, mb = q[i : i + TILE_BATCH], mask[i : i + TILE_BATCH]
+        kb, vb = k[:1].expand(TILE_BATCH, -1, -1, -1), v[:1].expand(TILE_BATCH, -1, -1, -1)
+        scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale + mb  # [B, kvh, L, P]
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append(torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), vb))
+        lses.append(lse)
+    return torch.cat(outs)[:n], torch.cat(lses)[:n]
 
 
 def deterministic_attention(
@@ -157,9 +181,19 @@ def deterministic_attention(
         plan = attn.deterministic_plan = _plan(attn, group, piece_tokens, q.device)
     # queries as [T + 1, kvh, G, d] float32, the extra row is the zero query of padding rows
     qf = torch.cat([q.float(), q.new_zeros(1, num_heads, d, dtype=torch.float32)]).view(-1, kvh, group, d)
-    outs = torch.zeros(plan.num_pieces, num_tokens + 1, kvh, group, d, device=q.device)
-    lses = torch.full((plan.num_pieces, num_tokens + 1, kvh, group), float("-inf"), device=q.device)
-    for piece in plan.pieces:
+    # pieces in position order, merged into a running result as each index j completes: memory is
+    # O(tokens), whatever the context length, and every query merges j = 0, 1, ... in that order
+    acc_o = acc_l = None
+    j, outs, lses = -1, qf.new_zeros(0), qf.new_zeros(0)
+    for piece in [*plan.pieces, None]:  # None: flush the last index
+        if piece is None or piece.index != j:
+            if j >= 0:
+                acc_o, acc_l = _merge_in(acc_o, acc_l, outs, lses)
+            if piece is None:
+                break
+            j = piece.index
+            outs = qf.new_zeros(num_tokens + 1, kvh, group, d)
+            lses = qf.new_full((num_tokens + 1, kvh, group), float("-inf"))
         n_tiles = piece.mask.shape[0]
         k_piece = kv_cache[0].index_select(1, piece.slots).float().unsqueeze(0)  # [1, kvh, P, d]
         v_piece = kv_cache[1].index_select(1, piece.slots).float().unsqueeze(0)
@@ -171,13 +205,19 @@ def deterministic_attention(
         o, lse = _piece_attention(qt, k_piece.expand(shape), v_piece.expand(shape), piece.mask, scale, use_cpu)
         o = o.view(n_tiles, kvh, QUERY_TILE, group, d).permute(0, 2, 1, 3, 4).reshape(-1, kvh, group, d)
         lse = lse.view(n_tiles, kvh, QUERY_TILE, group).permute(0, 2, 1, 3).reshape(-1, kvh, group)
-        outs[piece.index].index_copy_(0, piece.tokens, o)  # padding rows all land on row T
-        lses[piece.index].index_copy_(0, piece.tokens, lse)
-    # merge pieces in position order; a query without piece j merges (0, -inf): exactly a no-op
-    acc_o, acc_l = outs[0], lses[0]
-    for j in range(1, plan.num_pieces):
-        lse = pointwise(torch.logaddexp, acc_l, lses[j])
-        w_acc, w_new = pointwise(torch.exp, acc_l - lse), pointwise(torch.exp, lses[j] - lse)
-        acc_o = acc_o * w_acc.unsqueeze(-1) + outs[j] * w_new.unsqueeze(-1)
-        acc_l = lse
+        outs.index_copy_(0, piece.tokens, o)  # padding rows all land on row T
+        lses.index_copy_(0, piece.tokens, lse)
+    assert acc_o is not None
     return acc_o[:num_tokens].reshape(num_tokens, num_heads, d).to(q.dtype)
+
+
+def _merge_in(
+    acc_o: torch.Tensor | None, acc_l: torch.Tensor | None, outs: torch.Tensor, lses: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge piece index j's results into the running ones (log-sum-exp rule, float32). A query
+    without piece j merges (0, -inf): exactly a no-op."""
+    if acc_o is None or acc_l is None:
+        return outs, lses
+    lse = pointwise(torch.logaddexp, acc_l, lses)
+    w_acc, w_new = pointwise(torch.exp, acc_l - lse), pointwise(torch.exp, lses - lse)
+    return acc_o * w_acc.unsqueeze(-1) + outs * w_new.unsqueeze(-1), lse

@@ -13,7 +13,7 @@ from torch import nn
 
 from promptcache.model.attention import AttentionMetadata, paged_attention
 from promptcache.model.config import ArchConfig
-from promptcache.model.deterministic import pointwise, tiled_linear
+from promptcache.model.deterministic import deterministic_attention, pointwise, tiled_linear, tiled_rows
 
 
 class Linear(nn.Linear):
@@ -33,12 +33,28 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    row_tiled = False  # deterministic mode: fixed-shape row tiles (model/deterministic.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_tiled:
+            return tiled_rows(self._norm, x)
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Same order of operations as transformers: normalise in float32, scale in the input dtype.
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    row_tiled = False  # deterministic mode: fixed-shape row tiles (model/deterministic.py)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_tiled:
+            return tiled_rows(super().forward, x)
+        return super().forward(x)
 
 
 class Rotary(nn.Module):
@@ -92,6 +108,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
+        self.deterministic = False
 
     def forward(
         self,
@@ -110,7 +127,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = rotary(q, k, positions)
-        attend = attn.backend or paged_attention  # the runner's choice (model/backends.py)
+        # the runner's choice (model/backends.py); without one, the kernel this model was built for
+        attend = attn.backend or (deterministic_attention if self.deterministic else paged_attention)
         out = attend(q, k, v, kv_cache, attn, self.scale)  # [T, H, d]
         return self.o(out.reshape(num_tokens, self.q_size))
 
@@ -138,7 +156,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         norm = (lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps)) if cfg.family == "llama" else (
-            lambda: nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+            lambda: LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         )
         self.attn_norm = norm()
         self.attn = Attention(cfg)
@@ -166,7 +184,7 @@ class CausalLM(nn.Module):
         self.norm = (
             RMSNorm(cfg.hidden_size, cfg.norm_eps)
             if cfg.family == "llama"
-            else nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+            else LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         )
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -174,9 +192,9 @@ class CausalLM(nn.Module):
         # batch-invariant linears and pointwise ops (attention: the runner's deterministic backend)
         if deterministic:
             for module in self.modules():
-                if isinstance(module, Linear):
+                if isinstance(module, Linear | RMSNorm | LayerNorm):
                     module.row_tiled = True
-                elif isinstance(module, MLP):
+                elif isinstance(module, MLP | Attention):
                     module.deterministic = True
 
     def finish_loading(self, device: torch.device) -> None:
