@@ -15,7 +15,7 @@ from anthropic import RequestTooLargeError as AnthropicTooLarge
 from openai import APIStatusError, AuthenticationError, BadRequestError, NotFoundError, OpenAI
 from test_server_harness import KEYS, MODEL, Server, nonce, running, serve, text_of_tokens, tiny_engine
 
-ACME, GLOBEX = "sk-acme-0001", "sk-globex-0002"
+ACME, GLOBEX, OPS = "sk-acme-0001", "sk-globex-0002", "sk-ops-0003"
 OPENAI_KEYS = {"message", "type", "param", "code"}
 MAX_REQUEST_BYTES = 1 << 20
 
@@ -23,7 +23,7 @@ MAX_REQUEST_BYTES = 1 << 20
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     with running(tiny_engine(max_model_len=2048)) as aengine, \
-            serve(aengine, KEYS, max_request_bytes=MAX_REQUEST_BYTES) as srv:
+            serve(aengine, KEYS, max_request_bytes=MAX_REQUEST_BYTES, admin_keys=(OPS,)) as srv:
         yield srv
 
 
@@ -79,8 +79,23 @@ def test_401_in_both_dialects(server: Server) -> None:
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     with pytest.raises(AnthropicAuthError):
         _anthropic(server, "sk-wrong").messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "hi"}])
-    assert httpx.get(f"{server.url}/health").status_code == 200  # health and metrics stay open
-    assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+def test_metrics_and_health_details_need_an_operator_key(server: Server) -> None:
+    """With API keys, /metrics and /health's details show every tenant's traffic: operators only.
+    Plain liveness stays open (load balancers probe it without a key)."""
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    tenant = {"authorization": f"Bearer {ACME}"}
+    assert httpx.get(f"{server.url}/health", headers=tenant).json() == {"status": "ok"}
+    for headers in ({}, tenant, {"x-api-key": GLOBEX}, {"authorization": "Bearer sk-ops-wrong"}):
+        r = httpx.get(f"{server.url}/metrics", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert "promptcache_" not in r.text
+    ops = {"authorization": f"Bearer {OPS}"}
+    r = httpx.get(f"{server.url}/metrics", headers=ops)
+    assert r.status_code == 200 and "promptcache_prefix_cache_hit_rate" in r.text
+    detailed = httpx.get(f"{server.url}/health", headers={"x-api-key": OPS}).json()
+    assert detailed["status"] == "ok" and "blocks_total" in detailed and detailed["model"] == MODEL
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/messages",
@@ -148,6 +163,10 @@ def _post(server: Server, path: str, body: Any) -> httpx.Response:
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "prompt_cache_options": {"ttl": "nanh"}},
      "prompt_cache_options.ttl"),
     (b'{"model": "x", "messages": [', None),
+    # strict JSON types: lax coercion once streamed on "yes" and ran [true, false] as token ids [1, 0]
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1.5}, "max_tokens"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": "7"}, "seed"),
 ])
 def test_openai_bad_requests_are_400(server: Server, body: Any, param: str | None) -> None:
     r = _post(server, "/v1/chat/completions", body)
@@ -167,6 +186,9 @@ def test_openai_bad_requests_are_400(server: Server, body: Any, param: str | Non
     ({"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}],
       "cache_control": {"type": "ephemeral", "ttl": "2h"}}, "cache_control.ttl: "),
     (b"{not json", "the request body is not valid JSON"),
+    ({"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], "stream": "yes"},
+     "stream: "),
+    ({"model": MODEL, "max_tokens": "1", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens: "),
 ])
 def test_anthropic_bad_requests_are_400(server: Server, body: Any, start: str) -> None:
     content = body if isinstance(body, bytes) else None
@@ -295,3 +317,13 @@ def test_too_much_content_is_refused_before_rendering(server: Server, renders: l
         err = _anthropic_error(server, "/v1/messages", {"model": MODEL, "max_tokens": 1, "messages": messages})
         assert "context can hold" in err["message"]
     assert renders == []
+
+
+def test_token_ids_must_be_integers_not_booleans(server: Server) -> None:
+    r = httpx.post(f"{server.url}/v1/completions", headers={"authorization": f"Bearer {ACME}"},
+                   json={"model": MODEL, "prompt": [True, False], "max_tokens": 1})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith("prompt")
+    ok = httpx.post(f"{server.url}/v1/completions", headers={"authorization": f"Bearer {ACME}"},
+                    json={"model": MODEL, "prompt": [11, 12, 13], "max_tokens": 1, "temperature": 1})
+    assert ok.status_code == 200  # an int where a number is expected is still fine

@@ -203,12 +203,14 @@ def test_serve_cli_end_to_end(tmp_path: Path) -> None:
     """``promptcache serve`` as a user runs it: a subprocess, an API-key file, the OpenAI SDK."""
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps(KEYS))
+    admin = tmp_path / "admin.json"
+    admin.write_text(json.dumps(["sk-ops-0009"]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "promptcache.cli", "serve", "--model", MODEL, "--dtype", "float32",
            "--device", "cpu", "--kv-cache-memory", "8MiB", "--max-model-len", "1024", "--port", str(port),
-           "--api-keys", str(keys), "--log-level", "warning"]
+           "--api-keys", str(keys), "--admin-keys", str(admin), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -226,6 +228,8 @@ def test_serve_cli_end_to_end(tmp_path: Path) -> None:
         assert r.usage is not None and r.usage.completion_tokens >= 1
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).models.list()
+        assert httpx.get(f"{url}/metrics", headers={"authorization": "Bearer sk-acme-0001"}).status_code == 401
+        assert httpx.get(f"{url}/metrics", headers={"authorization": "Bearer sk-ops-0009"}).status_code == 200
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=20)

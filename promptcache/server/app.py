@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from promptcache.engine.api import AsyncEngine
 from promptcache.server import anthropic_api, openai_api
+from promptcache.server.auth import is_operator
 from promptcache.server.config import DEFAULT_MAX_REQUEST_BYTES
 from promptcache.server.errors import install_error_handlers
 from promptcache.server.metrics import ServerMetrics, StatusCounterMiddleware
@@ -29,14 +30,18 @@ def create_app(
     api_keys: dict[str, str] | None = None,
     model_names: Sequence[str] | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    admin_keys: Sequence[str] = (),
 ) -> FastAPI:
     """An app serving ``aengine`` (which the caller starts and shuts down).
 
     ``api_keys`` maps API keys to tenant names; None leaves the server open and single-tenant.
+    With API keys, ``/metrics`` and the details of ``/health`` (they show every tenant's traffic)
+    need one of ``admin_keys``; plain liveness stays open.
     ``model_names`` are the ids clients may send (default: the engine's model name); the first one
     is listed first and reported in responses. Request bodies above ``max_request_bytes`` get a 413.
     """
     names = tuple(model_names or (aengine.info.model_name,))
+    operators = tuple(admin_keys)
     if not names or any(not n for n in names):
         raise ValueError("model_names must be non-empty strings")
     if max_request_bytes < 1:
@@ -57,11 +62,16 @@ def create_app(
         if error is not None or not aeng.is_alive:  # the details are in the server log
             reason = type(error).__name__ if error is not None else "the engine loop is not running"
             return JSONResponse({"status": "error", "error": reason}, status_code=503)
+        if not is_operator(request, api_keys, operators):
+            return JSONResponse({"status": "ok"})  # liveness only: details are for operators
         stats = _health_stats((await run_in_threadpool(aeng.snapshot)).counters)
         return JSONResponse({"status": "ok", "model": names[0], **stats})
 
-    @app.get("/metrics", tags=["Server"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["Server"], summary="Prometheus metrics (an operator key when API keys are set)")
     async def prometheus(request: Request) -> Response:
+        if not is_operator(request, api_keys, operators):
+            return JSONResponse({"error": {"message": "/metrics needs an operator key (--admin-keys) on a server "
+                                           "with API keys", "type": "authentication_error"}}, status_code=401)
         body = await run_in_threadpool(get_state(request).metrics.render)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

@@ -65,3 +65,26 @@ def resolve_tenant(request: Request, api_keys: dict[str, str] | None) -> str | N
 
 def _redact(key: str) -> str:
     return key[:3] + "*" * max(0, len(key) - 7) + key[-4:] if len(key) > 8 else "*" * len(key)
+
+
+def load_admin_keys(path: str) -> tuple[str, ...]:
+    """Read a JSON list of operator keys (for /metrics and detailed /health)."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, list) or not data or not all(isinstance(k, str) and k for k in data):
+        raise ValueError(f"{path}: expected a non-empty JSON list of operator keys")
+    return tuple(data)
+
+
+def is_operator(request: Request, api_keys: dict[str, str] | None, admin_keys: tuple[str, ...]) -> bool:
+    """Whether the caller may see every tenant's traffic: anyone on an open server; with API keys
+    configured, only a caller presenting an operator key (constant-time comparison)."""
+    if api_keys is None:
+        return True
+    key = presented_key(request)
+    if key is None:
+        return False
+    found = False
+    for known in admin_keys:
+        found |= hmac.compare_digest(known.encode(), key.encode())
+    return found

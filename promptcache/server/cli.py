@@ -33,14 +33,15 @@ def serve(args: argparse.Namespace) -> int:
     from promptcache.engine.llm_engine import LLMEngine
     from promptcache.flags import values_from_args
     from promptcache.server.app import create_app
-    from promptcache.server.auth import load_api_keys
+    from promptcache.server.auth import load_admin_keys, load_api_keys
     from promptcache.server.config import ServerConfig
 
     cfg = ServerConfig(**values_from_args(ServerConfig, args))
     api_keys = load_api_keys(cfg.api_keys) if cfg.api_keys else None
+    admin_keys = load_admin_keys(cfg.admin_keys) if cfg.admin_keys else ()
     engine = LLMEngine(engine_config_from_args(args))
     aengine = AsyncEngine(engine, max_waiting=cfg.max_waiting)
-    app = create_app(aengine, api_keys, cfg.served_model_name, cfg.max_request_bytes)
+    app = create_app(aengine, api_keys, cfg.served_model_name, cfg.max_request_bytes, admin_keys)
     aengine.start()
     info = aengine.info
     tenants = "open, single tenant"

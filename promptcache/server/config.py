@@ -17,6 +17,9 @@ class ServerConfig:
     api_keys: str | None = opt(None, 'JSON file mapping API keys to tenant names, e.g. {"sk-a": "acme"}; each '
                                "tenant is its own cache namespace. Without it the server is open and "
                                "single-tenant.", metavar="FILE")
+    admin_keys: str | None = opt(None, 'JSON list of operator keys, e.g. ["sk-ops-1"]: with --api-keys, /metrics '
+                                 "and the details of /health (every tenant's traffic) need one of them",
+                                 metavar="FILE")
     max_waiting: int = opt(256, "queued requests before new ones get 429 with Retry-After")
     max_request_bytes: int = opt(DEFAULT_MAX_REQUEST_BYTES, "largest request body accepted (e.g. 32MiB, 1MB, a "
                                  "byte count); larger ones get 413", parse=parse_bytes, metavar="SIZE")

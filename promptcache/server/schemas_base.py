@@ -1,4 +1,5 @@
-"""The base of every request body model: unknown fields ignored, lone surrogates refused.
+"""The base of every request body model: strict JSON types, unknown fields ignored, lone surrogates
+refused.
 
 JSON may carry ``"\\ud800"``, an escape for half of a UTF-16 pair; Python decodes it into a ``str``
 that no UTF-8 encoder (the tokenizer, the response renderer) accepts. Any surrogate left in a
@@ -34,7 +35,9 @@ def has_lone_surrogate(value: Any) -> bool:
 
 
 class RequestBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: JSON types as declared — "stream": "yes" is not a bool, [true, false] are not token ids
+    # (lax coercion once streamed the first and ran the second as ids [1, 0]); ints pass for floats
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @field_validator("*", mode="before")
     @classmethod
