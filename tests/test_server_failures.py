@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from typing import Any
 
 import anthropic
@@ -146,3 +147,44 @@ def test_health_is_503_once_the_engine_loop_stopped() -> None:
         aengine.shutdown()
         r = httpx.get(f"{srv.url}/health")
         assert r.status_code == 503 and r.json() == {"status": "error", "error": "the engine loop is not running"}
+
+
+def test_a_trickled_body_gets_408_and_the_connection_is_freed():
+    """200 connections sending a partial body were all still open after 60 s; now each gets its
+    408 once ``body_timeout_s`` has passed, in the dialect's envelope, and the server still serves."""
+    with running(tiny_engine()) as aengine, serve(aengine, body_timeout_s=1.0) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        socks = []
+        for path in ("/v1/chat/completions", "/v1/messages") * 5:
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: 1000\r\n\r\n{{\"model\": ".encode())
+            socks.append((path, s))
+        started = time.monotonic()
+        for path, s in socks:
+            head, body = _read_response(s)
+            s.close()
+            assert head.startswith("HTTP/1.1 408"), head[:200]
+            if path == "/v1/messages":
+                assert '"type":"timeout_error"' in body.replace(" ", "")
+            else:
+                assert "not received within 1 s" in body
+        assert time.monotonic() - started < 8
+        ok = httpx.post(f"{srv.url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1})
+        assert ok.status_code == 200
+
+
+def _read_response(s: socket.socket) -> tuple[str, str]:
+    """(status line and headers, body) of one HTTP/1.1 response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head.decode(), body.decode()

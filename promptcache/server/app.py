@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from promptcache.engine.api import AsyncEngine
 from promptcache.server import anthropic_api, openai_api
 from promptcache.server.auth import is_operator
-from promptcache.server.config import DEFAULT_MAX_REQUEST_BYTES
+from promptcache.server.config import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 from promptcache.server.errors import install_error_handlers
 from promptcache.server.metrics import ServerMetrics, StatusCounterMiddleware
 from promptcache.server.middleware import ApiGuard
@@ -31,6 +31,7 @@ def create_app(
     model_names: Sequence[str] | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     admin_keys: Sequence[str] = (),
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """An app serving ``aengine`` (which the caller starts and shuts down).
 
@@ -75,7 +76,8 @@ def create_app(
         body = await run_in_threadpool(get_state(request).metrics.render)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(ApiGuard, api_keys=api_keys, max_request_bytes=max_request_bytes)
+    app.add_middleware(ApiGuard, api_keys=api_keys, max_request_bytes=max_request_bytes,
+                       body_timeout_s=body_timeout_s)
     app.add_middleware(StatusCounterMiddleware, metrics=metrics)  # outermost: counts the guard's 401/413s
     return app
 

@@ -41,7 +41,8 @@ def serve(args: argparse.Namespace) -> int:
     admin_keys = load_admin_keys(cfg.admin_keys) if cfg.admin_keys else ()
     engine = LLMEngine(engine_config_from_args(args))
     aengine = AsyncEngine(engine, max_waiting=cfg.max_waiting)
-    app = create_app(aengine, api_keys, cfg.served_model_name, cfg.max_request_bytes, admin_keys)
+    app = create_app(aengine, api_keys, cfg.served_model_name, cfg.max_request_bytes, admin_keys,
+                     cfg.body_timeout_s)
     aengine.start()
     info = aengine.info
     tenants = "open, single tenant"

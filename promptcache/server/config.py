@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from promptcache.flags import opt, parse_bytes
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
+DEFAULT_BODY_TIMEOUT_S = 60.0
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -23,6 +24,8 @@ class ServerConfig:
     max_waiting: int = opt(256, "queued requests before new ones get 429 with Retry-After")
     max_request_bytes: int = opt(DEFAULT_MAX_REQUEST_BYTES, "largest request body accepted (e.g. 32MiB, 1MB, a "
                                  "byte count); larger ones get 413", parse=parse_bytes, metavar="SIZE")
+    body_timeout_s: float = opt(DEFAULT_BODY_TIMEOUT_S, "seconds a client has to send its whole request "
+                                "body; later it gets 408 (a trickled partial body cannot hold a connection)")
     served_model_name: tuple[str, ...] | None = opt(
         None, "model id clients send and /v1/models lists (repeatable; default: --model or 'default')",
         metavar="NAME", append=True,
@@ -34,6 +37,8 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
+        if not 0 < self.body_timeout_s < float("inf"):
+            raise ValueError("body_timeout_s must be a positive number of seconds")
         if self.max_request_bytes < 1:
             raise ValueError("max_request_bytes must be at least 1 byte")
         if self.log_level not in LOG_LEVELS:

@@ -23,12 +23,14 @@ log = logging.getLogger(__name__)
 
 # OpenAI error "type" for a status; Anthropic's differ (see _ANTHROPIC_TYPES).
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                 405: "invalid_request_error", 413: "invalid_request_error", 429: "requests",
+                 405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+                 429: "requests",
                  503: "server_error"}
 # 503 is an internal failure (the engine died): "api_error". Anthropic's "overloaded_error" means real
 # overload (529), which this server reports as 429 (queue full) instead.
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                    413: "request_too_large",
                     429: "rate_limit_error", 503: "api_error", 529: "overloaded_error"}
 ENGINE_FAILED = "the model engine failed while serving this request; please retry later"
 

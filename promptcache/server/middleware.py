@@ -2,24 +2,32 @@
 
 So an unauthenticated client gets its 401 whatever it sends (even malformed JSON), and a body over
 ``max_request_bytes`` is a 413 — at once when ``Content-Length`` declares it, or as soon as the
-bytes received pass the limit (chunked uploads). Both answers use the dialect's envelope.
+bytes received pass the limit (chunked uploads). A body not received whole within
+``body_timeout_s`` is a 408: a client trickling a partial body (slowloris) cannot hold a
+connection open. All answers use the dialect's envelope.
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from promptcache.server.auth import resolve_tenant
+from promptcache.server.config import DEFAULT_BODY_TIMEOUT_S
 from promptcache.server.errors import ApiError, error_response
 
 
 class ApiGuard:
-    def __init__(self, app: ASGIApp, api_keys: dict[str, str] | None, max_request_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_keys: dict[str, str] | None, max_request_bytes: int,
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         self.app = app
         self.api_keys = api_keys
         self.max_request_bytes = max_request_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
@@ -41,11 +49,20 @@ class ApiGuard:
 
     def _bounded(self, receive: Receive) -> Receive:
         num_received_bytes = 0
+        body_done = False
+        deadline = time.monotonic() + self.body_timeout_s
 
         async def bounded_receive() -> Message:
-            nonlocal num_received_bytes
-            message = await receive()
+            nonlocal num_received_bytes, body_done
+            if body_done:  # later receives wait for a disconnect while streaming: no deadline then
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise HTTPException(408, f"the request body was not received within {self.body_timeout_s:g} s") \
+                    from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 num_received_bytes += len(message.get("body", b""))
                 if num_received_bytes > self.max_request_bytes:
                     # raised inside FastAPI's body read, which re-raises HTTPException as is: the
