@@ -64,13 +64,13 @@ def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         if isinstance(f.default, bool):
             kwargs["action"] = "store_false" if f.default else "store_true"
         elif meta.get("append"):
-            kwargs.update(action="append", default=None, metavar=meta.get("metavar"))
+            kwargs.update(action="append", default=None, metavar=meta.get("metavar") or f.name.upper())
         else:
             kwargs.update(type=_value_type(f), default=f.default)
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
-            if meta.get("metavar"):
-                kwargs["metavar"] = meta["metavar"]
+            if meta.get("metavar") or not meta.get("choices"):  # choices show themselves
+                kwargs["metavar"] = meta.get("metavar") or f.name.upper()
         parser.add_argument(_flag_name(f), **kwargs)
 
 

@@ -90,7 +90,8 @@ def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "(default: 16)" in out and "(default: 127.0.0.1)" in out and "--sampler-seed" in out
+    assert "(default: 16)" in out and "(default: 127.0.0.1)" in out and "--sampler-seed SEED" in out
+    assert "--block-size BLOCK_SIZE" in out and "CONFIG." not in out  # dests never leak into --help
 
 
 def test_command_flags_never_collide_with_engine_flags():

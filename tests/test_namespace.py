@@ -45,6 +45,11 @@ def test_same_shape_checkpoints_never_share_a_block(tmp_path):
     assert len(hashes["a"]) == 4
     assert not set(hashes["a"]) & set(hashes["b"])
     assert hashes["a"] == hashes["a-copy"]
+    from promptcache.engine.precision import hardware_key, policy_flags
+
+    namespace = LLM(str(a), dtype="bfloat16", compute_dtype="float32", num_blocks=16, device="cpu").engine.namespace
+    assert namespace.weights_dtype == "bfloat16" and namespace.compute_dtype == "float32"
+    assert namespace.device == hardware_key(namespace_device()) and all(f in namespace.device for f in policy_flags())
 
 
 def test_root_frames_dtypes_layout_mode_and_tenant():
@@ -68,3 +73,9 @@ def _params():
     from promptcache import SamplingParams
 
     return SamplingParams(max_tokens=1)
+
+
+def namespace_device():
+    import torch
+
+    return torch.device("cpu")

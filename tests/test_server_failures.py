@@ -165,6 +165,7 @@ def test_a_trickled_body_gets_408_and_the_connection_is_freed():
             head, body = _read_response(s)
             s.close()
             assert head.startswith("HTTP/1.1 408"), head[:200]
+            assert "connection: close" in head.lower()  # else uvicorn keeps reading the trickle
             if path == "/v1/messages":
                 assert '"type":"timeout_error"' in body.replace(" ", "")
             else:

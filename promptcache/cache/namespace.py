@@ -87,7 +87,7 @@ class Namespace:
     compute_dtype: str  # what the K/V were computed in ("bfloat16", ...)
     kv_dtype: str  # what they are stored in
     weights_dtype: str = ""  # the values the weights were rounded to (bf16 weights in float32 math)
-    device: str = "cpu"  # device type: CPU and GPU kernels round the same math differently
+    device: str = "cpu"  # the hardware (engine/precision.py hardware_key): kernels round differently
     kv_layout: str = KV_LAYOUT
     deterministic: bool = False  # deterministic mode computes other bits for the same tokens
     seed: bytes = DEFAULT_HASH_SEED

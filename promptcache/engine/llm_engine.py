@@ -15,6 +15,7 @@ from promptcache.engine.info import EngineInfo, EngineStats
 from promptcache.engine.model_runner import ModelRunner, SeqInput
 from promptcache.engine.output import OutputState
 from promptcache.engine.precision import describe as describe_precision
+from promptcache.engine.precision import hardware_key
 from promptcache.engine.request import Request, RequestOutput, RequestSpec, Status
 from promptcache.engine.scheduler import ScheduledChunk, Scheduler
 from promptcache.engine.usage import UsageLedger
@@ -41,7 +42,7 @@ class LLMEngine:
             compute_dtype=str(r.compute_dtype).removeprefix("torch."),
             kv_dtype=str(r.kv_dtype).removeprefix("torch."),
             weights_dtype=str(r.dtype).removeprefix("torch."),
-            device=r.device.type,
+            device=hardware_key(r.device),
             deterministic=self.config.model.deterministic,
             seed=self.config.cache.hash_seed,
         )

@@ -81,7 +81,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The weights' dtype: ``auto`` is bfloat16 where 16-bit math is native (GPUs, bf16 CPUs)."""
     if name == "auto":
         if device.type == "cuda":  # pre-Ampere GPUs (T4, V100) have fp16 tensor cores, not bf16
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # (is_bf16_supported() counts emulation as support, and asks the current device)
+            return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use auto, bfloat16, float16 or float32")
@@ -113,6 +114,15 @@ def compute_dtype_for(dtype: torch.dtype, device: torch.device, requested: str =
             "matmuls run either in float32 or in the weights' own dtype"
         )
     return forced
+
+
+def hardware_key(device: torch.device) -> str:
+    """What, besides dtypes, decides the bits a kernel computes: the CPU's SIMD/matrix extensions or
+    the GPU's compute capability (part of the cache namespace: a shared tier never mixes them)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda-sm{major}{minor}"
+    return "cpu-" + "+".join(policy_flags()) if policy_flags() else "cpu"
 
 
 def describe(dtype: torch.dtype, compute: torch.dtype, kv: torch.dtype, device: torch.device) -> str:

@@ -47,6 +47,8 @@ def create_app(
         raise ValueError("model_names must be non-empty strings")
     if max_request_bytes < 1:
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
+    if not 0 < body_timeout_s < float("inf"):
+        raise ValueError(f"body_timeout_s must be a positive number of seconds, got {body_timeout_s}")
     app = FastAPI(title="promptcache", description=DESCRIPTION, version="0.1.0")
     metrics = ServerMetrics(aengine)
     max_prompt_chars = prompt_char_limit(aengine.info.tokenizer, aengine.info.max_model_len)

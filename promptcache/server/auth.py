@@ -69,8 +69,10 @@ def _redact(key: str) -> str:
 
 def load_admin_keys(path: str) -> tuple[str, ...]:
     """Read a JSON list of operator keys (for /metrics and detailed /health)."""
-    with open(path) as f:
-        data = json.load(f)
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list) or not data or not all(isinstance(k, str) and k for k in data):
         raise ValueError(f"{path}: expected a non-empty JSON list of operator keys")
     return tuple(data)

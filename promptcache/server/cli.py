@@ -6,6 +6,7 @@ Imports stay inside the functions: ``promptcache --help`` must not load the mode
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 
@@ -39,6 +40,12 @@ def serve(args: argparse.Namespace) -> int:
     cfg = ServerConfig(**values_from_args(ServerConfig, args))
     api_keys = load_api_keys(cfg.api_keys) if cfg.api_keys else None
     admin_keys = load_admin_keys(cfg.admin_keys) if cfg.admin_keys else ()
+    if api_keys and not admin_keys:
+        print("promptcache: note: --api-keys without --admin-keys: /metrics answers 401 to everyone",
+              file=sys.stderr)
+    elif admin_keys and not api_keys:
+        print("promptcache: note: --admin-keys without --api-keys: the server is open, /metrics too",
+              file=sys.stderr)
     engine = LLMEngine(engine_config_from_args(args))
     aengine = AsyncEngine(engine, max_waiting=cfg.max_waiting)
     app = create_app(aengine, api_keys, cfg.served_model_name, cfg.max_request_bytes, admin_keys,

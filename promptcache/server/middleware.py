@@ -59,8 +59,9 @@ class ApiGuard:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                raise HTTPException(408, f"the request body was not received within {self.body_timeout_s:g} s") \
-                    from None
+                # Connection: close — uvicorn would otherwise keep reading the trickled body
+                raise HTTPException(408, f"the request body was not received within {self.body_timeout_s:g} s",
+                                    headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 body_done = not message.get("more_body", False)
                 num_received_bytes += len(message.get("body", b""))
