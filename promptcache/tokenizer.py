@@ -18,6 +18,8 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+DEFANG_MARK = "\udbff"  # a lone surrogate: valid in a Python str, refused in every request
+
 
 def _raise(message: str) -> None:
     raise TemplateError(message)
@@ -63,6 +65,50 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
+    # ---- control tokens typed by a user --------------------------------------------------------
+    # A chat template's control tokens (``<|im_start|>``, ...) must come from the template only:
+    # typed in message content they would otherwise become control tokens too (role injection).
+    # The server defangs them in content before rendering — a lone surrogate, which no request can
+    # carry (the server refuses them), is put after their first character — and ``encode_rendered``
+    # encodes each defanged one as plain text.
+
+    @cached_property
+    def control_tokens(self) -> tuple[str, ...]:
+        found = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special and t.content}
+        return tuple(sorted(found, key=len, reverse=True))  # longest first: one may contain another
+
+    def defang(self, text: str) -> str:
+        """``text`` with every control token made inert (for message content, before rendering)."""
+        for token in self.control_tokens:
+            if token in text:
+                text = text.replace(token, token[0] + DEFANG_MARK + token[1:])
+        return text
+
+    @cached_property
+    def _as_text(self) -> HFTokenizer:
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        tok.encode_special_tokens = True  # control-token strings are split into ordinary tokens
+        return tok
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Token ids of a rendered chat prompt: the template's control tokens as control tokens,
+        defanged ones (typed by a user) as the plain text they are. No BOS added (the template
+        places it)."""
+        if DEFANG_MARK not in text:
+            return self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        rest = text
+        while (at := rest.find(DEFANG_MARK)) >= 0:
+            start = at - 1  # the control token's first character precedes the mark
+            token = next(t for t in self.control_tokens if rest.startswith(t[0] + DEFANG_MARK + t[1:], start))
+            if start:
+                ids += self.encode(rest[:start], add_special_tokens=False)
+            ids += self._as_text.encode(token, add_special_tokens=False).ids
+            rest = rest[start + len(token) + len(DEFANG_MARK) :]
+        if rest:
+            ids += self.encode(rest, add_special_tokens=False)
+        return ids
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
@@ -104,8 +150,11 @@ class Tokenizer:
             raise ValueError(f"chat template rejected the messages: {e}") from e
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        """Token ids of the rendered conversation; control tokens typed in string contents are text."""
+        safe = [{**m, "content": self.defang(m["content"])} if isinstance(m.get("content"), str) else m
+                for m in messages]
         # The template already places BOS where the model wants it: never add it again.
-        return self.encode(self.render_chat(messages, **kwargs), add_special_tokens=False)
+        return self.encode_rendered(self.render_chat(safe, **kwargs))
 
 
 class IncrementalDetokenizer:

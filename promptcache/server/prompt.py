@@ -24,11 +24,12 @@ from typing import Any
 
 from promptcache.sequences import common_prefix_len
 from promptcache.server.errors import ApiError
-from promptcache.tokenizer import Tokenizer
+from promptcache.tokenizer import DEFANG_MARK, Tokenizer
 
 PART_SEPARATOR = "\n"  # between text parts of one message (and system blocks), as vLLM joins them
 TEXT_PART_TYPES = ("text", "input_text")
-_SENTINEL = "\ue000promptcache-breakpoint\ue001"  # private-use characters: never in real text
+# lone surrogates: no request can carry one (schemas_base refuses them), so no client can forge it
+_SENTINEL = "\ud800promptcache-breakpoint\udfff"
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,28 @@ def build_chat_prompt(tok: Tokenizer, messages: Sequence[TemplateMessage], tools
     if len(cuts) > MAX_BREAKPOINTS:
         raise ValueError(f"at most {MAX_BREAKPOINTS} cache breakpoints may be set in one request; found {len(cuts)}")
     check_before_render(messages, tools, max_chars, max_messages)
+    # control tokens typed in content or tools are text, not markup (tokenizer.py: defang)
+    messages = [_defanged(tok, m) for m in messages]
+    tools = _defang_value(tok, tools) if tools else tools
     text = render(tok, messages, tools)
     check_prompt_chars(len(text), max_chars)
-    ids = tok.encode(text, add_special_tokens=False)  # the template places BOS itself
-    return ChatPrompt(text, ids, [_cut_token(tok, messages, tools, text, ids, c) for c in cuts])
+    ids = tok.encode_rendered(text)  # the template places BOS itself
+    cut_tokens = [_cut_token(tok, messages, tools, text, ids, c) for c in cuts]
+    return ChatPrompt(text.replace(DEFANG_MARK, ""), ids, cut_tokens)
+
+
+def _defanged(tok: Tokenizer, m: TemplateMessage) -> TemplateMessage:
+    return replace(m, parts=tuple(tok.defang(p) for p in m.parts), extra=_defang_value(tok, m.extra))
+
+
+def _defang_value(tok: Tokenizer, value: Any) -> Any:
+    if isinstance(value, str):
+        return tok.defang(value)
+    if isinstance(value, list):
+        return [_defang_value(tok, v) for v in value]
+    if isinstance(value, dict):
+        return {k: _defang_value(tok, v) for k, v in value.items()}
+    return value
 
 
 def _cut_token(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict[str, Any]] | None,
@@ -124,7 +143,7 @@ def _cut_token(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[
         chars = _part_end_chars(tok, messages, tools, text, cut.message, cut.part)
     if chars <= 0:
         return 0
-    return common_prefix_len(tok.encode(text[:chars], add_special_tokens=False), ids)
+    return common_prefix_len(tok.encode_rendered(text[:chars]), ids)
 
 
 def _part_end_chars(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict[str, Any]] | None,
