@@ -234,3 +234,24 @@ def test_serve_cli_end_to_end(tmp_path: Path) -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
     assert f"http://127.0.0.1:{port}" in out
+
+
+def test_openapi_spec_lists_what_the_server_answers(server: Server) -> None:
+    """Every status a route can return, in its dialect's envelope, with its content types; no 422
+    (validation errors are 400s); limits the server enforces are in the schemas."""
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    paths = spec["paths"]
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/messages"):
+        responses = paths[path]["post"]["responses"]
+        assert set(responses) == {"200", "400", "401", "404", "408", "413", "429", "503"}, path
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+        envelope = responses["400"]["content"]["application/json"]["schema"]["required"]
+        assert envelope == (["type", "error"] if path == "/v1/messages" else ["error"])
+    assert "422" not in str({p: {m: op["responses"] for m, op in ops.items()} for p, ops in paths.items()})
+    assert "HTTPValidationError" not in spec.get("components", {}).get("schemas", {})
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert "503" in paths["/health"]["get"]["responses"]
+    schemas = spec["components"]["schemas"]
+    assert schemas["MessagesRequest"]["properties"]["top_p"]["exclusiveMinimum"] == 0.0  # top_p 0 is a 400
+    assert schemas["ChatCompletionRequest"]["properties"]["n"]["maximum"] == 1  # n 2 is a 400
+    assert schemas["ContentBlock"]["properties"]["type"]["enum"] == ["text"]

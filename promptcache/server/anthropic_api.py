@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from promptcache.engine.api import RequestOutput, RequestSpec
+from promptcache.server import openapi
 from promptcache.server.anthropic_prompt import anthropic_usage, build_prompt
 from promptcache.server.errors import ApiError, anthropic_error_body, error_json
 from promptcache.server.generation import EventStream, Generation, guarded_events
@@ -50,7 +51,7 @@ def _message(rid: str, model: str, out: RequestOutput, streaming_start: bool = F
 
 
 @router.post("/v1/messages", summary="Create a message (Anthropic), streamed with stream=true",
-             response_model=None)
+             response_model=None, responses=openapi.ANTHROPIC_STREAMING)
 async def create_message(body: MessagesRequest, request: Request, tenant: Tenant) -> Response:
     state = get_state(request)
     model = state.check_model(body.model, anthropic=True)
@@ -94,7 +95,8 @@ async def _message_events(gen: Generation, rid: str, model: str) -> AsyncGenerat
     yield _event("message_stop", {"type": "message_stop"})
 
 
-@router.post("/v1/messages/count_tokens", summary="Count a request's prompt tokens (Anthropic)")
+@router.post("/v1/messages/count_tokens", summary="Count a request's prompt tokens (Anthropic)",
+             responses=openapi.ANTHROPIC_COUNT)
 async def count_tokens(body: CountTokensRequest, request: Request, tenant: Tenant) -> dict[str, int]:
     state = get_state(request)
     state.check_model(body.model, anthropic=True)

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from promptcache.engine.api import AsyncEngine
-from promptcache.server import anthropic_api, openai_api
+from promptcache.server import anthropic_api, openai_api, openapi
 from promptcache.server.auth import is_operator
 from promptcache.server.config import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 from promptcache.server.errors import install_error_handlers
@@ -55,10 +55,12 @@ def create_app(
     app.state.server = ServerState(aengine=aengine, api_keys=api_keys, model_names=names, metrics=metrics,
                                    max_prompt_chars=max_prompt_chars)
     install_error_handlers(app)
+    openapi.fix_openapi(app)
     app.include_router(openai_api.router)
     app.include_router(anthropic_api.router)
 
-    @app.get("/health", tags=["Server"], summary="Liveness: 200 while the engine loop runs")
+    @app.get("/health", tags=["Server"], summary="Liveness: 200 while the engine loop runs",
+             responses=openapi.HEALTH)
     async def health(request: Request) -> JSONResponse:
         aeng = get_state(request).aengine
         error = aeng.error
@@ -70,7 +72,8 @@ def create_app(
         stats = _health_stats((await run_in_threadpool(aeng.snapshot)).counters)
         return JSONResponse({"status": "ok", "model": names[0], **stats})
 
-    @app.get("/metrics", tags=["Server"], summary="Prometheus metrics (an operator key when API keys are set)")
+    @app.get("/metrics", tags=["Server"], summary="Prometheus metrics (an operator key when API keys are set)",
+             responses=openapi.METRICS, response_class=PlainTextResponse)
     async def prometheus(request: Request) -> Response:
         if not is_operator(request, api_keys, operators):
             return JSONResponse({"error": {"message": "/metrics needs an operator key (--admin-keys) on a server "

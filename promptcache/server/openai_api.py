@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from promptcache.engine.api import RequestSpec, Retention, SamplingParams
 from promptcache.server import openai_format as fmt
+from promptcache.server import openapi
 from promptcache.server.errors import ApiError, is_anthropic
 from promptcache.server.generation import EventStream, Generation
 from promptcache.server.prompt import (
@@ -42,7 +43,8 @@ Tenant = Annotated[str | None, Depends(tenant_of)]
 OPT_IN_TTL_S = 1800.0
 
 
-@router.get("/v1/models", summary="List the served model (OpenAI, or Anthropic with anthropic-version)")
+@router.get("/v1/models", summary="List the served model (OpenAI, or Anthropic with anthropic-version)",
+            responses=openapi.MODELS)
 async def list_models(request: Request, tenant: Tenant) -> dict[str, Any]:
     state = get_state(request)
     if is_anthropic(request):
@@ -119,7 +121,7 @@ def _build_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[in
 
 
 @router.post("/v1/chat/completions", summary="Chat completion (OpenAI), streamed with stream=true",
-             response_model=None)
+             response_model=None, responses=openapi.OPENAI_STREAMING)
 async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: Tenant) -> Response:
     state = get_state(request)
     model = state.check_model(body.model, anthropic=False)
@@ -156,7 +158,7 @@ def _completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
 
 
 @router.post("/v1/completions", summary="Text completion (OpenAI legacy), streamed with stream=true",
-             response_model=None)
+             response_model=None, responses=openapi.OPENAI_STREAMING)
 async def completions(body: CompletionRequest, request: Request, tenant: Tenant) -> Response:
     state = get_state(request)
     model = state.check_model(body.model, anthropic=False)

@@ -18,7 +18,8 @@ class ContentBlock(_Body):
     """A content block; only ``text`` blocks are rendered (others are refused with a 400)."""
 
     model_config = ConfigDict(extra="allow")
-    type: str
+    # the spec says what is served; another type is a 400 naming it (not a schema error)
+    type: str = Field(json_schema_extra={"enum": ["text"]})
     text: str | None = None
     cache_control: CacheControl | None = None
 
@@ -50,7 +51,7 @@ class CountTokensRequest(_Body):
 class MessagesRequest(CountTokensRequest):
     max_tokens: int = Field(ge=0, description="0 pre-warms the cache and returns no content")
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: float | None = Field(default=None, le=1.0, json_schema_extra={"exclusiveMinimum": 0.0})  # (0, 1]
     top_k: int | None = Field(default=None, ge=0)
     stop_sequences: list[str] | None = None
     ignore_eos: bool = Field(default=False, description="extension (vLLM): generate past end-of-sequence")

@@ -31,7 +31,7 @@ class PromptCacheBreakpoint(_Body):
 
 class ContentPart(_Body):
     model_config = ConfigDict(extra="allow")
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text", "input_text"]})  # others: a 400 naming them
     text: str | None = None
     prompt_cache_breakpoint: PromptCacheBreakpoint | None = None
 
@@ -52,11 +52,14 @@ class OpenAIRequestBase(_Body):
     top_k: int | None = Field(default=None, description="extension (vLLM): keep the k most likely tokens")
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int | None = Field(default=1, ge=1)
+    n: int | None = Field(default=1, ge=1, json_schema_extra={"maximum": 1})  # one choice per request
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    # accepted by OpenAI in [-2, 2]; this server serves only 0 (others are a 400 naming the field)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0,
+                                            json_schema_extra={"minimum": 0.0, "maximum": 0.0})
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0,
+                                           json_schema_extra={"minimum": 0.0, "maximum": 0.0})
     ignore_eos: bool = Field(default=False, description="extension (vLLM): generate past end-of-sequence")
     prompt_cache_key: str | None = Field(default=None, description="accepted; routing key (one replica here)")
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
@@ -77,6 +80,6 @@ class CompletionRequest(OpenAIRequestBase):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool | None = False
-    suffix: str | None = None
+    echo: bool | None = Field(default=False, json_schema_extra={"enum": [False, None]})  # echo is a 400
+    suffix: str | None = Field(default=None, json_schema_extra={"maxLength": 0})  # a suffix is a 400
     best_of: int | None = Field(default=None, ge=1)

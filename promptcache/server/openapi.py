@@ -1,0 +1,75 @@
+"""What the published OpenAPI spec says each route answers: every status it can return, in the
+dialect's error envelope, and every content type (JSON, server-sent events, Prometheus text).
+
+FastAPI on its own lists a 422 that this server never returns (validation errors are 400s in the
+dialect's envelope) and none of 400/401/404/408/413/429/503 — generated clients and fuzzers were
+misled. ``fix_openapi`` removes the 422s; the ``*_RESPONSES`` tables are passed to the routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+_OPENAI_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {"type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"],
+                                                           "properties": {"type": {"type": "string"},
+                                                                          "message": {"type": "string"}}}},
+}
+_WHY = {400: "invalid request (bad field, too long for the context, too many breakpoints)",
+        401: "missing or unknown API key", 404: "unknown model or route",
+        408: "request body not received within --body-timeout-s", 413: "body over --max-request-bytes",
+        429: "queue full (Retry-After header)", 503: "the engine failed (retry later)"}
+
+
+def _errors(schema: dict[str, Any], statuses: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
+    return {s: {"description": _WHY[s], "content": {"application/json": {"schema": schema}}} for s in statuses}
+
+
+_GENERATION = (400, 401, 404, 408, 413, 429, 503)
+_SSE: dict[int | str, dict[str, Any]] = {200: {
+    "description": "the result; with stream=true a text/event-stream of the dialect's events",
+    "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+}}
+
+OPENAI_STREAMING: dict[int | str, dict[str, Any]] = {**_SSE, **_errors(_OPENAI_ERROR, _GENERATION)}
+ANTHROPIC_STREAMING: dict[int | str, dict[str, Any]] = {**_SSE, **_errors(_ANTHROPIC_ERROR, _GENERATION)}
+ANTHROPIC_COUNT: dict[int | str, dict[str, Any]] = _errors(_ANTHROPIC_ERROR, (400, 401, 404, 408, 413))
+MODELS: dict[int | str, dict[str, Any]] = _errors(_OPENAI_ERROR, (401,))
+METRICS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus text exposition format",
+          "content": {"text/plain": {"schema": {"type": "string"}}}},
+    401: {"description": "an operator key is needed (--admin-keys) on a server with API keys",
+          "content": {"application/json": {"schema": _OPENAI_ERROR}}},
+}
+HEALTH: dict[int | str, dict[str, Any]] = {
+    503: {"description": "the engine loop died or is not running",
+          "content": {"application/json": {"schema": {"type": "object"}}}},
+}
+
+
+def fix_openapi(app: FastAPI) -> None:
+    """Drop FastAPI's 422 responses and its unused validation-error schemas from the spec."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = FastAPI.openapi(app)
+            for ops in spec.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            schemas = spec.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
