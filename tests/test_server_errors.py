@@ -325,5 +325,6 @@ def test_token_ids_must_be_integers_not_booleans(server: Server) -> None:
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"].startswith("prompt")
     ok = httpx.post(f"{server.url}/v1/completions", headers={"authorization": f"Bearer {ACME}"},
-                    json={"model": MODEL, "prompt": [11, 12, 13], "max_tokens": 1, "temperature": 1})
-    assert ok.status_code == 200  # an int where a number is expected is still fine
+                    json={"model": MODEL, "prompt": [11, 12.0, 13], "max_tokens": 2.0, "temperature": 1})
+    assert ok.status_code == 200, ok.text  # an int for a number, an integral number for an int: fine
+    assert ok.json()["usage"]["prompt_tokens"] == 3 and ok.json()["usage"]["completion_tokens"] == 2

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
+from promptcache.server.schemas_base import JsonInt
 from promptcache.server.schemas_base import RequestBody as _Body
 
 
@@ -49,10 +50,10 @@ class CountTokensRequest(_Body):
 
 
 class MessagesRequest(CountTokensRequest):
-    max_tokens: int = Field(ge=0, description="0 pre-warms the cache and returns no content")
+    max_tokens: JsonInt = Field(ge=0, description="0 pre-warms the cache and returns no content")
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     top_p: float | None = Field(default=None, le=1.0, json_schema_extra={"exclusiveMinimum": 0.0})  # (0, 1]
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: JsonInt | None = Field(default=None, ge=0)
     stop_sequences: list[str] | None = None
     ignore_eos: bool = Field(default=False, description="extension (vLLM): generate past end-of-sequence")
     stream: bool | None = False

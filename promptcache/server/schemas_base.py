@@ -10,9 +10,9 @@ the dialect's envelope, before it can reach the tokenizer.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator
 from pydantic_core import PydanticCustomError
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -32,6 +32,17 @@ def has_lone_surrogate(value: Any) -> bool:
         elif isinstance(item, list):
             pending.extend(item)
     return False
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 1024.0 as an integer: accept integral floats for int fields (strict mode
+    would refuse them), never booleans, strings or 1.5."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]  # an int field as JSON (and JSON Schema) means it
 
 
 class RequestBody(BaseModel):

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
+from promptcache.server.schemas_base import JsonInt
 from promptcache.server.schemas_base import RequestBody as _Body
 
 
@@ -49,10 +50,10 @@ class OpenAIRequestBase(_Body):
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_k: int | None = Field(default=None, description="extension (vLLM): keep the k most likely tokens")
-    seed: int | None = None
+    top_k: JsonInt | None = Field(default=None, description="extension (vLLM): keep the k most likely tokens")
+    seed: JsonInt | None = None
     stop: str | list[str] | None = None
-    n: int | None = Field(default=1, ge=1, json_schema_extra={"maximum": 1})  # one choice per request
+    n: JsonInt | None = Field(default=1, ge=1, json_schema_extra={"maximum": 1})  # one choice per request
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # accepted by OpenAI in [-2, 2]; this server serves only 0 (others are a 400 naming the field)
@@ -68,18 +69,18 @@ class OpenAIRequestBase(_Body):
 
 class ChatCompletionRequest(OpenAIRequestBase):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=0)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: JsonInt | None = Field(default=None, ge=0)
+    max_completion_tokens: JsonInt | None = Field(default=None, ge=0)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: JsonInt | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(OpenAIRequestBase):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=0)
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    prompt: str | list[str] | list[JsonInt] | list[list[JsonInt]]
+    max_tokens: JsonInt | None = Field(default=16, ge=0)
+    logprobs: JsonInt | None = Field(default=None, ge=0, le=20)
     echo: bool | None = Field(default=False, json_schema_extra={"enum": [False, None]})  # echo is a 400
     suffix: str | None = Field(default=None, json_schema_extra={"maxLength": 0})  # a suffix is a 400
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: JsonInt | None = Field(default=None, ge=1)
