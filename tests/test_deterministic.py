@@ -105,3 +105,13 @@ def test_other_families_are_bit_identical_too(tmp_path, family):
     reference = run(True, 2048, True)
     assert run(False, 64, True) == reference
     assert run(True, 48, False) == reference
+
+
+def test_the_model_never_picks_an_attention_kernel_itself(checkpoint):
+    """The runner's backend is the one choice: metadata without one is refused, not defaulted."""
+    from promptcache.model.attention import AttentionMetadata
+
+    runner = LLM(str(checkpoint), dtype="float32", num_blocks=8, deterministic=True, device="cpu").engine.runner
+    attn = AttentionMetadata(torch.tensor([0, 1]), [0, 2], [2], [[(0, 2)]], num_kv_heads=2)
+    with pytest.raises(ValueError, match="backend is not set"):
+        runner.loaded.model(torch.tensor([5, 6]), torch.tensor([0, 1]), attn, runner.kv_caches)

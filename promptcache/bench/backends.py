@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from promptcache.bench.workloads import BenchRequest
 from promptcache.engine.llm_engine import LLMEngine
+from promptcache.engine.precision import dtype_name
 from promptcache.engine.request import RequestSpec
 from promptcache.engine.sampling import SamplingParams
 
@@ -122,9 +123,9 @@ class EngineBackend:
             "backend": "engine",
             "model": self.engine.model_name,
             "model_dir": str(runner.model_dir),
-            "dtype": str(runner.dtype).removeprefix("torch."),
-            "compute_dtype": str(getattr(runner, "compute_dtype", runner.dtype)).removeprefix("torch."),
-            "kv_cache_dtype": str(getattr(runner, "kv_dtype", runner.dtype)).removeprefix("torch."),
+            "dtype": dtype_name(runner.dtype),
+            "compute_dtype": dtype_name(runner.compute_dtype),
+            "kv_cache_dtype": dtype_name(runner.kv_dtype),
             "device": str(runner.device),
             "prefix_caching": self.engine.config.cache.enable_prefix_caching,
             "kv_bytes_per_token": runner.kv_bytes_per_token,

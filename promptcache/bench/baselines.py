@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from promptcache.engine.precision import dtype_name
+
 
 class TransformersBaseline:
     def __init__(self, model_dir: Path, dtype: torch.dtype) -> None:
@@ -36,7 +38,7 @@ class TransformersBaseline:
     def describe(self) -> dict[str, Any]:
         return {"transformers": self.version, "attn_implementation": "sdpa",
                 "logits_to_keep": "logits_to_keep" in self._forward_kwargs,
-                "dtype": str(self.model.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
+                "dtype": dtype_name(self.model.dtype), "threads": torch.get_num_threads()}
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache

@@ -151,14 +151,19 @@ def _deterministic_figures(results: dict[str, ArmResult]) -> dict[str, Any]:
     det = {f"det_{k}": v for k, v in agreement(results["det-cache"], results["det-no-cache"]).items()}
     for arm in ("cache", "no-cache"):
         fast, slow = results[arm], results[f"det-{arm}"]
-        det[f"slowdown_{arm}"] = slow.total_s / fast.total_s if fast.total_s > 0 else float("nan")
-        tokens = sum(r.prompt_tokens - r.cached_tokens + r.completion_tokens for r in fast.results)
-        det[f"tokens_per_s_{arm}"] = tokens / fast.total_s if fast.total_s > 0 else float("nan")
-        det[f"det_tokens_per_s_{arm}"] = (
-            sum(r.prompt_tokens - r.cached_tokens + r.completion_tokens for r in slow.results) / slow.total_s
-            if slow.total_s > 0 else float("nan")
-        )
+        det[f"slowdown_{arm}"] = _ratio(slow.total_s, fast.total_s)
+        det[f"tokens_per_s_{arm}"] = _ratio(_computed_tokens(fast), fast.total_s)
+        det[f"det_tokens_per_s_{arm}"] = _ratio(_computed_tokens(slow), slow.total_s)
     return det
+
+
+def _computed_tokens(arm: ArmResult) -> int:
+    """Tokens the arm ran through the model: uncached prompt tokens plus generated ones."""
+    return sum(r.prompt_tokens - r.cached_tokens + r.completion_tokens for r in arm.results)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
 
 
 def request_row(r: RequestResult) -> dict[str, Any]:

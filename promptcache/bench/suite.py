@@ -22,6 +22,7 @@ from promptcache.bench.machine import (
 from promptcache.bench.prefix_pair import PrefixPair, run_prefix_pair
 from promptcache.bench.runner import measure_decode, measure_prefill, run_workload
 from promptcache.bench.workloads import LongDoc, MultiTurn, SharedPrefix, TokenSource, Workload
+from promptcache.engine.precision import dtype_name
 
 WORKLOADS = ("prefix-pair", "shared-prefix", "multi-turn", "long-doc")
 
@@ -140,7 +141,7 @@ def _throughput(args: argparse.Namespace, report: dict[str, Any], workload: Work
         shape = largest_gemm(runner.loaded.arch, num_tokens)
         report["gemm_shape"] = list(shape)
         # the machine's GEMM rate is its best dtype's: where bf16 is emulated, fp32 is far faster
-        rates = {str(dt).removeprefix("torch."): gemm_flops_per_s(*shape, dtype=dt)
+        rates = {dtype_name(dt): gemm_flops_per_s(*shape, dtype=dt)
                  for dt in dict.fromkeys([runner.dtype, torch.float32])}
         report["gemm_flops_per_s_by_dtype"] = rates
         report["gemm_flops_per_s"] = max(rates.values())

@@ -15,7 +15,7 @@ from promptcache.engine.info import EngineInfo, EngineStats
 from promptcache.engine.model_runner import ModelRunner, SeqInput
 from promptcache.engine.output import OutputState
 from promptcache.engine.precision import describe as describe_precision
-from promptcache.engine.precision import hardware_key
+from promptcache.engine.precision import dtype_name, hardware_key
 from promptcache.engine.request import Request, RequestOutput, RequestSpec, Status
 from promptcache.engine.scheduler import ScheduledChunk, Scheduler
 from promptcache.engine.usage import UsageLedger
@@ -39,9 +39,9 @@ class LLMEngine:
         r = self.runner
         self.namespace = Namespace(
             model=model_identity(r.model_dir),
-            compute_dtype=str(r.compute_dtype).removeprefix("torch."),
-            kv_dtype=str(r.kv_dtype).removeprefix("torch."),
-            weights_dtype=str(r.dtype).removeprefix("torch."),
+            compute_dtype=dtype_name(r.compute_dtype),
+            kv_dtype=dtype_name(r.kv_dtype),
+            weights_dtype=dtype_name(r.dtype),
             device=hardware_key(r.device),
             deterministic=self.config.model.deterministic,
             seed=self.config.cache.hash_seed,

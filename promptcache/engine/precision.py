@@ -125,11 +125,14 @@ def hardware_key(device: torch.device) -> str:
     return "cpu-" + "+".join(policy_flags()) if policy_flags() else "cpu"
 
 
+def dtype_name(t: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (reports, banners, the cache namespace)."""
+    return str(t).removeprefix("torch.")
+
+
 def describe(dtype: torch.dtype, compute: torch.dtype, kv: torch.dtype, device: torch.device) -> str:
     """One line for logs and banners: which policy this machine got, and whether it is native."""
-    def name(t: torch.dtype) -> str:
-        return str(t).removeprefix("torch.")
-
+    name = dtype_name
     how = "native" if native_compute(compute, device) else "emulated: forced, slow"
     math = "float32 math" if compute == torch.float32 else f"{name(compute)} math ({how})"
     values = "" if dtype == compute else f" on {name(dtype)} weights"

@@ -52,7 +52,7 @@ class EngineCounters:
     finished: dict[str, int] = field(default_factory=dict)  # by finish reason
 
 
-class Request(Protocol):
+class Accountable(Protocol):
     """What the ledger reads of a request (engine/request.py's ``Request``)."""
 
     usage: Usage
@@ -74,18 +74,18 @@ class UsageLedger:
         self.block_size = block_size
         self.counters = EngineCounters()
 
-    def added(self, req: Request) -> None:
+    def added(self, req: Accountable) -> None:
         req.usage.prompt_tokens = req.num_prompt_tokens
         self.counters.requests_added += 1
 
-    def admitted(self, req: Request, hit_tokens: int, first: bool) -> None:
+    def admitted(self, req: Accountable, hit_tokens: int, first: bool) -> None:
         if first:  # the hit the client was served; later re-admissions after a preemption do not count
             req.usage.cached_tokens = min(hit_tokens, req.num_prompt_tokens)
 
     def computed(self, num_tokens: int) -> None:
         self.counters.computed_tokens += num_tokens
 
-    def indexed(self, req: Request, newly_indexed: list[int]) -> None:
+    def indexed(self, req: Accountable, newly_indexed: list[int]) -> None:
         """Blocks ``newly_indexed`` (indices in the request) were just stored in the cache by it."""
         bs = self.block_size
         for i in newly_indexed:
@@ -98,11 +98,11 @@ class UsageLedger:
             req.usage.cache_write_tokens += bs
             self.counters.cache_write_tokens += bs
 
-    def generated(self, req: Request) -> None:
+    def generated(self, req: Accountable) -> None:
         req.usage.completion_tokens = len(req.output_token_ids)
         self.counters.generated_tokens += 1
 
-    def finished(self, req: Request, reason: str, ran: bool) -> None:
+    def finished(self, req: Accountable, reason: str, ran: bool) -> None:
         if ran:  # a request aborted while it waited never reached the model: not in the token totals
             self.counters.prompt_tokens += req.num_prompt_tokens
             self.counters.cached_tokens += req.usage.cached_tokens

@@ -38,7 +38,7 @@ class AttentionMetadata:
     context_runs: list[list[Run]]  # per sequence, covering exactly seq_lens[i] slots
     # the decode plan is the same in every layer: built by the first, reused by the others
     num_kv_heads: int = 0  # of the KV storage (plans need it before any layer runs)
-    # the backend the runner picked (model/backends.py); None: paged_attention chosen by device
+    # the backend the runner picked (model/backends.py); the model refuses to run without one
     backend: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
     # per-step plans a backend builds once, before the first layer, and every layer reuses
     decode_plan: _DecodePlan | None = field(default=None, repr=False)

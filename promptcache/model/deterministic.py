@@ -36,6 +36,7 @@ sampler's per-row log-softmax are batch-invariant already (on CPUs: tested).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,8 +93,7 @@ class _Piece:
 
 @dataclass(frozen=True)
 class _Plan:
-    pieces: list[_Piece]
-    num_pieces: int  # the most pieces any query attends (merge steps)
+    pieces: list[_Piece]  # sorted by index: the merge goes in position order
 
 
 def _plan(attn: AttentionMetadata, group: int, piece_tokens: int, device: torch.device) -> _Plan:
@@ -112,7 +112,6 @@ def _plan(attn: AttentionMetadata, group: int, piece_tokens: int, device: torch.
                     entry[1].append(t)
                     entry[2].append(pos)
     pieces: list[_Piece] = []
-    num_pieces = 0
     for key, (j, tokens, positions) in by_key.items():
         pad = -len(tokens) % QUERY_TILE
         lo = j * piece_tokens
@@ -126,9 +125,8 @@ def _plan(attn: AttentionMetadata, group: int, piece_tokens: int, device: torch.
         piece_slots[: len(key)] = torch.tensor(key, dtype=torch.long)
         pieces.append(_Piece(j, len(key), piece_slots.to(device), torch.tensor(tokens, device=device),
                              mask.unsqueeze(1).to(device)))
-        num_pieces = max(num_pieces, j + 1)
     pieces.sort(key=lambda p: p.index)  # stable: merge order is position order
-    return _Plan(pieces, num_pieces)
+    return _Plan(pieces)
 
 
 def _piece_attention(
@@ -183,32 +181,37 @@ def deterministic_attention(
     qf = torch.cat([q.float(), q.new_zeros(1, num_heads, d, dtype=torch.float32)]).view(-1, kvh, group, d)
     # pieces in position order, merged into a running result as each index j completes: memory is
     # O(tokens), whatever the context length, and every query merges j = 0, 1, ... in that order
-    acc_o = acc_l = None
-    j, outs, lses = -1, qf.new_zeros(0), qf.new_zeros(0)
-    for piece in [*plan.pieces, None]:  # None: flush the last index
-        if piece is None or piece.index != j:
-            if j >= 0:
-                acc_o, acc_l = _merge_in(acc_o, acc_l, outs, lses)
-            if piece is None:
-                break
-            j = piece.index
-            outs = qf.new_zeros(num_tokens + 1, kvh, group, d)
-            lses = qf.new_full((num_tokens + 1, kvh, group), float("-inf"))
-        n_tiles = piece.mask.shape[0]
-        k_piece = kv_cache[0].index_select(1, piece.slots).float().unsqueeze(0)  # [1, kvh, P, d]
-        v_piece = kv_cache[1].index_select(1, piece.slots).float().unsqueeze(0)
-        k_piece[:, :, piece.num_keys :] = 0.0  # masked keys must still be finite: 0 * NaN is NaN
-        v_piece[:, :, piece.num_keys :] = 0.0
-        qt = qf.index_select(0, piece.tokens).view(n_tiles, QUERY_TILE, kvh, group, d)
-        qt = qt.permute(0, 2, 1, 3, 4).reshape(n_tiles, kvh, QUERY_TILE * group, d)
-        shape = (n_tiles, -1, -1, -1)
-        o, lse = _piece_attention(qt, k_piece.expand(shape), v_piece.expand(shape), piece.mask, scale, use_cpu)
-        o = o.view(n_tiles, kvh, QUERY_TILE, group, d).permute(0, 2, 1, 3, 4).reshape(-1, kvh, group, d)
-        lse = lse.view(n_tiles, kvh, QUERY_TILE, group).permute(0, 2, 1, 3).reshape(-1, kvh, group)
-        outs.index_copy_(0, piece.tokens, o)  # padding rows all land on row T
-        lses.index_copy_(0, piece.tokens, lse)
+    acc_o: torch.Tensor | None = None
+    acc_l: torch.Tensor | None = None
+    for _, same_index in itertools.groupby(plan.pieces, key=lambda p: p.index):
+        outs = qf.new_zeros(num_tokens + 1, kvh, group, d)
+        lses = qf.new_full((num_tokens + 1, kvh, group), float("-inf"))
+        for piece in same_index:
+            o, lse = _attend_piece(qf, kv_cache, piece, scale, use_cpu)
+            outs.index_copy_(0, piece.tokens, o)  # padding rows all land on row T
+            lses.index_copy_(0, piece.tokens, lse)
+        acc_o, acc_l = _merge_in(acc_o, acc_l, outs, lses)
     assert acc_o is not None
     return acc_o[:num_tokens].reshape(num_tokens, num_heads, d).to(q.dtype)
+
+
+def _attend_piece(
+    qf: torch.Tensor, kv_cache: torch.Tensor, piece: _Piece, scale: float, use_cpu: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One piece for its query tiles: (out [rows, kvh, G, d], lse [rows, kvh, G]), float32."""
+    _, kvh, group, d = qf.shape
+    n_tiles = piece.mask.shape[0]
+    k_piece = kv_cache[0].index_select(1, piece.slots).float().unsqueeze(0)  # [1, kvh, P, d]
+    v_piece = kv_cache[1].index_select(1, piece.slots).float().unsqueeze(0)
+    k_piece[:, :, piece.num_keys :] = 0.0  # masked keys must still be finite: 0 * NaN is NaN
+    v_piece[:, :, piece.num_keys :] = 0.0
+    qt = qf.index_select(0, piece.tokens).view(n_tiles, QUERY_TILE, kvh, group, d)
+    qt = qt.permute(0, 2, 1, 3, 4).reshape(n_tiles, kvh, QUERY_TILE * group, d)
+    shape = (n_tiles, -1, -1, -1)
+    o, lse = _piece_attention(qt, k_piece.expand(shape), v_piece.expand(shape), piece.mask, scale, use_cpu)
+    o = o.view(n_tiles, kvh, QUERY_TILE, group, d).permute(0, 2, 1, 3, 4).reshape(-1, kvh, group, d)
+    lse = lse.view(n_tiles, kvh, QUERY_TILE, group).permute(0, 2, 1, 3).reshape(-1, kvh, group)
+    return o, lse
 
 
 def _merge_in(

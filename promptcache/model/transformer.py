@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcache.model.attention import AttentionMetadata, paged_attention
+from promptcache.model.attention import AttentionMetadata
 from promptcache.model.config import ArchConfig
-from promptcache.model.deterministic import deterministic_attention, pointwise, tiled_linear, tiled_rows
+from promptcache.model.deterministic import pointwise, tiled_linear, tiled_rows
 
 
 class Linear(nn.Linear):
@@ -108,7 +108,6 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
-        self.deterministic = False
 
     def forward(
         self,
@@ -127,9 +126,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = rotary(q, k, positions)
-        # the runner's choice (model/backends.py); without one, the kernel this model was built for
-        attend = attn.backend or (deterministic_attention if self.deterministic else paged_attention)
-        out = attend(q, k, v, kv_cache, attn, self.scale)  # [T, H, d]
+        if attn.backend is None:  # one choice, the runner's (model/backends.py): never a silent default
+            raise ValueError("AttentionMetadata.backend is not set; the model runner picks the backend")
+        out = attn.backend(q, k, v, kv_cache, attn, self.scale)  # [T, H, d]
         return self.o(out.reshape(num_tokens, self.q_size))
 
 
@@ -194,7 +193,7 @@ class CausalLM(nn.Module):
             for module in self.modules():
                 if isinstance(module, Linear | RMSNorm | LayerNorm):
                     module.row_tiled = True
-                elif isinstance(module, MLP | Attention):
+                elif isinstance(module, MLP):
                     module.deterministic = True
 
     def finish_loading(self, device: torch.device) -> None:
