@@ -328,3 +328,59 @@ def test_token_ids_must_be_integers_not_booleans(server: Server) -> None:
                     json={"model": MODEL, "prompt": [11, 12.0, 13], "max_tokens": 2.0, "temperature": 1})
     assert ok.status_code == 200, ok.text  # an int for a number, an integral number for an int: fine
     assert ok.json()["usage"]["prompt_tokens"] == 3 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_bodies_are_parsed_off_the_loop_and_counts_bounded_before_validation(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """900k empty messages (29.7 MB) spent 6.6 s validating on the event loop; now decoding and
+    validation run in a worker thread and a list the context cannot hold is refused before any
+    model is built (the test server's 1 MiB limit would 413 them, so the parser is called directly
+    for the big bodies, and over HTTP for a small one)."""
+    import threading
+
+    from promptcache.server import body as body_mod
+    from promptcache.server.schemas_openai import ChatCompletionRequest, CompletionRequest
+
+    validated: list[str] = []
+    parsed_on: list[str] = []
+    real_parse, real_validate = body_mod.parse_body, ChatCompletionRequest.model_validate
+
+    def recording_parse(*args: Any) -> Any:
+        parsed_on.append(threading.current_thread().name)
+        return real_parse(*args)
+
+    def recording_validate(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        validated.append("chat")
+        return real_validate(obj, *args, **kwargs)
+
+    monkeypatch.setattr(body_mod, "parse_body", recording_parse)
+    monkeypatch.setattr(ChatCompletionRequest, "model_validate", recording_validate)
+    max_len = server.aengine.info.max_model_len
+    huge = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": ""}] * 900_000}).encode()
+    with pytest.raises(body_mod.ApiError) as info:
+        real_parse(ChatCompletionRequest, huge, max_len)
+    assert info.value.status == 400 and "900000 messages" in info.value.message and validated == []
+    ids = json.dumps({"model": MODEL, "prompt": [7] * 6_000_000}).encode()
+    with pytest.raises(body_mod.ApiError) as info:
+        real_parse(CompletionRequest, ids, max_len)
+    assert info.value.param == "prompt" and "6000000 token ids" in info.value.message
+    many = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": ""}] * (max_len + 1)}
+    r = httpx.post(f"{server.url}/v1/chat/completions", headers={"authorization": f"Bearer {ACME}"}, json=many)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert validated == [] and parsed_on and all(name.startswith("AnyIO worker") for name in parsed_on), parsed_on
+    r = httpx.post(f"{server.url}/v1/chat/completions", headers={"authorization": f"Bearer {ACME}"},
+                   json={**many, "messages": many["messages"][:2]})
+    assert r.status_code == 200 and validated == ["chat"], r.text
+
+
+def test_body_must_be_json(server: Server) -> None:
+    headers = {"authorization": f"Bearer {ACME}"}
+    r = httpx.post(f"{server.url}/v1/chat/completions", headers={**headers, "content-type": "text/plain"},
+                   content=json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+    assert r.status_code == 400 and "must be JSON" in r.json()["error"]["message"], r.text
+    for raw, expect in ((b"", "missing or empty"), (b"{", "not valid JSON"), (b"\xff\xfe", "not valid JSON"),
+                        (b"[" * 100_000, "nests JSON too deeply")):
+        r = httpx.post(f"{server.url}/v1/messages", headers={"x-api-key": ACME, "content-type": "application/json"},
+                       content=raw)
+        assert r.status_code == 400 and r.json()["type"] == "error", r.text
+        assert expect in r.json()["error"]["message"], r.text

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from promptcache.engine.api import RequestOutput, RequestSpec
 from promptcache.server import openapi
 from promptcache.server.anthropic_prompt import anthropic_usage, build_prompt
+from promptcache.server.body import JsonBody
 from promptcache.server.errors import ApiError, anthropic_error_body, error_json
 from promptcache.server.generation import EventStream, Generation, guarded_events
 from promptcache.server.schemas_anthropic import CountTokensRequest, MessagesRequest
@@ -51,8 +52,10 @@ def _message(rid: str, model: str, out: RequestOutput, streaming_start: bool = F
 
 
 @router.post("/v1/messages", summary="Create a message (Anthropic), streamed with stream=true",
-             response_model=None, responses=openapi.ANTHROPIC_STREAMING)
-async def create_message(body: MessagesRequest, request: Request, tenant: Tenant) -> Response:
+             response_model=None, responses=openapi.ANTHROPIC_STREAMING,
+             openapi_extra=openapi.json_request(MessagesRequest))
+async def create_message(request: Request, tenant: Tenant,
+                         body: Annotated[MessagesRequest, JsonBody(MessagesRequest)]) -> Response:
     state = get_state(request)
     model = state.check_model(body.model, anthropic=True)
     prompt = await run_in_threadpool(build_prompt, state.tokenizer, body, state.max_prompt_chars,
@@ -96,8 +99,9 @@ async def _message_events(gen: Generation, rid: str, model: str) -> AsyncGenerat
 
 
 @router.post("/v1/messages/count_tokens", summary="Count a request's prompt tokens (Anthropic)",
-             responses=openapi.ANTHROPIC_COUNT)
-async def count_tokens(body: CountTokensRequest, request: Request, tenant: Tenant) -> dict[str, int]:
+             responses=openapi.ANTHROPIC_COUNT, openapi_extra=openapi.json_request(CountTokensRequest))
+async def count_tokens(request: Request, tenant: Tenant,
+                       body: Annotated[CountTokensRequest, JsonBody(CountTokensRequest)]) -> dict[str, int]:
     state = get_state(request)
     state.check_model(body.model, anthropic=True)
     prompt = await run_in_threadpool(build_prompt, state.tokenizer, body, state.max_prompt_chars,

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from promptcache.engine.api import RequestSpec, Retention, SamplingParams
 from promptcache.server import openai_format as fmt
 from promptcache.server import openapi
+from promptcache.server.body import JsonBody
 from promptcache.server.errors import ApiError, is_anthropic
 from promptcache.server.generation import EventStream, Generation
 from promptcache.server.prompt import (
@@ -121,8 +122,10 @@ def _build_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[in
 
 
 @router.post("/v1/chat/completions", summary="Chat completion (OpenAI), streamed with stream=true",
-             response_model=None, responses=openapi.OPENAI_STREAMING)
-async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: Tenant) -> Response:
+             response_model=None, responses=openapi.OPENAI_STREAMING,
+             openapi_extra=openapi.json_request(ChatCompletionRequest))
+async def chat_completions(request: Request, tenant: Tenant,
+                           body: Annotated[ChatCompletionRequest, JsonBody(ChatCompletionRequest)]) -> Response:
     state = get_state(request)
     model = state.check_model(body.model, anthropic=False)
     _refuse_unsupported(body)
@@ -158,8 +161,10 @@ def _completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
 
 
 @router.post("/v1/completions", summary="Text completion (OpenAI legacy), streamed with stream=true",
-             response_model=None, responses=openapi.OPENAI_STREAMING)
-async def completions(body: CompletionRequest, request: Request, tenant: Tenant) -> Response:
+             response_model=None, responses=openapi.OPENAI_STREAMING,
+             openapi_extra=openapi.json_request(CompletionRequest))
+async def completions(request: Request, tenant: Tenant,
+                      body: Annotated[CompletionRequest, JsonBody(CompletionRequest)]) -> Response:
     state = get_state(request)
     model = state.check_model(body.model, anthropic=False)
     _refuse_unsupported(body)

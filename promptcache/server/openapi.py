@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 _OPENAI_ERROR = {
     "type": "object",
@@ -58,11 +60,34 @@ HEALTH: dict[int | str, dict[str, Any]] = {
 }
 
 
+_REF = "#/components/schemas/{model}"
+_BODIES: dict[str, type[BaseModel]] = {}
+
+
+def json_request(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` for a route whose body is ``body.JsonBody(model)``: FastAPI sees a dependency
+    there, so the spec's request body (and the model's schemas, added by ``fix_openapi``) come from here."""
+    _BODIES[model.__name__] = model
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": _REF.format(model=model.__name__)}}}}}
+
+
+def _body_schemas() -> dict[str, Any]:
+    keyed, defs = models_json_schema([(m, "validation") for m in _BODIES.values()], ref_template=_REF)
+    schemas: dict[str, Any] = dict(defs.get("$defs", {}))
+    for (model, _), schema in keyed.items():
+        if "$ref" not in schema:  # a model no other one refers to is inlined by pydantic
+            schemas[model.__name__] = schema
+    return schemas
+
+
 def fix_openapi(app: FastAPI) -> None:
-    """Drop FastAPI's 422 responses and its unused validation-error schemas from the spec."""
+    """Add the request bodies' schemas; drop FastAPI's 422 responses and its unused validation-error
+    schemas from the spec."""
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = FastAPI.openapi(app)
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(_body_schemas())
             for ops in spec.get("paths", {}).values():
                 for op in ops.values():
                     op.get("responses", {}).pop("422", None)

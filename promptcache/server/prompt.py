@@ -90,6 +90,11 @@ def render(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict
         raise ValueError(f"chat template rejected the messages: {type(e).__name__}: {e}") from None
 
 
+def too_many_messages(num_messages: int, max_messages: int) -> str:
+    return (f"the conversation has {num_messages} messages: more than the model's context can hold "
+            f"(at most {max_messages} tokens, and every message takes at least one)")
+
+
 def check_before_render(messages: Sequence[TemplateMessage], tools: list[dict[str, Any]] | None,
                         max_chars: int, max_messages: int) -> None:
     """Refuse, before any template runs, a conversation that cannot fit: rendering copies the content
@@ -99,8 +104,7 @@ def check_before_render(messages: Sequence[TemplateMessage], tools: list[dict[st
     context has tokens cannot fit). A 29.7 MB body of 900k empty messages took 6.6 s of rendering to
     be refused."""
     if len(messages) > max_messages:
-        raise ValueError(f"the conversation has {len(messages)} messages: more than the model's context can hold "
-                         f"(at most {max_messages} tokens, and every message takes at least one)")
+        raise ValueError(too_many_messages(len(messages), max_messages))
     # tools are not counted: a template may leave them out, and this must be a lower bound
     check_prompt_chars(sum(len(p) for m in messages for p in m.parts), max_chars)
 
