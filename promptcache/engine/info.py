@@ -17,6 +17,7 @@ class EngineInfo:
     num_blocks: int  # KV blocks in the pool
     precision: str  # e.g. "cpu, bfloat16 math (native), bfloat16 KV cache"
     tokenizer: Tokenizer
+    vocab_size: int  # the model's: token ids in [0, vocab_size)
 
     @property
     def kv_capacity_tokens(self) -> int:

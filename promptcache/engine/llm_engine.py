@@ -209,7 +209,7 @@ class LLMEngine:
 
     def info(self) -> EngineInfo:
         return EngineInfo(self.model_name, self.max_model_len, self.block_size, self.kv.pool.num_blocks,
-                          self.precision, self.tokenizer)
+                          self.precision, self.tokenizer, self.runner.loaded.arch.vocab_size)
 
     def snapshot(self) -> EngineStats:
         return EngineStats(self.stats(), dict(self.usage.counters.finished))

@@ -55,7 +55,7 @@ def create_app(
     app.state.server = ServerState(aengine=aengine, api_keys=api_keys, model_names=names, metrics=metrics,
                                    max_prompt_chars=max_prompt_chars)
     install_error_handlers(app)
-    openapi.fix_openapi(app)
+    openapi.fix_openapi(app, names, aengine.info.vocab_size, api_keys is not None)
     app.include_router(openai_api.router)
     app.include_router(anthropic_api.router)
 

@@ -94,7 +94,8 @@ def error_response(request: Request, err: ApiError) -> JSONResponse:
 
 # ---- validation errors (FastAPI's 422) -> 400 ---------------------------------------------------
 
-_TYPE_TAG = re.compile(r"^[A-Z]\w*$|[\[\]'(]|^(str|int|float|bool|list|dict|none|literal|json-or-python)$")
+_TYPE_TAG = re.compile(r"^[A-Z]\w*$|[\[\]'(]|^(str|int|float|bool|list|dict|none|literal|json-or-python)$"
+                       r"|^constrained-\w+$")
 
 
 def _field_path(loc: Sequence[int | str], anthropic: bool) -> str:

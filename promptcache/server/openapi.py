@@ -38,10 +38,13 @@ def _errors(schema: dict[str, Any], statuses: tuple[int, ...]) -> dict[int | str
     return {s: {"description": _WHY[s], "content": {"application/json": {"schema": schema}}} for s in statuses}
 
 
+# each server-sent event: the dialect's event name (Anthropic) and its JSON (or "[DONE]") as data
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
 _GENERATION = (400, 401, 404, 408, 413, 429, 503)
 _SSE: dict[int | str, dict[str, Any]] = {200: {
     "description": "the result; with stream=true a text/event-stream of the dialect's events",
-    "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}},
+    "content": {"application/json": {}, "text/event-stream": {"schema": _SSE_EVENT}},
 }}
 
 OPENAI_STREAMING: dict[int | str, dict[str, Any]] = {**_SSE, **_errors(_OPENAI_ERROR, _GENERATION)}
@@ -81,13 +84,48 @@ def _body_schemas() -> dict[str, Any]:
     return schemas
 
 
-def fix_openapi(app: FastAPI) -> None:
-    """Add the request bodies' schemas; drop FastAPI's 422 responses and its unused validation-error
-    schemas from the spec."""
+def _served_limits(schemas: dict[str, Any], model_names: tuple[str, ...], vocab_size: int) -> None:
+    """What only the running server knows: the model ids it serves (others are a 404) and the
+    largest token id its vocabulary has (larger ones are a 400)."""
+    for schema in schemas.values():
+        if "model" in schema.get("properties", {}):
+            schema["properties"]["model"]["enum"] = list(model_names)
+    pending = [schemas.get("CompletionRequest", {}).get("properties", {}).get("prompt", {})]
+    while pending:
+        node = pending.pop()
+        if node.get("type") == "integer":
+            node["maximum"] = vocab_size - 1
+        pending += [v for v in node.values() if isinstance(v, dict)]
+        pending += [v for vs in node.values() if isinstance(vs, list) for v in vs if isinstance(v, dict)]
+
+
+_SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "OpenAI clients: Authorization: Bearer KEY"},
+    "x-api-key": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "Anthropic clients"},
+}
+_OPEN_PATHS = ("/health",)  # liveness needs no key (its details do: an operator key)
+
+
+def _security(spec: dict[str, Any]) -> None:
+    """With API keys: every route needs one, either way of sending it; liveness stays open."""
+    spec["components"]["securitySchemes"] = _SECURITY_SCHEMES
+    spec["security"] = [{"bearer": []}, {"x-api-key": []}]
+    for path in _OPEN_PATHS:
+        for op in spec["paths"].get(path, {}).values():
+            op["security"] = [{}, *spec["security"]]
+
+
+def fix_openapi(app: FastAPI, model_names: tuple[str, ...], vocab_size: int, keyed: bool) -> None:
+    """Add the request bodies' schemas with the served limits (and, on a server with API keys, its
+    security schemes); drop FastAPI's 422 responses and its unused validation-error schemas."""
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = FastAPI.openapi(app)
-            spec.setdefault("components", {}).setdefault("schemas", {}).update(_body_schemas())
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(_body_schemas())
+            _served_limits(schemas, model_names, vocab_size)
+            if keyed:
+                _security(spec)
             for ops in spec.get("paths", {}).values():
                 for op in ops.values():
                     op.get("responses", {}).pop("422", None)

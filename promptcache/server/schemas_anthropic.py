@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
-from promptcache.server.schemas_base import JsonInt
+from promptcache.server.schemas_base import NonEmptyStr, NonNegativeInt, text_required
 from promptcache.server.schemas_base import RequestBody as _Body
 
 
@@ -15,11 +15,17 @@ class CacheControl(_Body):
     ttl: Literal["5m", "1h"] = "5m"
 
 
+def _block_schema(schema: dict[str, Any]) -> None:
+    text_required(schema)
+    schema["if"] = {"required": ["cache_control"], "properties": {"cache_control": {"type": "object"}}}
+    schema["then"] = {"properties": {"text": {"minLength": 1}}}  # EMPTY_BLOCK_MESSAGE otherwise
+
+
 class ContentBlock(_Body):
     """A content block; only ``text`` blocks are rendered (others are refused with a 400)."""
 
-    model_config = ConfigDict(extra="allow")
-    # the spec says what is served; another type is a 400 naming it (not a schema error)
+    # the spec says what is served (text blocks with their text); another type is a 400 naming it
+    model_config = ConfigDict(extra="allow", json_schema_extra=_block_schema)
     type: str = Field(json_schema_extra={"enum": ["text"]})
     text: str | None = None
     cache_control: CacheControl | None = None
@@ -50,11 +56,11 @@ class CountTokensRequest(_Body):
 
 
 class MessagesRequest(CountTokensRequest):
-    max_tokens: JsonInt = Field(ge=0, description="0 pre-warms the cache and returns no content")
+    max_tokens: NonNegativeInt = Field(description="0 pre-warms the cache and returns no content")
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     top_p: float | None = Field(default=None, le=1.0, json_schema_extra={"exclusiveMinimum": 0.0})  # (0, 1]
-    top_k: JsonInt | None = Field(default=None, ge=0)
-    stop_sequences: list[str] | None = None
+    top_k: NonNegativeInt | None = None
+    stop_sequences: list[NonEmptyStr] | None = None
     ignore_eos: bool = Field(default=False, description="extension (vLLM): generate past end-of-sequence")
     stream: bool | None = False
     metadata: dict[str, Any] | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -43,6 +43,21 @@ def _integral(value: Any) -> Any:
 
 
 JsonInt = Annotated[int, BeforeValidator(_integral)]  # an int field as JSON (and JSON Schema) means it
+
+# Bounds sit inside the Annotated, before the validator: as Field(ge=1) on a JsonInt field pydantic
+# still enforces them but writes "ge": 1 into the JSON schema, which no client or fuzzer reads.
+NonNegativeInt = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+NumLogprobs = Annotated[int, Field(ge=0, le=20), BeforeValidator(_integral)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+def text_required(schema: dict[str, Any]) -> None:
+    """``json_schema_extra`` of a content part: the spec says its text is a required string (the
+    types served have one); the model lets it be missing so that a part of another type gets a 400
+    naming its type rather than "text: Field required"."""
+    schema["required"] = ["type", "text"]
+    schema["properties"]["text"] = {"type": "string", "title": "Text"}
 
 
 class RequestBody(BaseModel):

@@ -7,12 +7,26 @@ penalties, ``echo``) are accepted by the schema and refused with a 400 by the ha
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import ConfigDict, Field
 
-from promptcache.server.schemas_base import JsonInt
+from promptcache.engine.api import MAX_TTL_S
+from promptcache.server.retention import TTL_PATTERN
+from promptcache.server.schemas_base import (
+    JsonInt,
+    NonEmptyStr,
+    NonNegativeInt,
+    NumLogprobs,
+    PositiveInt,
+    text_required,
+)
 from promptcache.server.schemas_base import RequestBody as _Body
+
+TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
+T = TypeVar("T")
+# a batch of prompts is a 400 (one prompt per request): a list of one
+OnePrompt = Annotated[list[T], Field(min_length=1, json_schema_extra={"maxItems": 1})]
 
 
 class StreamOptions(_Body):
@@ -21,7 +35,8 @@ class StreamOptions(_Body):
 
 class PromptCacheOptions(_Body):
     mode: Literal["implicit", "explicit"] = "implicit"
-    ttl: str | float | None = Field(default=None, description="minimum lifetime: '30m', '1h', '24h', 300")
+    ttl: Annotated[str, Field(pattern=TTL_PATTERN)] | Annotated[float, Field(ge=0, le=MAX_TTL_S)] | None = Field(
+        default=None, description="minimum lifetime after each use, at most 30 days: '30m', '1h', '24h', 300")
     prewarm: bool = Field(default=False, description="only store the prompt in the cache (no generation)")
     comparison_response_id: str | None = None
 
@@ -31,7 +46,7 @@ class PromptCacheBreakpoint(_Body):
 
 
 class ContentPart(_Body):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=text_required)
     type: str = Field(json_schema_extra={"enum": ["text", "input_text"]})  # others: a 400 naming them
     text: str | None = None
     prompt_cache_breakpoint: PromptCacheBreakpoint | None = None
@@ -49,11 +64,11 @@ class ChatMessage(_Body):
 class OpenAIRequestBase(_Body):
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_p: float | None = Field(default=None, le=1.0, json_schema_extra={"exclusiveMinimum": 0.0})  # (0, 1]
     top_k: JsonInt | None = Field(default=None, description="extension (vLLM): keep the k most likely tokens")
     seed: JsonInt | None = None
-    stop: str | list[str] | None = None
-    n: JsonInt | None = Field(default=1, ge=1, json_schema_extra={"maximum": 1})  # one choice per request
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    n: PositiveInt | None = Field(default=1, json_schema_extra={"maximum": 1})  # one choice per request
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # accepted by OpenAI in [-2, 2]; this server serves only 0 (others are a 400 naming the field)
@@ -69,18 +84,19 @@ class OpenAIRequestBase(_Body):
 
 class ChatCompletionRequest(OpenAIRequestBase):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: JsonInt | None = Field(default=None, ge=0)
-    max_completion_tokens: JsonInt | None = Field(default=None, ge=0)
+    max_tokens: NonNegativeInt | None = None
+    max_completion_tokens: NonNegativeInt | None = None
     logprobs: bool | None = False
-    top_logprobs: JsonInt | None = Field(default=None, ge=0, le=20)
+    top_logprobs: NumLogprobs | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(OpenAIRequestBase):
-    prompt: str | list[str] | list[JsonInt] | list[list[JsonInt]]
-    max_tokens: JsonInt | None = Field(default=16, ge=0)
-    logprobs: JsonInt | None = Field(default=None, ge=0, le=20)
+    # token ids' maximum (the vocabulary) is written into the served spec by openapi.fix_openapi
+    prompt: NonEmptyStr | OnePrompt[NonEmptyStr] | TokenIds | OnePrompt[TokenIds]
+    max_tokens: NonNegativeInt | None = 16
+    logprobs: NumLogprobs | None = None
     echo: bool | None = Field(default=False, json_schema_extra={"enum": [False, None]})  # echo is a 400
     suffix: str | None = Field(default=None, json_schema_extra={"maxLength": 0})  # a suffix is a 400
-    best_of: JsonInt | None = Field(default=None, ge=1)
+    best_of: PositiveInt | None = Field(default=None, json_schema_extra={"maximum": 1})  # best_of > 1 is a 400

@@ -1,0 +1,41 @@
+"""Hooks for the schemathesis run of ``test_schemathesis.py`` (loaded by the CLI through
+``SCHEMATHESIS_HOOKS``).
+
+- Generation requests are bounded (``max_tokens`` at most 8) so each case costs milliseconds.
+- A schema-valid request may be refused for a rule JSON Schema cannot state; such a refusal is not
+  a failure only when its message quotes one of ``CROSS_FIELD_RULES``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import schemathesis
+from schemathesis.openapi.checks import RejectedPositiveData
+
+MAX_TOKENS = 8
+CROSS_FIELD_RULES = (
+    "A maximum of 4 blocks with cache_control may be provided",  # counted over the whole request
+    "At most 4 content parts may carry prompt_cache_breakpoint",
+    "must not come after a ttl='5m' cache_control block",  # Anthropic's ttl order
+    "ttl must be between 0 and 30 days",  # "99999d" matches the duration pattern
+    "but the model's context is",  # prompt + template longer than the context (known once tokenized)
+    "more than the model's context can hold",
+)
+
+
+@schemathesis.hook
+def map_body(context: Any, body: Any) -> Any:
+    if isinstance(body, dict):
+        for field in ("max_tokens", "max_completion_tokens"):
+            value = body.get(field)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_TOKENS:
+                body[field] = MAX_TOKENS
+    return body
+
+
+@schemathesis.hook
+def filter_failure(context: Any, failure: Any, case: Any, response: Any) -> bool:
+    """Keep every failure but a schema-valid request refused for a listed cross-field rule."""
+    return not (isinstance(failure, RejectedPositiveData) and response is not None and response.status_code == 400
+                and any(rule in response.text for rule in CROSS_FIELD_RULES))
