@@ -42,7 +42,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the engine and the baselines (default: OMP_NUM_THREADS or all cores)")
     g = p.add_argument_group("workload shape (unset: the workload's default)")
-    g.add_argument("--prompt-tokens", type=int, help="prefix-pair: P, tokens of each prompt")
+    g.add_argument("--prompt-tokens", type=int, help="prefix-pair: P, tokens of each prompt; tenant-probe: its length")
     g.add_argument("--suffix-tokens", type=int, help="prefix-pair: S, tokens after the shared prefix")
     g.add_argument("--repeats", type=int, default=3, help="prefix-pair: repeats (medians are reported)")
     g.add_argument("--prefix-tokens", type=int, help="shared-prefix: system prompt P; multi-turn: system prompt")
@@ -55,6 +55,7 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--documents", type=int, help="long-doc: D")
     g.add_argument("--doc-tokens", type=int, help="long-doc: L")
     g.add_argument("--asks", type=int, help="long-doc: K questions per document")
+    g.add_argument("--trials", type=int, help="tenant-probe: interleaved trials")
     g.add_argument("--order", choices=LongDoc.ORDERS, default="tile", help="long-doc: request order")
     t = p.add_argument_group("throughput and baselines")
     t.add_argument("--baseline", choices=["none", "transformers"], default="none",

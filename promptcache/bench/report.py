@@ -88,6 +88,8 @@ def markdown(report: dict[str, Any]) -> str:
     for key, label, spec in DETERMINISTIC:
         if key in report.get("deterministic", {}):
             lines.append(f"| deterministic mode: {label} | {_fmt(report['deterministic'][key], spec)} |")
+    for key, value in report.get("tenant_probe", {}).items():
+        lines.append(f"| tenant probe: {key.replace('_', ' ')} | {value} |")
     for dtype, rate in report.get("gemm_flops_per_s_by_dtype", {}).items():
         lines.append(f"| GEMM GFLOP/s in {dtype} | {_fmt(rate, 'gflops')} |")
     for target in report.get("targets", []):

@@ -21,13 +21,14 @@ from promptcache.bench.machine import (
 )
 from promptcache.bench.prefix_pair import PrefixPair, run_prefix_pair
 from promptcache.bench.runner import measure_decode, measure_prefill, run_workload
+from promptcache.bench.tenant_probe import TenantProbe
 from promptcache.bench.workloads import LongDoc, MultiTurn, SharedPrefix, TokenSource, Workload
 from promptcache.engine.precision import dtype_name
 
-WORKLOADS = ("prefix-pair", "shared-prefix", "multi-turn", "long-doc")
+WORKLOADS = ("prefix-pair", "shared-prefix", "multi-turn", "long-doc", "tenant-probe")
 
 WORKLOAD_CLASSES: dict[str, type] = {"prefix-pair": PrefixPair, "shared-prefix": SharedPrefix,
-                                     "multi-turn": MultiTurn, "long-doc": LongDoc}
+                                     "multi-turn": MultiTurn, "long-doc": LongDoc, "tenant-probe": TenantProbe}
 
 
 def _shape_defaults(cls: type) -> dict[str, Any]:
@@ -45,8 +46,10 @@ def _opt(args: argparse.Namespace, name: str) -> Any:
     return DEFAULTS[args.workload][name] if value is None else value
 
 
-def build_workload(args: argparse.Namespace) -> Workload | PrefixPair:
+def build_workload(args: argparse.Namespace) -> Workload | PrefixPair | TenantProbe:
     w, o = args.workload, lambda name: _opt(args, name)
+    if w == "tenant-probe":
+        return TenantProbe(o("trials"), o("prompt_tokens"), args.seed)
     if w == "prefix-pair":
         return PrefixPair(o("prompt_tokens"), o("suffix_tokens"), o("output_tokens"), args.repeats, args.seed)
     if w == "shared-prefix":
@@ -92,6 +95,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the engine then leaves torch's count alone
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
+    if isinstance(workload, TenantProbe):
+        return _tenant_probe(args, workload)
     arms = build_arms(args, both=not isinstance(workload, PrefixPair))
     reference = arms.get("no-cache", arms["cache"])
     baseline = _baseline(args, reference)
@@ -119,6 +124,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         report["peak_rss_bytes"] = peak_rss_bytes()
     report["targets"] = targets(report)
     return report
+
+
+def _tenant_probe(args: argparse.Namespace, workload: TenantProbe) -> dict[str, Any]:
+    if args.url:
+        raise ValueError("tenant-probe times prefill inside the engine: it runs in-process only (no --url)")
+    from promptcache.engine.config import engine_config_from_args
+    from promptcache.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(engine_config_from_args(args).replace(enable_prefix_caching=True))
+    result = workload.run(engine)
+    return {"workload": "tenant-probe", "params": workload.params(), "tenant_probe": result.summary(),
+            "engine": EngineBackend(engine, "cache").describe(), "host": describe_host(), "targets": []}
 
 
 def _throughput(args: argparse.Namespace, report: dict[str, Any], workload: Workload | PrefixPair,
