@@ -230,3 +230,55 @@ def test_retained_heap_stays_bounded_under_repeated_hits():
     assert len(pool.retained) <= 2 * pool.num_retained + 64  # was 98,001 entries before the fix
     kv.check_integrity()
     assert run(kv, "last", prompt, day)[0] == 49 * 4  # still every block but the last one hit
+
+
+def test_reuse_stop_says_why_reuse_ended():
+    """Each miss names its cause: never cached, evicted (with idle time and age), expired, reset,
+    being computed by another request, or nothing left to reuse."""
+    from promptcache.cache import EVICTED, EXPIRED, IN_FLIGHT, NOT_CACHED, RESET, REUSED_ALL
+
+    clock = Clock()
+    kv = KVCacheManager(num_blocks=6, block_size=4, clock=clock)
+    a = list(range(13))  # 3 full blocks, the last token always runs
+    first = kv.match("a", hashes(a), len(a))
+    assert first.stop.reason == NOT_CACHED and first.stop.token == 0
+    run(kv, "a", a)
+    kv.free("a")
+    again = kv.match("a2", hashes(a), len(a))
+    assert again.stop.reason == REUSED_ALL and again.stop.token == 12
+    diverged = kv.match("d", hashes(a[:8] + [99] * 5), 13)
+    assert diverged.stop.reason == NOT_CACHED and diverged.stop.token == 8
+    clock.now += 30
+    run(kv, "b", [50 + i for i in range(24)])  # needs all 6 blocks: a's 3 are evicted
+    clock.now += 12
+    gone = kv.match("a3", hashes(a), len(a))
+    assert gone.stop.reason == EVICTED and gone.stop.token == 0
+    assert gone.stop.idle_s == 30 and gone.stop.ago_s == 12
+    kv.free("b")
+    run(kv, "a", a, Retention(60.0))  # cached again: the old drop explains nothing now
+    kv.free("a")
+    assert kv.match("a4", hashes(a), len(a)).stop.reason == REUSED_ALL
+    clock.now += 61  # its retention ends, then room is needed
+    run(kv, "c", [80 + i for i in range(24)])
+    assert kv.match("a5", hashes(a), len(a)).stop.reason == EXPIRED
+    kv.free("c")
+    run(kv, "e", a)
+    kv.free("e")
+    kv.reset_prefix_cache()
+    assert kv.match("a6", hashes(a), len(a)).stop.reason == RESET
+    # another request is computing the blocks right now
+    hs = hashes(a)
+    kv.allocate("writer", len(a), kv.match("writer", hs, len(a)), inflight_hashes=hs[:3])
+    assert kv.match("reader", hs, len(a)).stop.reason == IN_FLIGHT
+    kv.free("writer")
+    kv.check_integrity()
+
+
+def test_eviction_log_is_bounded():
+    from promptcache.cache import EvictionLog
+
+    log = EvictionLog(capacity=3)
+    for i in range(10):
+        log.record(bytes([i]), "evicted", float(i), 0.0)
+    assert len(log) == 3 and log.lookup(bytes([0])) is None and log.lookup(bytes([9])) is not None
+    assert EvictionLog(capacity=0).lookup(b"x") is None

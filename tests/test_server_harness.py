@@ -52,10 +52,14 @@ class Server:
 
 
 @contextmanager
-def serve(aengine: AsyncEngine, api_keys: dict[str, str] | None = None, **app_options: Any) -> Iterator[Server]:
-    """uvicorn on 127.0.0.1, an ephemeral port, in a thread; stopped on exit."""
+def serve(aengine: AsyncEngine, api_keys: dict[str, str] | None = None, keep_alive_s: float = 5.0,
+          **app_options: Any) -> Iterator[Server]:
+    """uvicorn on 127.0.0.1, an ephemeral port, in a thread; stopped on exit. ``keep_alive_s`` is
+    uvicorn's idle keep-alive timeout (its default 5 s races clients that reuse a connection just
+    as the server closes it; SDKs retry that, clients with ``max_retries=0`` do not)."""
     app = create_app(aengine, api_keys, **app_options)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
+                            timeout_keep_alive=keep_alive_s)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

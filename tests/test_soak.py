@@ -27,7 +27,10 @@ import httpx
 import psutil
 from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI
-from test_server_harness import MODEL, Server, long_text, running, serve, tiny_engine, wait_until
+from test_server_harness import MODEL, Server, long_text, running, serve, wait_until
+
+from promptcache.engine.config import EngineConfig
+from promptcache.engine.llm_engine import LLMEngine
 
 KEYS = {"sk-soak-a": "tenant-a", "sk-soak-b": "tenant-b", "sk-soak-c": "tenant-c"}
 CLIENTS = 64
@@ -143,8 +146,11 @@ def rss_mb() -> float:
 
 def run_soak(seconds: float, rounds: int = 2) -> list[dict[str, Any]]:
     reports = []
-    with running(tiny_engine(num_blocks=NUM_BLOCKS, max_model_len=1024), max_waiting=CLIENTS * 2) as aengine, \
-            serve(aengine, KEYS) as srv:
+    # bfloat16: the dtype a native-bf16 CPU serves in (its matmuls go through oneDNN: test_memory.py)
+    engine = LLMEngine(EngineConfig.of(model=MODEL, dtype="bfloat16", device="cpu", num_blocks=NUM_BLOCKS,
+                                       max_model_len=1024, max_num_batched_tokens=1024))
+    with running(engine, max_waiting=CLIENTS * 2) as aengine, \
+            serve(aengine, KEYS, keep_alive_s=3600) as srv:  # no idle-close race: every failure is ours
         for r in range(rounds):
             started = time.monotonic()
             result = soak_round(srv, seconds, seed=7)  # identical rounds

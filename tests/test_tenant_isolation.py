@@ -13,8 +13,8 @@ The timing side (another tenant's cached prompt is no faster than a fresh one) i
 from __future__ import annotations
 
 import random
-from collections import Counter
 import statistics
+from collections import Counter
 
 from promptcache.bench.tenant_probe import mann_whitney_p, probe_tenant_timing
 from promptcache.engine.config import EngineConfig

@@ -16,6 +16,7 @@ class Block:
     expires_at: float = 0.0  # while free: retained until then (0 = not retained)
     last_used: float = 0.0
     heap_token: int = -1  # matches the live heap entry while the block sits in the retained heap
+    retention_ended: bool = False  # its retention ran out while it was free (an eviction then "expired" it)
     prev: Block | None = field(default=None, repr=False)
     next: Block | None = field(default=None, repr=False)
     in_lru: bool = False

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from promptcache.cache.block import Block
+from promptcache.cache.evictions import EVICTED, EXPIRED, RESET, EvictionLog
 from promptcache.cache.index import PrefixIndex
 
 
@@ -86,9 +87,12 @@ class BlockPool:
     """Where every block is. Content hashes live in the ``index`` (cache/index.py): the pool asks it
     to forget a block's content when it evicts the block."""
 
-    def __init__(self, num_blocks: int, clock: Callable[[], float], index: PrefixIndex) -> None:
+    def __init__(self, num_blocks: int, clock: Callable[[], float], index: PrefixIndex,
+                 evictions: EvictionLog | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        # what became of dropped content, for miss diagnoses: a few times the pool, bounded
+        self.evictions = evictions if evictions is not None else EvictionLog(min(4 * num_blocks, 200_000))
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.clock = clock
         self.empty: list[Block] = list(reversed(self.blocks))  # pop() hands out block 0 first
@@ -116,6 +120,7 @@ class BlockPool:
             self._unlink_free(block)
         block.ref_cnt += 1
         block.ttl_s = max(block.ttl_s, ttl_s)
+        block.retention_ended = False
 
     def take_new(self) -> Block | None:
         """A block for new content (ref 1, no hash), evicting cached content if needed; None if full."""
@@ -148,7 +153,9 @@ class BlockPool:
     def drop_all_hashes(self) -> int:
         """Forget every cached prefix (``reset_prefix_cache``); returns how many were dropped."""
         dropped = len(self.index)
-        for _, block in self.index.entries():
+        now = self.clock()
+        for block_hash, block in self.index.entries():
+            self.evictions.record(block_hash, RESET, now, block.last_used)
             if block.ref_cnt == 0:
                 self._unlink_free(block)
                 self._forget(block)
@@ -185,6 +192,7 @@ class BlockPool:
             if token != block.heap_token:
                 continue
             block.heap_token, block.expires_at, block.ttl_s = -1, 0.0, 0.0
+            block.retention_ended = True
             self.num_retained -= 1
             self.lru.insert_by_last_used(block)
 
@@ -208,9 +216,13 @@ class BlockPool:
             if block.expires_at > now:
                 self.counters.early_evictions += 1
         self.counters.blocks_evicted += 1
+        if block.block_hash is not None:
+            self.evictions.record(block.block_hash, EXPIRED if block.retention_ended else EVICTED, now,
+                                  block.last_used)
         self._forget(block)
         return block
 
     def _forget(self, block: Block) -> None:
         self.index.remove(block)
         block.ttl_s = block.expires_at = 0.0
+        block.retention_ended = False

@@ -56,11 +56,27 @@ class Retention:
 NO_RETENTION = Retention()
 
 
+# Why reuse ended where it did (ReuseStop.reason): everything reusable was reused; the next block
+# is being computed by another request; it was cached once (evicted / expired / reset: see
+# cache/evictions.py); or it was never cached in this namespace (the prompt diverges from
+# everything stored, or nothing stored it yet).
+REUSED_ALL, IN_FLIGHT, NOT_CACHED = "reused_all", "in_flight", "not_cached"
+
+
+@dataclass(frozen=True)
+class ReuseStop:
+    reason: str  # REUSED_ALL | IN_FLIGHT | EVICTED | EXPIRED | RESET | NOT_CACHED
+    token: int  # the first prompt token that was not reused (whole blocks before it were)
+    idle_s: float | None = None  # EVICTED / EXPIRED / RESET: unused this long before it was dropped
+    ago_s: float | None = None  # ... and dropped this long before the lookup
+
+
 @dataclass(frozen=True)
 class CacheHit:
     blocks: tuple[Block, ...]
     num_tokens: int  # reused tokens (whole blocks)
     num_inflight_blocks: int  # blocks right after the hit that another request is computing now
+    stop: ReuseStop = ReuseStop(REUSED_ALL, 0)
 
 
 @dataclass
@@ -118,7 +134,21 @@ class KVCacheManager:
             if owner is None or owner == request_id:
                 break
             inflight += 1
-        return CacheHit(tuple(hit), len(hit) * self.block_size, inflight)
+        num_tokens_hit = len(hit) * self.block_size
+        return CacheHit(tuple(hit), num_tokens_hit, inflight,
+                        self._stop(block_hashes, len(hit), max_hit_blocks, inflight, num_tokens_hit))
+
+    def _stop(self, block_hashes: Sequence[BlockHash], num_hit: int, max_hit_blocks: int, inflight: int,
+              token: int) -> ReuseStop:
+        if num_hit >= min(max_hit_blocks, len(block_hashes)):
+            return ReuseStop(REUSED_ALL, token)
+        if inflight:
+            return ReuseStop(IN_FLIGHT, token)
+        dropped = self.pool.evictions.lookup(block_hashes[num_hit])
+        if dropped is not None:
+            return ReuseStop(dropped.reason, token, max(0.0, dropped.at - dropped.last_used),
+                             max(0.0, self.pool.clock() - dropped.at))
+        return ReuseStop(NOT_CACHED, token)
 
     # ---- allocation ----------------------------------------------------------------------------
 
@@ -178,6 +208,7 @@ class KVCacheManager:
             block = table.blocks[i]
             block.ttl_s = max(block.ttl_s, table.retention.ttl_for_block(i, self.block_size))
             if self.index.insert(block, h):
+                self.pool.evictions.cached_again(h)
                 newly.append(i)
         table.num_committed_blocks = max(table.num_committed_blocks, num_full)
         return newly

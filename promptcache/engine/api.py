@@ -6,7 +6,18 @@ The server imports from here (and builds the engine in its CLI), never from ``ca
 
 from __future__ import annotations
 
-from promptcache.cache import MAX_TTL_S, NO_RETENTION, Retention
+from promptcache.cache import (
+    EVICTED,
+    EXPIRED,
+    IN_FLIGHT,
+    MAX_TTL_S,
+    NO_RETENTION,
+    NOT_CACHED,
+    RESET,
+    REUSED_ALL,
+    Retention,
+    ReuseStop,
+)
 from promptcache.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from promptcache.engine.info import EngineInfo, EngineStats
 from promptcache.engine.request import RequestOutput, RequestSpec, TokenLogprob
@@ -14,7 +25,14 @@ from promptcache.engine.sampling import SamplingParams
 from promptcache.engine.usage import Usage
 
 __all__ = [
+    "EVICTED",
+    "EXPIRED",
+    "IN_FLIGHT",
     "MAX_TTL_S",
+    "NOT_CACHED",
+    "RESET",
+    "REUSED_ALL",
+    "ReuseStop",
     "NO_RETENTION",
     "AsyncEngine",
     "EngineDead",

@@ -30,3 +30,4 @@ class EngineStats:
 
     counters: dict[str, int]  # LLMEngine.stats(): tokens, blocks, requests, evictions, preemptions
     finished: dict[str, int]  # finished requests by finish reason
+    reuse_stops: dict[str, int]  # admitted requests by why prefix reuse ended (cache.ReuseStop.reason)

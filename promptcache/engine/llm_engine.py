@@ -212,7 +212,7 @@ class LLMEngine:
                           self.precision, self.tokenizer, self.runner.loaded.arch.vocab_size)
 
     def snapshot(self) -> EngineStats:
-        return EngineStats(self.stats(), dict(self.usage.counters.finished))
+        return EngineStats(self.stats(), dict(self.usage.counters.finished), dict(self.usage.counters.reuse_stops))
 
     def stats(self) -> dict[str, int]:
         c = self.usage.counters

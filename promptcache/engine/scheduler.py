@@ -137,7 +137,7 @@ class Scheduler:
                 self.waiting.appendleft(req)  # first come, first served: nobody jumps the queue
                 break
             req.num_computed_tokens = hit.num_tokens
-            self.usage.admitted(req, hit.num_tokens, first=req.first_scheduled_time is None)
+            self.usage.admitted(req, hit.num_tokens, first=req.first_scheduled_time is None, stop=hit.stop)
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             req.status = Status.RUNNING

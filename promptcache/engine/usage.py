@@ -12,6 +12,9 @@ Per request (``Usage``):
   a preemption made it compute and index them again; only blocks wholly inside the prompt (so the
   figure does not depend on ``max_tokens``); split by the retention they were stored with.
 - ``completion_tokens``: generated tokens.
+- ``reuse_stop``: why reuse ended where it did at that first admission (``cache.ReuseStop``:
+  everything reusable reused, the next block in flight in another request, evicted / expired /
+  reset — with how long it had been idle and how long ago — or never cached in this namespace).
 
 Engine-wide (``EngineCounters``): the same per-request figures summed when a request that ran
 finishes, plus tokens that ran through the model (prompt, recompute and decode), generated tokens,
@@ -23,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from promptcache.cache import Retention
+from promptcache.cache import Retention, ReuseStop
 
 
 @dataclass
@@ -34,11 +37,12 @@ class Usage:
     completion_tokens: int = 0
     # cache_write_tokens split by the retention (seconds) their blocks were stored with
     cache_write_tokens_by_ttl: dict[float, int] = field(default_factory=dict)
+    reuse_stop: ReuseStop | None = None  # None until the request is first admitted
 
     def snapshot(self) -> Usage:
         """A copy the caller may read on another thread while the engine goes on."""
         return Usage(self.prompt_tokens, self.cached_tokens, self.cache_write_tokens, self.completion_tokens,
-                     dict(self.cache_write_tokens_by_ttl))
+                     dict(self.cache_write_tokens_by_ttl), self.reuse_stop)
 
 
 @dataclass
@@ -50,6 +54,7 @@ class EngineCounters:
     generated_tokens: int = 0
     cache_write_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+    reuse_stops: dict[str, int] = field(default_factory=dict)  # admitted requests by ReuseStop.reason
 
 
 class Accountable(Protocol):
@@ -78,9 +83,12 @@ class UsageLedger:
         req.usage.prompt_tokens = req.num_prompt_tokens
         self.counters.requests_added += 1
 
-    def admitted(self, req: Accountable, hit_tokens: int, first: bool) -> None:
+    def admitted(self, req: Accountable, hit_tokens: int, first: bool, stop: ReuseStop | None = None) -> None:
         if first:  # the hit the client was served; later re-admissions after a preemption do not count
             req.usage.cached_tokens = min(hit_tokens, req.num_prompt_tokens)
+            req.usage.reuse_stop = stop
+            if stop is not None:
+                self.counters.reuse_stops[stop.reason] = self.counters.reuse_stops.get(stop.reason, 0) + 1
 
     def computed(self, num_tokens: int) -> None:
         self.counters.computed_tokens += num_tokens

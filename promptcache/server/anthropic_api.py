@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -11,9 +11,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from promptcache.engine.api import RequestOutput, RequestSpec
-from promptcache.server import openapi
+from promptcache.server import misses, openapi
 from promptcache.server.anthropic_prompt import anthropic_usage, build_prompt
 from promptcache.server.body import JsonBody
+from promptcache.server.diagnosis import anthropic_diagnostics
 from promptcache.server.errors import ApiError, anthropic_error_body, error_json
 from promptcache.server.generation import EventStream, Generation, guarded_events
 from promptcache.server.schemas_anthropic import CountTokensRequest, MessagesRequest
@@ -63,19 +64,33 @@ async def create_message(request: Request, tenant: Tenant,
     params = sampling_params(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                              top_k=body.top_k, stop=body.stop_sequences, ignore_eos=body.ignore_eos)
     rid = new_id("msg_")
+    endpoint = "/v1/messages"
     spec = RequestSpec(rid, prompt.token_ids, params, tenant, prompt.retention)
-    gen = await Generation.start(state, request, "/v1/messages", spec)
+    gen = await Generation.start(state, request, endpoint, spec)
+    named = body.diagnostics.previous_message_id if body.diagnostics is not None else None
+    ours = misses.wants_diagnosis(request)
+    diag = await run_in_threadpool(misses.explain, state, request, tenant, rid, prompt.parts, prompt.token_ids,
+                                   gen.first, named, ours)
+    extra: dict[str, Any] = {}
+    if diag is not None and named is not None:
+        extra["diagnostics"] = anthropic_diagnostics(diag)
+    if diag is not None and ours:
+        extra["promptcache_diagnosis"] = diag.as_dict()
+    gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
     if body.stream:
-        return EventStream(guarded_events(gen, _message_events(gen, rid, model), _error_event))
+        events = _message_events(gen, rid, model, extra, lambda out: misses.cost_field(state, out))
+        return EventStream(guarded_events(gen, events, _error_event))
     out = await gen.final(request)
-    return JSONResponse(_message(rid, model, out))
+    return JSONResponse({**_message(rid, model, out), **extra, **misses.cost_field(state, out)})
 
 
-async def _message_events(gen: Generation, rid: str, model: str) -> AsyncGenerator[str, None]:
-    """message_start (with the input usage, known once the prompt ran), text deltas in one content
-    block (opened at the first text), message_delta with the cumulative usage, message_stop."""
+async def _message_events(gen: Generation, rid: str, model: str, extra: dict[str, Any],
+                          cost: Callable[[RequestOutput], dict[str, Any]]) -> AsyncGenerator[str, None]:
+    """message_start (with the input usage, known once the prompt ran, and any diagnosis), text
+    deltas in one content block (opened at the first text), message_delta with the cumulative usage
+    and the cost, message_stop."""
     out = gen.first
-    yield _event("message_start", {"type": "message_start", "message": _message(rid, model, out, True)})
+    yield _event("message_start", {"type": "message_start", "message": {**_message(rid, model, out, True), **extra}})
     yield _event("ping", {"type": "ping"})
     block_open = False
     while True:
@@ -94,7 +109,7 @@ async def _message_events(gen: Generation, rid: str, model: str) -> AsyncGenerat
     stop_reason, stop_sequence = _stop(out)
     yield _event("message_delta", {"type": "message_delta",
                                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                   "usage": anthropic_usage(out.usage)})
+                                   "usage": anthropic_usage(out.usage), **cost(out)})
     yield _event("message_stop", {"type": "message_stop"})
 
 

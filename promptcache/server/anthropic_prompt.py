@@ -17,11 +17,13 @@ blocks after the last breakpoint are cached too, without retention (plain LRU).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from promptcache.engine.api import Retention, Usage
+from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Part
 from promptcache.server.errors import ApiError
 from promptcache.server.prompt import MAX_BREAKPOINTS, Cut, TemplateMessage, build_chat_prompt, part_text
 from promptcache.server.retention import parse_ttl
@@ -45,6 +47,7 @@ class Breakpoint:
 class AnthropicPrompt:
     token_ids: list[int]
     retention: Retention
+    parts: tuple[Part, ...] = ()  # as a diagnosis names them (server/diagnosis.py)
 
 
 def _text_parts(blocks: str | Sequence[ContentBlock], path: str, message: int,
@@ -118,7 +121,23 @@ def build_prompt(tok: Tokenizer, req: CountTokensRequest, max_chars: int, max_me
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     marks = tuple((end, parse_ttl(bp.ttl)) for end, bp in zip(prompt.cut_tokens, breakpoints, strict=False))
-    return AnthropicPrompt(prompt.token_ids, Retention(0.0, marks))
+    return AnthropicPrompt(prompt.token_ids, Retention(0.0, marks), _parts(req, messages, tools))
+
+
+def _parts(req: CountTokensRequest, messages: list[TemplateMessage], tools: list[dict[str, Any]]) -> tuple[Part, ...]:
+    """Tools (as rendered), system blocks, then each message's role and content blocks, by JSON path."""
+    parts = [Part(f"tools.{k}", TOOLS, json.dumps(t, ensure_ascii=False)) for k, t in enumerate(tools)]
+    rest = messages
+    if req.system is not None:
+        system, rest = messages[0], messages[1:]
+        paths = ["system"] if isinstance(req.system, str) else [f"system.{j}" for j in range(len(system.parts))]
+        parts += [Part(path, SYSTEM, text) for path, text in zip(paths, system.parts, strict=True)]
+    for i, (m, tm) in enumerate(zip(req.messages, rest, strict=True)):
+        parts.append(Part(f"messages.{i}.role", MESSAGES, tm.role))
+        paths = [f"messages.{i}.content"] if isinstance(m.content, str) else [
+            f"messages.{i}.content.{j}" for j in range(len(tm.parts))]
+        parts += [Part(path, MESSAGES, text) for path, text in zip(paths, tm.parts, strict=True)]
+    return tuple(parts)
 
 
 def anthropic_usage(u: Usage) -> dict[str, Any]:

@@ -12,7 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from promptcache.engine.api import AsyncEngine
 from promptcache.server import anthropic_api, openai_api, openapi
 from promptcache.server.auth import is_operator
-from promptcache.server.config import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
+from promptcache.server.config import DEFAULT_BODY_TIMEOUT_S, DEFAULT_DIAGNOSIS_HISTORY, DEFAULT_MAX_REQUEST_BYTES
+from promptcache.server.costs import PriceTable
+from promptcache.server.diagnosis import History
 from promptcache.server.errors import install_error_handlers
 from promptcache.server.metrics import ServerMetrics, StatusCounterMiddleware
 from promptcache.server.middleware import ApiGuard
@@ -32,6 +34,8 @@ def create_app(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     admin_keys: Sequence[str] = (),
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    diagnosis_history: int = DEFAULT_DIAGNOSIS_HISTORY,
+    prices: str | PriceTable | None = None,
 ) -> FastAPI:
     """An app serving ``aengine`` (which the caller starts and shuts down).
 
@@ -40,6 +44,8 @@ def create_app(
     need one of ``admin_keys``; plain liveness stays open.
     ``model_names`` are the ids clients may send (default: the engine's model name); the first one
     is listed first and reported in responses. Request bodies above ``max_request_bytes`` get a 413.
+    ``diagnosis_history`` prompts per tenant are kept to explain misses (0: none); ``prices`` is a
+    price-table file (or table) for the cost fields (default: ``costs.DEFAULT_PRICES``).
     """
     names = tuple(model_names or (aengine.info.model_name,))
     operators = tuple(admin_keys)
@@ -52,8 +58,10 @@ def create_app(
     app = FastAPI(title="promptcache", description=DESCRIPTION, version="0.1.0")
     metrics = ServerMetrics(aengine)
     max_prompt_chars = prompt_char_limit(aengine.info.tokenizer, aengine.info.max_model_len)
+    price_table = prices if isinstance(prices, PriceTable) else PriceTable.load(prices, names)
     app.state.server = ServerState(aengine=aengine, api_keys=api_keys, model_names=names, metrics=metrics,
-                                   max_prompt_chars=max_prompt_chars)
+                                   max_prompt_chars=max_prompt_chars, history=History(max_records=diagnosis_history),
+                                   prices=price_table)
     install_error_handlers(app)
     openapi.fix_openapi(app, names, aengine.info.vocab_size, api_keys is not None)
     app.include_router(openai_api.router)

@@ -8,6 +8,7 @@ from promptcache.flags import opt, parse_bytes
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
 DEFAULT_BODY_TIMEOUT_S = 60.0
+DEFAULT_DIAGNOSIS_HISTORY = 64
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -31,6 +32,11 @@ class ServerConfig:
         metavar="NAME", append=True,
     )
     log_level: str = opt("info", "uvicorn's log level", choices=LOG_LEVELS)
+    diagnosis_history: int = opt(DEFAULT_DIAGNOSIS_HISTORY, "recent prompts kept per tenant to explain cache misses "
+                                 "(x-promptcache-diagnose, comparison_response_id, previous_message_id); 0 keeps "
+                                 "none", metavar="N")
+    prices: str | None = opt(None, "JSON file of prices per million tokens for the cost fields (default: "
+                             "provider-like ratios, docs/server.md)", metavar="FILE")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -41,5 +47,7 @@ class ServerConfig:
             raise ValueError("body_timeout_s must be a positive number of seconds")
         if self.max_request_bytes < 1:
             raise ValueError("max_request_bytes must be at least 1 byte")
+        if self.diagnosis_history < 0:
+            raise ValueError("diagnosis_history must be >= 0")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")

@@ -61,9 +61,25 @@ async def race_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 class Generation:
-    def __init__(self, stream: AsyncIterator[RequestOutput], first: RequestOutput) -> None:
+    def __init__(self, stream: AsyncIterator[RequestOutput], first: RequestOutput, ttft_s: float = 0.0) -> None:
         self._stream = stream
         self.first = first
+        self.ttft_s = ttft_s
+        self._on_finish: Callable[[RequestOutput], None] | None = None
+
+    def on_finish(self, callback: Callable[[RequestOutput], None]) -> None:
+        """Call ``callback`` with the final output once it is read (at once if it already was)."""
+        self._on_finish = callback
+        if self.first.finished:
+            self._finished(self.first)
+
+    def _finished(self, out: RequestOutput) -> None:
+        callback, self._on_finish = self._on_finish, None
+        if callback is not None:
+            try:
+                callback(out)
+            except Exception:  # bookkeeping must never fail a response
+                log.exception("request %s: finishing bookkeeping failed", out.request_id)
 
     @classmethod
     async def start(
@@ -87,14 +103,17 @@ class Generation:
         except Exception as e:
             raise _engine_failed(spec.request_id, e) from None
         state.metrics.observe_ttft(endpoint, started)
-        return cls(stream, first)
+        return cls(stream, first, time.monotonic() - started)
 
     async def next(self) -> RequestOutput:
         """The next output; any failure (``EngineDead`` or a bug) is a 503 ``ApiError``."""
         try:
-            return await _next(self._stream)
+            out = await _next(self._stream)
         except Exception as e:
             raise _engine_failed(self.first.request_id, e) from None
+        if out.finished:
+            self._finished(out)
+        return out
 
     async def close(self) -> None:
         aclose = getattr(self._stream, "aclose", None)

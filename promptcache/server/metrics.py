@@ -67,6 +67,11 @@ class EngineCollector(Collector):
         for reason, count in sorted(finished.items()):
             done.add_metric([reason], count)
         yield done
+        stops = CounterMetricFamily("promptcache_reuse_stops", "Admitted requests by why prefix reuse ended "
+                                    "(reused_all, not_cached, evicted, expired, reset, in_flight)", labels=["reason"])
+        for reason, count in sorted(snap.reuse_stops.items()):
+            stops.add_metric([reason], count)
+        yield stops
 
 
 class ServerMetrics:
@@ -78,6 +83,16 @@ class ServerMetrics:
         self.ttft = Histogram("promptcache_time_to_first_token_seconds",
                               "Seconds from receiving a request to its first generated token",
                               ["endpoint"], buckets=TTFT_BUCKETS, registry=self.registry)
+        # tenants come from the key file (bounded); without keys there is one, "-"
+        self.cost = Counter("promptcache_cost_usd", "What finished requests cost at the price table (--prices)",
+                            ["tenant"], registry=self.registry)
+        self.cost_without_cache = Counter("promptcache_cost_without_cache_usd",
+                                          "What they would have cost with nothing cached (minus cost_usd: saved)",
+                                          ["tenant"], registry=self.registry)
+
+    def observe_cost(self, tenant: str | None, total_usd: float, without_cache_usd: float) -> None:
+        self.cost.labels(tenant=tenant or "-").inc(total_usd)
+        self.cost_without_cache.labels(tenant=tenant or "-").inc(without_cache_usd)
 
     def observe_ttft(self, endpoint: str, started: float) -> None:
         self.ttft.labels(endpoint=endpoint).observe(time.monotonic() - started)

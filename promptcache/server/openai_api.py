@@ -13,6 +13,7 @@ tokens whose K/V were reused (whole blocks). Retention (how long blocks stay pin
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -20,9 +21,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from promptcache.engine.api import RequestSpec, Retention, SamplingParams
+from promptcache.server import misses, openapi
 from promptcache.server import openai_format as fmt
-from promptcache.server import openapi
 from promptcache.server.body import JsonBody
+from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Part, openai_diagnostics
 from promptcache.server.errors import ApiError, is_anthropic
 from promptcache.server.generation import EventStream, Generation
 from promptcache.server.prompt import (
@@ -135,13 +137,48 @@ async def chat_completions(request: Request, tenant: Tenant,
     params = _params(state, body, max_tokens, len(prompt_ids),
                      (body.top_logprobs or 0) if want_logprobs else None)
     rid = new_id("chatcmpl-")
-    gen = await Generation.start(state, request, "/v1/chat/completions",
-                                 RequestSpec(rid, prompt_ids, params, tenant, retention))
+    endpoint = "/v1/chat/completions"
+    gen = await Generation.start(state, request, endpoint, RequestSpec(rid, prompt_ids, params, tenant, retention))
+    extra = await _diagnostics(state, request, tenant, rid, chat_parts(body), prompt_ids, gen, body)
+    gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventStream(fmt.chat_stream(gen, state.tokenizer, rid, model, include_usage, want_logprobs))
+        return EventStream(fmt.chat_stream(gen, state.tokenizer, rid, model, include_usage, want_logprobs,
+                                           extra, lambda out: misses.cost_field(state, out)))
     out = await gen.final(request)
-    return JSONResponse(fmt.chat_response(rid, model, out, state.tokenizer, want_logprobs))
+    return JSONResponse({**fmt.chat_response(rid, model, out, state.tokenizer, want_logprobs), **extra,
+                         **misses.cost_field(state, out)})
+
+
+def chat_parts(req: ChatCompletionRequest) -> list[Part]:
+    """The prompt as a diagnosis names it: tools, then each message's role and content parts."""
+    parts = [Part(f"tools[{k}]", TOOLS, json.dumps(t, ensure_ascii=False)) for k, t in enumerate(req.tools or [])]
+    messages, _ = _template_messages(req)
+    for i, (m, tm) in enumerate(zip(req.messages, messages, strict=True)):
+        kind = SYSTEM if tm.role == "system" else MESSAGES
+        parts.append(Part(f"messages[{i}].role", kind, m.role))
+        if m.content is None or isinstance(m.content, str):
+            parts.append(Part(f"messages[{i}].content", kind, tm.parts[0]))
+        else:
+            parts += [Part(f"messages[{i}].content[{j}]", kind, text) for j, text in enumerate(tm.parts)]
+        for key, value in tm.extra.items():
+            parts.append(Part(f"messages[{i}].{key}", kind, json.dumps(value, ensure_ascii=False)))
+    return parts
+
+
+async def _diagnostics(state: ServerState, request: Request, tenant: str | None, rid: str, parts: list[Part],
+                       prompt_ids: list[int], gen: Generation, body: OpenAIRequestBase) -> dict[str, Any]:
+    """``prompt_cache_diagnostics`` (comparison_response_id) and ``promptcache_diagnosis`` (header)."""
+    named = body.prompt_cache_options.comparison_response_id if body.prompt_cache_options is not None else None
+    ours = misses.wants_diagnosis(request)
+    diag = await run_in_threadpool(misses.explain, state, request, tenant, rid, parts, prompt_ids, gen.first,
+                                   named, ours)
+    extra: dict[str, Any] = {}
+    if diag is not None and named is not None:
+        extra["prompt_cache_diagnostics"] = openai_diagnostics(diag)
+    if diag is not None and ours:
+        extra["promptcache_diagnosis"] = diag.as_dict()
+    return extra
 
 
 def _completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
@@ -178,12 +215,16 @@ async def completions(request: Request, tenant: Tenant,
     params = _params(state, body, body.max_tokens, len(prompt_ids), body.logprobs)
     retention = Retention(_ttl(body, False))
     rid = new_id("cmpl-")
-    gen = await Generation.start(state, request, "/v1/completions",
-                                 RequestSpec(rid, prompt_ids, params, tenant, retention))
+    endpoint = "/v1/completions"
+    gen = await Generation.start(state, request, endpoint, RequestSpec(rid, prompt_ids, params, tenant, retention))
+    text = body.prompt if isinstance(body.prompt, str) else json.dumps(body.prompt)
+    extra = await _diagnostics(state, request, tenant, rid, [Part("prompt", MESSAGES, text)], prompt_ids, gen, body)
+    gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
     want_logprobs = body.logprobs is not None
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(fmt.completion_stream(gen, state.tokenizer, rid, model, include_usage,
-                                                 want_logprobs))
+                                                 want_logprobs, extra, lambda out: misses.cost_field(state, out)))
     out = await gen.final(request)
-    return JSONResponse(fmt.completion_response(rid, model, out, state.tokenizer, want_logprobs))
+    return JSONResponse({**fmt.completion_response(rid, model, out, state.tokenizer, want_logprobs), **extra,
+                         **misses.cost_field(state, out)})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from promptcache.engine.api import RequestOutput, TokenLogprob, Usage
@@ -150,18 +150,24 @@ class _Chunks:
     """One stream's chunks: the same id, object and ``created`` on each. With ``include_usage``
     every chunk carries ``usage: null`` and one last chunk (``choices: []``) carries the usage."""
 
-    def __init__(self, rid: str, obj: str, model: str, include_usage: bool) -> None:
+    def __init__(self, rid: str, obj: str, model: str, include_usage: bool, first_extra: dict[str, Any] | None = None,
+                 usage_extra: Callable[[RequestOutput], dict[str, Any]] | None = None) -> None:
         self.head = _head(rid, obj, model, int(time.time()))
         self.include_usage = include_usage
+        self.first_extra = first_extra or {}  # extension fields on the first chunk (diagnoses)
+        self.usage_extra = usage_extra  # ... and on the usage chunk (cost)
 
     def choice(self, **choice: Any) -> str:
         body: dict[str, Any] = {**self.head, "choices": [{"index": 0, **choice}]}
         if self.include_usage:
             body["usage"] = None
+        body.update(self.first_extra)
+        self.first_extra = {}
         return sse(body)
 
     def usage(self, out: RequestOutput) -> str:
-        return sse({**self.head, "choices": [], "usage": usage_dict(out.usage)})
+        extra = self.usage_extra(out) if self.usage_extra is not None else {}
+        return sse({**self.head, "choices": [], "usage": usage_dict(out.usage), **extra})
 
 
 def _error_event(e: ApiError) -> str:
@@ -169,9 +175,10 @@ def _error_event(e: ApiError) -> str:
 
 
 def chat_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, include_usage: bool,
-                logprobs: bool) -> AsyncGenerator[str, None]:
+                logprobs: bool, first_extra: dict[str, Any] | None = None,
+                usage_extra: Callable[[RequestOutput], dict[str, Any]] | None = None) -> AsyncGenerator[str, None]:
     """``chat.completion.chunk`` events: the role, content deltas, the finish reason, usage, [DONE]."""
-    chunks = _Chunks(rid, "chat.completion.chunk", model, include_usage)
+    chunks = _Chunks(rid, "chat.completion.chunk", model, include_usage, first_extra, usage_extra)
 
     async def events() -> AsyncGenerator[str, None]:
         yield chunks.choice(delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None)
@@ -189,9 +196,11 @@ def chat_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, include_u
 
 
 def completion_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, include_usage: bool,
-                      logprobs: bool) -> AsyncGenerator[str, None]:
+                      logprobs: bool, first_extra: dict[str, Any] | None = None,
+                      usage_extra: Callable[[RequestOutput], dict[str, Any]] | None = None,
+                      ) -> AsyncGenerator[str, None]:
     """``text_completion`` events: text deltas (the last one with the finish reason), usage, [DONE]."""
-    chunks = _Chunks(rid, "text_completion", model, include_usage)
+    chunks = _Chunks(rid, "text_completion", model, include_usage, first_extra, usage_extra)
 
     async def events() -> AsyncGenerator[str, None]:
         num_sent_chars = 0

@@ -55,6 +55,11 @@ class CountTokensRequest(_Body):
     )
 
 
+class Diagnostics(_Body):
+    previous_message_id: str | None = Field(default=None, description="the id of an earlier message of this "
+                                            "API key's tenant: the response's diagnostics say why this one missed")
+
+
 class MessagesRequest(CountTokensRequest):
     max_tokens: NonNegativeInt = Field(description="0 pre-warms the cache and returns no content")
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -64,3 +69,4 @@ class MessagesRequest(CountTokensRequest):
     ignore_eos: bool = Field(default=False, description="extension (vLLM): generate past end-of-sequence")
     stream: bool | None = False
     metadata: dict[str, Any] | None = None
+    diagnostics: Diagnostics | None = None

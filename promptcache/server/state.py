@@ -11,6 +11,8 @@ from fastapi import Request
 
 from promptcache.engine.api import AsyncEngine, SamplingParams
 from promptcache.server.auth import resolve_tenant
+from promptcache.server.costs import PriceTable
+from promptcache.server.diagnosis import History
 from promptcache.server.errors import ApiError
 from promptcache.server.metrics import ServerMetrics
 from promptcache.server.retention import parse_ttl
@@ -35,7 +37,13 @@ class ServerState:
     model_names: tuple[str, ...]  # the first is the one responses report
     metrics: ServerMetrics
     max_prompt_chars: int
+    history: History = field(default_factory=History)  # recent prompts per tenant (server/diagnosis.py)
+    prices: PriceTable = field(default_factory=PriceTable)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models: when serving began
+
+    @property
+    def block_size(self) -> int:
+        return self.aengine.info.block_size
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -1,0 +1,87 @@
+"""Per-request miss explanations, shared by both dialects (the logic is in ``diagnosis.py``).
+
+- ``x-promptcache-diagnose: true`` (request header): the response carries ``promptcache_diagnosis``
+  against the named earlier request, or else the closest earlier request of the same tenant.
+- OpenAI ``prompt_cache_options.comparison_response_id`` -> ``prompt_cache_diagnostics``;
+  Anthropic ``diagnostics.previous_message_id`` -> ``diagnostics`` (the providers' fields).
+- ``x-promptcache-history: off``: this request's prompt is not kept (it cannot be compared with
+  later); ``--diagnosis-history 0`` keeps nothing for anyone.
+
+Every request also gets one log line (logger ``promptcache.requests``): tenant, prompt / cached /
+computed tokens, where reuse ended and the engine's reason, time to first token.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastapi import Request
+
+from promptcache.engine.api import RequestOutput
+from promptcache.server.diagnosis import Diagnosis, Part, PromptRecord, diagnose, lint
+from promptcache.server.state import ServerState
+
+DIAGNOSE_HEADER = "x-promptcache-diagnose"
+HISTORY_HEADER = "x-promptcache-history"
+request_log = logging.getLogger("promptcache.requests")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def wants_diagnosis(request: Request) -> bool:
+    return _truthy(request.headers.get(DIAGNOSE_HEADER))
+
+
+def explain(state: ServerState, request: Request, tenant: str | None, rid: str, parts: Sequence[Part],
+            token_ids: Sequence[int], first: RequestOutput, named: str | None, ours: bool) -> Diagnosis | None:
+    """Diagnose (when asked) and remember this request's prompt (unless it opted out). Runs in a
+    worker thread: finding the closest earlier prompt compares token ids."""
+    model = state.model_names[0]  # the served model: aliases of it share one cache
+    diag = None
+    if named is not None or ours:
+        prev = state.history.get(tenant, named) if named is not None else state.history.closest(tenant, token_ids, rid)
+        diag = diagnose(prev, parts, model, token_ids, first.usage, state.block_size, named)
+        lint(state.history, tenant, diag)
+    if state.history.enabled and request.headers.get(HISTORY_HEADER, "").strip().lower() != "off":
+        state.history.add(tenant, PromptRecord(rid, model, tuple(parts), array("i", token_ids)))
+    return diag
+
+
+def remember_output(state: ServerState, tenant: str | None, out: RequestOutput) -> None:
+    """A finished request's generated tokens that ran (all but the last) are cached K/V too: a
+    follow-up turn that repeats them can reuse them."""
+    record = state.history.get(tenant, out.request_id)
+    if record is not None and len(out.token_ids) > 1:
+        record.token_ids.extend(out.token_ids[:-1])
+
+
+def log_request(tenant: str | None, endpoint: str, out: RequestOutput, ttft_s: float) -> None:
+    u = out.usage
+    stop = u.reuse_stop
+    why = stop.reason if stop is not None else "-"
+    if stop is not None and stop.idle_s is not None:
+        why += f" (idle {stop.idle_s:.0f} s, {stop.ago_s or 0:.0f} s ago)"
+    request_log.info("%s tenant=%s id=%s prompt=%d cached=%d computed=%d reuse_ended_at=%d why=%s ttft_ms=%.0f",
+                     endpoint, tenant or "-", out.request_id, u.prompt_tokens, u.cached_tokens,
+                     u.prompt_tokens - u.cached_tokens, u.cached_tokens, why, ttft_s * 1000)
+
+
+def on_finish(state: ServerState, tenant: str | None, endpoint: str, ttft_s: float) -> Callable[[RequestOutput], None]:
+    """What happens when a request finishes, whatever its dialect: its output joins its history
+    record, its cost is counted, and its log line is written."""
+    def done(out: RequestOutput) -> None:
+        remember_output(state, tenant, out)
+        cost = state.prices.cost(state.model_names[0], out.usage)
+        state.metrics.observe_cost(tenant, cost.total, cost.without_cache)
+        log_request(tenant, endpoint, out, ttft_s)
+
+    return done
+
+
+def cost_field(state: ServerState, out: RequestOutput) -> dict[str, Any]:
+    return {"promptcache_cost": state.prices.cost(state.model_names[0], out.usage).as_dict()}
