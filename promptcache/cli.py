@@ -1,4 +1,4 @@
-"""``promptcache`` command line: generate, make-model, serve, bench."""
+"""``promptcache`` command line: generate, make-model, explain, serve, bench."""
 
 from __future__ import annotations
 
@@ -55,6 +55,30 @@ def _make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    import json
+
+    from promptcache.model.loader import resolve_model_dir
+    from promptcache.server.explain import explain_pair, report
+    from promptcache.tokenizer import Tokenizer
+
+    bodies = []
+    for path in (args.a, args.b):
+        try:
+            with open(path, encoding="utf-8") as f:
+                bodies.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+        if not isinstance(bodies[-1], dict):
+            raise ValueError(f"{path}: a request body is a JSON object")
+    if args.block_size < 1:
+        raise ValueError("--block-size must be >= 1")
+    tok = Tokenizer(resolve_model_dir(args.model))
+    diag, _, _ = explain_pair(tok, bodies[0], bodies[1], args.block_size, dialect=args.dialect)
+    sys.stdout.write(json.dumps(diag.as_dict(), indent=2) + "\n" if args.json else report(diag))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_make_model)
+
+    e = sub.add_parser("explain", help="where and why request B would miss the cache after request A (offline)",
+                       description="Render two request bodies (OpenAI chat or completions, Anthropic messages) "
+                                   "with the model's chat template, as the server does, and print where B "
+                                   "departs from A, the text on both sides, and how many tokens B would reuse.")
+    e.add_argument("a", metavar="A.json", help="the earlier request body")
+    e.add_argument("b", metavar="B.json", help="the later request body")
+    e.add_argument("--model", default=None, help="model (hub id, directory, random:<shape>; default: the embedded "
+                   "demo model) whose tokenizer and chat template render the prompts")
+    e.add_argument("--dialect", choices=["openai-chat", "openai-completions", "anthropic"], default=None,
+                   help="the bodies' dialect (default: detected)")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV block (the server's --block-size)")
+    e.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+    e.set_defaults(func=_explain)
 
     add_serve_parser(sub)
     add_bench_parser(sub)

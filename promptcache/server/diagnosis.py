@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from promptcache.engine.api import EVICTED, EXPIRED, IN_FLIGHT, NOT_CACHED, RESET, REUSED_ALL, Usage
+from promptcache.engine.api import EVICTED, EXPIRED, NOT_CACHED, RESET, REUSED_ALL, Usage
 from promptcache.sequences import common_prefix_len
 
 WINDOW = 40  # characters of each version shown around a divergence
@@ -252,38 +252,38 @@ def lint(history: History, tenant: str | None, diag: Diagnosis) -> None:
 
 
 # ---- the providers' fields ----------------------------------------------------------------------
-
-_LOST = {EVICTED: "cache_evicted", EXPIRED: "cache_expired", RESET: "cache_reset", IN_FLIGHT: "cache_in_flight",
-         NOT_CACHED: "cache_not_written"}
+# Both providers' diagnostics describe how the prompt *diverged* from the earlier one. Blocks that
+# were there and are gone (evicted, expired, reset, still in flight) are no divergence: the
+# providers' fields say "unavailable" (their SDKs know no other value) and ``promptcache_diagnosis``
+# says exactly what happened.
 
 
 def openai_diagnostics(diag: Diagnosis) -> dict[str, Any]:
     """``prompt_cache_diagnostics`` of OpenAI's Responses API, for a ``comparison_response_id``."""
     if not diag.comparison_found:
         return {"type": "comparison_response_not_found"}
-    out: dict[str, Any] = {"cache_missed_tokens": diag.missed_tokens,
-                           "comparison_reusable_tokens": diag.reusable_tokens}
     if diag.missed_tokens == 0:
-        return {"type": "cache_hit", **out}
+        return {"type": "cache_hit"}
     if diag.reason == "model_changed":
         reason = "model_changed"
     elif diag.reason == "diverged":
         reason = "tools_changed" if diag.changed_kind == TOOLS else "input_changed"
     else:
-        reason = _LOST.get(diag.reason, "input_changed")
-    return {"type": "cache_miss", "reason": reason, **out}
+        return {"type": "unavailable"}
+    return {"type": "cache_miss", "reason": reason, "cache_missed_tokens": diag.missed_tokens,
+            "comparison_reusable_tokens": diag.reusable_tokens}
 
 
-def anthropic_diagnostics(diag: Diagnosis) -> dict[str, Any]:
-    """``diagnostics`` of Anthropic's Messages API, for a ``previous_message_id``."""
+def anthropic_diagnostics(diag: Diagnosis) -> dict[str, Any] | None:
+    """``diagnostics`` of Anthropic's Messages API, for a ``previous_message_id`` (None: no divergence)."""
     if not diag.comparison_found:
         return {"cache_miss_reason": {"type": "previous_message_not_found"}}
     if diag.missed_tokens == 0:
-        return {"cache_miss_reason": None}
+        return None
     if diag.reason == "model_changed":
         kind = "model_changed"
     elif diag.reason == "diverged":
         kind = {TOOLS: "tools_changed", SYSTEM: "system_changed"}.get(diag.changed_kind or "", "messages_changed")
     else:
-        kind = _LOST.get(diag.reason, "messages_changed")
+        return {"cache_miss_reason": {"type": "unavailable"}}
     return {"cache_miss_reason": {"type": kind, "cache_missed_input_tokens": diag.missed_tokens}}
