@@ -271,6 +271,9 @@ def test_reuse_stop_says_why_reuse_ended():
     kv.allocate("writer", len(a), kv.match("writer", hs, len(a)), inflight_hashes=hs[:3])
     assert kv.match("reader", hs, len(a)).stop.reason == IN_FLIGHT
     kv.free("writer")
+    from promptcache.cache import BELOW_ONE_BLOCK
+
+    assert kv.match("tiny", hashes(a[:4]), 4).stop.reason == BELOW_ONE_BLOCK  # its one block holds the last token
     kv.check_integrity()
 
 

@@ -5,6 +5,7 @@ from promptcache.cache.block_pool import BlockPool
 from promptcache.cache.evictions import EVICTED, EXPIRED, RESET, Dropped, EvictionLog
 from promptcache.cache.hashing import BlockHash, hash_block, hash_blocks, namespace_hash
 from promptcache.cache.manager import (
+    BELOW_ONE_BLOCK,
     IN_FLIGHT,
     MAX_TTL_S,
     NO_RETENTION,
@@ -18,6 +19,7 @@ from promptcache.cache.manager import (
 )
 
 __all__ = [
+    "BELOW_ONE_BLOCK",
     "EVICTED",
     "EXPIRED",
     "IN_FLIGHT",

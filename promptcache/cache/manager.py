@@ -61,11 +61,12 @@ NO_RETENTION = Retention()
 # cache/evictions.py); or it was never cached in this namespace (the prompt diverges from
 # everything stored, or nothing stored it yet).
 REUSED_ALL, IN_FLIGHT, NOT_CACHED = "reused_all", "in_flight", "not_cached"
+BELOW_ONE_BLOCK = "below_one_block"  # the prompt has no whole block before its last token: nothing to reuse
 
 
 @dataclass(frozen=True)
 class ReuseStop:
-    reason: str  # REUSED_ALL | IN_FLIGHT | EVICTED | EXPIRED | RESET | NOT_CACHED
+    reason: str  # REUSED_ALL | BELOW_ONE_BLOCK | IN_FLIGHT | EVICTED | EXPIRED | RESET | NOT_CACHED
     token: int  # the first prompt token that was not reused (whole blocks before it were)
     idle_s: float | None = None  # EVICTED / EXPIRED / RESET: unused this long before it was dropped
     ago_s: float | None = None  # ... and dropped this long before the lookup
@@ -140,6 +141,8 @@ class KVCacheManager:
 
     def _stop(self, block_hashes: Sequence[BlockHash], num_hit: int, max_hit_blocks: int, inflight: int,
               token: int) -> ReuseStop:
+        if max_hit_blocks <= 0:
+            return ReuseStop(BELOW_ONE_BLOCK, 0)
         if num_hit >= min(max_hit_blocks, len(block_hashes)):
             return ReuseStop(REUSED_ALL, token)
         if inflight:

@@ -7,6 +7,7 @@ The server imports from here (and builds the engine in its CLI), never from ``ca
 from __future__ import annotations
 
 from promptcache.cache import (
+    BELOW_ONE_BLOCK,
     EVICTED,
     EXPIRED,
     IN_FLIGHT,
@@ -25,6 +26,7 @@ from promptcache.engine.sampling import SamplingParams
 from promptcache.engine.usage import Usage
 
 __all__ = [
+    "BELOW_ONE_BLOCK",
     "EVICTED",
     "EXPIRED",
     "IN_FLIGHT",

@@ -50,6 +50,7 @@ def serve(args: argparse.Namespace) -> int:
     aengine = AsyncEngine(engine, max_waiting=cfg.max_waiting)
     app = create_app(aengine, api_keys, cfg.served_model_name, cfg.max_request_bytes, admin_keys,
                      cfg.body_timeout_s, cfg.diagnosis_history, cfg.prices)
+    _log_requests(cfg.log_level)
     aengine.start()
     info = aengine.info
     tenants = "open, single tenant"
@@ -63,3 +64,16 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         aengine.shutdown()
     return 0
+
+
+def _log_requests(level: str) -> None:
+    """The per-request line (``promptcache.requests``, server/misses.py) to stderr, beside uvicorn's."""
+    import logging
+
+    logger = logging.getLogger("promptcache")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
