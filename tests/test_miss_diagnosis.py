@@ -191,6 +191,8 @@ def test_another_tenant_is_never_shown_and_unknown_ids(keyed: Server) -> None:
         model=MODEL, max_tokens=1, messages=[{"role": "user", "content": secret}], extra_headers=DIAGNOSE,
         extra_body={"prompt_cache_options": {"comparison_response_id": mine.id}})
     assert _extra(other, "prompt_cache_diagnostics") == {"type": "comparison_response_not_found"}
+    seen = _extra(other, "promptcache_diagnosis")  # acme's identical prompt reads as never seen
+    assert seen["reason"] == "not_cached" and seen["cached_tokens"] == 0 and "divergence" not in seen
     closest = globex.chat.completions.create(model=MODEL, max_tokens=1, extra_headers=DIAGNOSE,
                                              messages=[{"role": "user", "content": secret + " more"}])
     body = json.dumps(closest.model_dump())
@@ -269,3 +271,24 @@ def test_explain_command_offline(tmp_path: Any, capsys: pytest.CaptureFixture[st
     b.write_text("[1]")
     assert main(["explain", str(a), str(b)]) == 2
     assert "a request body is a JSON object" in capsys.readouterr().err
+
+
+def test_streams_carry_the_diagnosis_first_and_the_cost_last(server: Server) -> None:
+    text = long_text(120, nonce())
+    client = _openai(server)
+    client.chat.completions.create(model=MODEL, max_tokens=1, messages=[{"role": "user", "content": text}])
+    chunks = list(client.chat.completions.create(
+        model=MODEL, max_tokens=3, stream=True, stream_options={"include_usage": True}, extra_headers=DIAGNOSE,
+        messages=[{"role": "user", "content": text + " and more"}]))
+    first = _extra(chunks[0], "promptcache_diagnosis")
+    assert first is not None and first["reason"] in ("diverged", "reused_all") and first["cached_tokens"] > 0
+    assert all(_extra(c, "promptcache_diagnosis") is None for c in chunks[1:])
+    assert chunks[-1].usage is not None and _extra(chunks[-1], "promptcache_cost")["total"] > 0
+    anthropic = _anthropic(server)
+    with anthropic.messages.stream(model=MODEL, max_tokens=3, extra_headers=DIAGNOSE,
+                                   messages=[{"role": "user", "content": text + " anthropic"}]) as stream:
+        events = list(stream)
+    start = next(e for e in events if e.type == "message_start")
+    assert _extra(start.message, "promptcache_diagnosis")["cached_tokens"] > 0
+    delta = next(e for e in events if e.type == "message_delta")
+    assert _extra(delta, "promptcache_cost")["total"] > 0

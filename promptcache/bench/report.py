@@ -72,8 +72,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [f"machine: {host.get('processor', '?')}, flags {flags}, {host.get('threads', '?')} threads; "
               f"{head.get('precision', '')}", ""]
     lines += [f"params: {params}", ""]
-    lines += ["| arm | requests | TTFT p50 (s) | TTFT p95 (s) | total (s) | hit rate | ideal hit rate |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    if report.get("arms"):
+        lines += ["| arm | requests | TTFT p50 (s) | TTFT p95 (s) | total (s) | hit rate | ideal hit rate |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for arm, s in report.get("arms", {}).items():
         ideal = s.get("ideal_hit_rate")
         lines.append(
