@@ -21,6 +21,8 @@ CROSS_FIELD_RULES = (
     "ttl must be between 0 and 30 days",  # "99999d" matches the duration pattern
     "but the model's context is",  # prompt + template longer than the context (known once tokenized)
     "more than the model's context can hold",
+    "logit_bias: token id",  # a key past the vocabulary (keys are strings: no maximum to state)
+    "invalid json_schema",  # a response_format schema llguidance cannot compile (known by compiling it)
 )
 
 

@@ -22,7 +22,7 @@ from promptcache.cache import (
 from promptcache.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
 from promptcache.engine.info import EngineInfo, EngineStats
 from promptcache.engine.request import RequestOutput, RequestSpec, TokenLogprob
-from promptcache.engine.sampling import SamplingParams
+from promptcache.engine.sampling import SamplingParams, StructuredOutput
 from promptcache.engine.usage import Usage
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "RequestSpec",
     "Retention",
     "SamplingParams",
+    "StructuredOutput",
     "TokenLogprob",
     "Usage",
 ]

@@ -105,9 +105,12 @@ class AsyncEngine:
         self.engine.validate(spec)  # pure: safe off the engine thread
         if self.num_waiting >= self.max_waiting:
             raise EngineOverloaded(retry_after_s=max(1, self.num_waiting // 8))
+        matcher = None
+        if spec.params.structured is not None:  # compiled in a worker thread: neither loop waits for it
+            matcher = await asyncio.to_thread(self.engine.grammars.matcher, spec.params.structured)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
-        self._commands.put(("add", spec))
+        self._commands.put(("add", (spec, matcher)))
         self._wake.set()
         self._raise_if_dead()  # it may have died after the first check, before we registered
         finished = False
@@ -140,11 +143,12 @@ class AsyncEngine:
             if kind == "abort":
                 self.engine.abort_request(arg)
                 continue
-            request_id = arg.request_id
+            spec, matcher = arg
+            request_id = spec.request_id
             if request_id not in self._queues:
                 continue  # the caller already left
             try:
-                self.engine.add_request(arg)
+                self.engine.add_request(spec, matcher)
             except ValueError as e:  # e.g. a duplicate id: the caller gets it as a refusal
                 target = self._queues.pop(request_id, None)
                 if target is not None:

@@ -18,6 +18,7 @@ from promptcache.engine.precision import describe as describe_precision
 from promptcache.engine.precision import dtype_name, hardware_key
 from promptcache.engine.request import Request, RequestOutput, RequestSpec, Status
 from promptcache.engine.scheduler import ScheduledChunk, Scheduler
+from promptcache.engine.structured import Grammars, Matcher
 from promptcache.engine.usage import UsageLedger
 from promptcache.tokenizer import Tokenizer
 
@@ -34,6 +35,10 @@ class LLMEngine:
         self.usage = UsageLedger(self.block_size)  # every usage and counter rule (engine/usage.py)
         self.scheduler = Scheduler(self.config, self.kv, clock, self.usage)
         self.eos_token_ids = self._eos_ids()
+        self.runner.sampler.eos_token_ids = sorted(self.eos_token_ids)
+        # constrained decoding (structured output, forced tool calls): engine/structured.py
+        self.grammars = Grammars(str(self.runner.model_dir / "tokenizer.json"), self.runner.loaded.arch.vocab_size,
+                                 sorted(self.eos_token_ids))
         self.model_name = self.config.model.model or "default"
         # what every block hash is chained from: model content, dtypes, layout, mode (cache/namespace.py)
         r = self.runner
@@ -80,6 +85,9 @@ class LLMEngine:
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {vocab})")
+        bad = next((t for t in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias: token id {bad} is outside the model's vocabulary [0, {vocab})")
         worst = min(n + params.max_tokens, self.max_model_len)
         need = self.kv.blocks_needed(worst)
         if need > self.kv.pool.num_blocks:
@@ -88,16 +96,22 @@ class LLMEngine:
                 f"the cache has only {self.kv.pool.num_blocks}; raise --kv-cache-memory or lower max_tokens"
             )
 
-    def add_request(self, spec: RequestSpec) -> Request:
+    def add_request(self, spec: RequestSpec, matcher: Matcher | None = None) -> Request:
+        """Queue a request. ``matcher``: its structured output's grammar, compiled by the caller
+        (``AsyncEngine`` does it off this thread); compiled here when not given."""
         request_id = spec.request_id
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(spec)
+        if spec.params.structured is not None and matcher is None:
+            matcher = self.grammars.matcher(spec.params.structured)
         root = self.namespace.root(spec.tenant)
         req = Request(request_id, spec.prompt_token_ids, spec.params, root, self.block_size, spec.retention,
                       self.config.cache.hash_seed)
         self._requests[request_id] = req
         self._outputs[request_id] = OutputState(req, self.tokenizer, self.eos_token_ids)
+        if matcher is not None:
+            self.runner.sampler.constrain(request_id, matcher)
         self.usage.added(req)
         self.scheduler.add(req)
         return req
@@ -161,6 +175,8 @@ class LLMEngine:
         if req.logprobs is not None and logprob is not None:
             req.logprobs.append(logprob)
         reason = self._outputs[req.request_id].on_token(token, self.max_model_len)
+        if reason is None and self.runner.sampler.grammar_done(req.request_id):
+            reason = "stop"  # the structured output is complete
         if reason is not None:
             self._finish(req, reason)
         return self._output(req)

@@ -6,15 +6,47 @@ import torch
 
 from promptcache.engine.request import TokenLogprob
 from promptcache.engine.sampling import SamplingParams
+from promptcache.engine.structured import Matcher
 
 
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._generators: dict[str, torch.Generator] = {}
+        self._matchers: dict[str, Matcher] = {}
         self._base = torch.Generator().manual_seed(seed)
+        self.eos_token_ids: list[int] = []  # allowed when a grammar leaves nothing else (an error state)
+
+    def constrain(self, request_id: str, matcher: Matcher) -> None:
+        self._matchers[request_id] = matcher
+
+    def grammar_done(self, request_id: str) -> bool:
+        m = self._matchers.get(request_id)
+        return m is not None and m.done
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._matchers.pop(request_id, None)
+
+    def _processed(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]) -> torch.Tensor:
+        """``logits`` with each row's logit_bias added and its grammar's forbidden tokens at -inf."""
+        rows = [i for i, (rid, p) in enumerate(zip(request_ids, params, strict=True))
+                if p.logit_bias or rid in self._matchers]
+        if not rows:
+            return logits
+        out = logits.clone()
+        vocab = out.shape[-1]
+        for i in rows:
+            bias = params[i].logit_bias
+            if bias:
+                ids = torch.tensor([t for t in bias if t < vocab], dtype=torch.long)
+                out[i, ids] += torch.tensor([bias[t] for t in bias if t < vocab], dtype=out.dtype)
+            matcher = self._matchers.get(request_ids[i])
+            if matcher is not None:
+                allowed = matcher.allowed()
+                if not allowed.any():  # the grammar is in an error state: end the output
+                    allowed[[t for t in self.eos_token_ids if t < vocab]] = True
+                out[i] = out[i].masked_fill(~allowed, float("-inf"))
+        return out
 
     def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
         gen = self._generators.get(request_id)
@@ -30,12 +62,16 @@ class Sampler:
     def sample(
         self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
-        # logits: [B, vocab] float32
+        # logits: [B, vocab] float32; logprobs are reported from them as the model gave them
         logits = logits.cpu()
-        tokens = logits.argmax(dim=-1).tolist()
+        processed = self._processed(logits, request_ids, params)
+        tokens = processed.argmax(dim=-1).tolist()
         for row, (rid, p) in enumerate(zip(request_ids, params, strict=True)):
             if not p.greedy:
-                tokens[row] = self._sample_row(logits[row], p, self._generator(rid, p))
+                tokens[row] = self._sample_row(processed[row], p, self._generator(rid, p))
+            matcher = self._matchers.get(rid)
+            if matcher is not None:
+                matcher.accept(tokens[row])
         need_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs: list[TokenLogprob | None] = [None] * len(params)
         if need_lp:

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from promptcache.engine.api import RequestSpec, Retention, SamplingParams
+from promptcache.engine.api import RequestSpec, Retention, SamplingParams, StructuredOutput
 from promptcache.server import misses, openapi
 from promptcache.server import openai_format as fmt
 from promptcache.server.body import JsonBody
@@ -103,7 +103,29 @@ def _params(state: ServerState, req: OpenAIRequestBase, max_tokens: int | None, 
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     return sampling_params(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                            top_k=req.top_k, seed=req.seed, stop=stop, ignore_eos=req.ignore_eos,
-                           logprobs=logprobs)
+                           logprobs=logprobs, logit_bias=_logit_bias(req), structured=_structured(req))
+
+
+def _logit_bias(req: OpenAIRequestBase) -> dict[int, float] | None:
+    if not req.logit_bias:
+        return None
+    try:
+        return {int(k): float(v) for k, v in req.logit_bias.items()}
+    except ValueError:
+        bad = next(k for k in req.logit_bias if not k.strip().lstrip("-").isdigit())
+        raise ApiError(400, f"logit_bias keys must be token ids, got {bad!r}", param="logit_bias") from None
+
+
+def _structured(req: OpenAIRequestBase) -> StructuredOutput | None:
+    fmt_ = req.response_format
+    if fmt_ is None or fmt_.type == "text":
+        return None
+    if fmt_.type == "json_object":
+        return StructuredOutput("json_object")
+    if fmt_.json_schema is None:
+        raise ApiError(400, "response_format.json_schema is required when type is 'json_schema'",
+                       param="response_format.json_schema")
+    return StructuredOutput.json_schema(fmt_.json_schema.schema_)
 
 
 def _build_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], Retention]:

@@ -61,6 +61,29 @@ class ChatMessage(_Body):
     tool_call_id: str | None = None
 
 
+class JsonSchemaFormat(_Body):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = Field(default=None, description="accepted; the output always matches the schema "
+                                "(constrained decoding)")
+
+
+def _format_schema(schema: dict[str, Any]) -> None:
+    schema["if"] = {"properties": {"type": {"const": "json_schema"}}}
+    schema["then"] = {"required": ["type", "json_schema"], "properties": {"json_schema": {"type": "object"}}}
+
+
+class ResponseFormat(_Body):
+    model_config = ConfigDict(json_schema_extra=_format_schema)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+BiasValue = Annotated[float, Field(ge=-100.0, le=100.0)]
+
+
 class OpenAIRequestBase(_Body):
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -80,6 +103,11 @@ class OpenAIRequestBase(_Body):
     prompt_cache_key: str | None = Field(default=None, description="accepted; routing key (one replica here)")
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: PromptCacheOptions | None = None
+    logit_bias: dict[str, BiasValue] | None = Field(default=None, description="token id (as a string) -> bias "
+                                                    "added to its logit; -100 bans it, 100 all but forces it",
+                                                    json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}})
+    response_format: ResponseFormat | None = Field(default=None, description="json_object or json_schema: the "
+                                                   "output is constrained to it (llguidance)")
 
 
 class ChatCompletionRequest(OpenAIRequestBase):
