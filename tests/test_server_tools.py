@@ -97,9 +97,19 @@ def test_last_tool_breakpoint_stops_at_the_end_of_the_tools(server: Server) -> N
         // BLOCK * BLOCK > 0
 
 
+PLAIN_CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                "{% endif %}")
+
+
 def test_a_template_without_tools_gives_tool_breakpoints_nothing(tmp_path: Path) -> None:
-    """random:tiny's own template ignores tools: the breakpoint covers 0 tokens (not the prompt)."""
-    with running(tiny_engine(num_blocks=64)) as aengine, serve(aengine) as srv:
+    """A template that ignores tools (plain ChatML, as random:tiny's was before it learned tools):
+    the breakpoint covers 0 tokens (not the prompt)."""
+    checkpoint = tmp_path / "tiny-plain"
+    shutil.copytree(random_checkpoint("tiny"), checkpoint)
+    config_path = checkpoint / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "chat_template": PLAIN_CHATML}))
+    with running(tiny_engine(num_blocks=64, model=str(checkpoint))) as aengine, serve(aengine) as srv:
         client = Anthropic(base_url=srv.url, api_key="unused", max_retries=0)
         m = client.messages.create(model=srv.engine.model_name, max_tokens=1, messages=[
             {"role": "user", "content": text_of_tokens(srv.engine.tokenizer, 100, nonce())}],

@@ -9,6 +9,7 @@ same directory, so every engine is measured on identical weights.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -183,6 +184,7 @@ def random_checkpoint(shape: str, seed: int = 0) -> Path:
     dtype = "float32" if shape == "tiny" else "bfloat16"
     target = cache_root() / "random" / f"{shape}-seed{seed}-{dtype}"
     if (target / "model.safetensors").exists():
+        _refresh_tokenizer(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{shape}-"))
@@ -192,3 +194,15 @@ def random_checkpoint(shape: str, seed: int = 0) -> Path:
     except OSError:  # another process won the race; its copy is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _refresh_tokenizer(target: Path) -> None:
+    """A checkpoint written by an older version keeps its weights but takes the shipped tokenizer
+    files (the chat template gained tool support once; a stale copy would render without it)."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shipped = (TOKENIZER_DIR / name).read_bytes()
+        path = target / name
+        if not path.exists() or path.read_bytes() != shipped:
+            tmp = path.with_name(f".{name}.{os.getpid()}")
+            tmp.write_bytes(shipped)
+            os.replace(tmp, path)

@@ -27,6 +27,7 @@ from promptcache.server.body import JsonBody
 from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Part, openai_diagnostics
 from promptcache.server.errors import ApiError, is_anthropic
 from promptcache.server.generation import EventStream, Generation
+from promptcache.server.openai_format import ToolPlan
 from promptcache.server.prompt import (
     MAX_BREAKPOINTS,
     Cut,
@@ -38,6 +39,7 @@ from promptcache.server.prompt import (
 from promptcache.server.retention import RETENTION_NAMES
 from promptcache.server.schemas_openai import ChatCompletionRequest, CompletionRequest, OpenAIRequestBase
 from promptcache.server.state import ServerState, get_state, new_id, sampling_params, tenant_of, ttl_seconds
+from promptcache.server.tools import Tool, detect
 
 router = APIRouter(tags=["OpenAI"])
 Tenant = Annotated[str | None, Depends(tenant_of)]
@@ -94,8 +96,45 @@ def _explicit(req: OpenAIRequestBase) -> bool:
     return req.prompt_cache_options is not None and req.prompt_cache_options.mode == "explicit"
 
 
+def tool_plan(state: ServerState, req: ChatCompletionRequest) -> tuple[ToolPlan | None, StructuredOutput | None]:
+    """The request's tools, and the grammar that forces a call (``tool_choice`` required or named)."""
+    if not req.tools:
+        if req.tool_choice not in (None, "none", "auto"):
+            raise ApiError(400, "tool_choice needs tools", param="tool_choice")
+        return None, None
+    tools = []
+    for k, t in enumerate(req.tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if t.get("type", "function") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ApiError(400, f"tools[{k}]: expected {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                           param=f"tools[{k}]")
+        params = fn.get("parameters") or {"type": "object"}
+        if not isinstance(params, dict):
+            raise ApiError(400, f"tools[{k}].function.parameters must be a JSON schema object",
+                           param=f"tools[{k}].function.parameters")
+        tools.append(Tool(fn["name"], params))
+    fmt_ = detect(state.tokenizer.chat_template)
+    choice = req.tool_choice if req.tool_choice is not None else "auto"
+    plan = ToolPlan(tools, fmt_, parse=choice != "none")
+    if choice in ("none", "auto"):
+        return plan, None
+    if choice == "required":
+        forced = tools
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        forced = [t for t in tools if t.name == name]
+        if not forced:
+            raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    else:
+        raise ApiError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", '
+                            '"function": {"name": ...}}', param="tool_choice")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise ApiError(400, "a forced tool call and response_format cannot be combined", param="tool_choice")
+    return plan, StructuredOutput("lark", fmt_.grammar(forced))
+
+
 def _params(state: ServerState, req: OpenAIRequestBase, max_tokens: int | None, num_prompt_tokens: int,
-            logprobs: int | None) -> SamplingParams:
+            logprobs: int | None, forced: StructuredOutput | None = None) -> SamplingParams:
     if req.prompt_cache_options is not None and req.prompt_cache_options.prewarm:
         max_tokens = 0
     if max_tokens is None:
@@ -103,7 +142,7 @@ def _params(state: ServerState, req: OpenAIRequestBase, max_tokens: int | None, 
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     return sampling_params(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                            top_k=req.top_k, seed=req.seed, stop=stop, ignore_eos=req.ignore_eos,
-                           logprobs=logprobs, logit_bias=_logit_bias(req), structured=_structured(req))
+                           logprobs=logprobs, logit_bias=_logit_bias(req), structured=forced or _structured(req))
 
 
 def _logit_bias(req: OpenAIRequestBase) -> dict[int, float] | None:
@@ -153,11 +192,12 @@ async def chat_completions(request: Request, tenant: Tenant,
     state = get_state(request)
     model = state.check_model(body.model, anthropic=False)
     _refuse_unsupported(body)
+    plan, forced = tool_plan(state, body)
     prompt_ids, retention = await run_in_threadpool(_build_chat, state, body)
     want_logprobs = bool(body.logprobs) or body.top_logprobs is not None
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = _params(state, body, max_tokens, len(prompt_ids),
-                     (body.top_logprobs or 0) if want_logprobs else None)
+                     (body.top_logprobs or 0) if want_logprobs else None, forced)
     rid = new_id("chatcmpl-")
     endpoint = "/v1/chat/completions"
     gen = await Generation.start(state, request, endpoint, RequestSpec(rid, prompt_ids, params, tenant, retention))
@@ -166,9 +206,9 @@ async def chat_completions(request: Request, tenant: Tenant,
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(fmt.chat_stream(gen, state.tokenizer, rid, model, include_usage, want_logprobs,
-                                           extra, lambda out: misses.cost_field(state, out)))
+                                           extra, lambda out: misses.cost_field(state, out), plan))
     out = await gen.final(request)
-    return JSONResponse({**fmt.chat_response(rid, model, out, state.tokenizer, want_logprobs), **extra,
+    return JSONResponse({**fmt.chat_response(rid, model, out, state.tokenizer, want_logprobs, plan), **extra,
                          **misses.cost_field(state, out)})
 
 

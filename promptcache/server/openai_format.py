@@ -12,11 +12,13 @@ import json
 import re
 import time
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from promptcache.engine.api import RequestOutput, TokenLogprob, Usage
 from promptcache.server.errors import ApiError, error_json, openai_error_body
 from promptcache.server.generation import Generation, guarded_events
+from promptcache.server.tools import Tool, ToolCall, ToolFormat
 from promptcache.tokenizer import Tokenizer
 
 DONE = "data: [DONE]\n\n"
@@ -115,11 +117,39 @@ def _head(rid: str, obj: str, model: str, created: int) -> dict[str, Any]:
     return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None}
 
 
-def chat_response(rid: str, model: str, out: RequestOutput, tok: Tokenizer, logprobs: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ToolPlan:
+    """A chat request's tools: the family's format and whether calls are parsed from the output
+    (``tool_choice`` other than ``none``)."""
+
+    tools: list[Tool]
+    format: ToolFormat
+    parse: bool
+
+    def split(self, text: str) -> tuple[str, list[ToolCall]]:
+        if not self.parse:
+            return text, []
+        content, calls = self.format.parse(text, self.tools)
+        return content, [ToolCall.new(name, args, "call_") for name, args in calls]
+
+
+def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+            for c in calls]
+
+
+def chat_response(rid: str, model: str, out: RequestOutput, tok: Tokenizer, logprobs: bool,
+                  tools: ToolPlan | None = None) -> dict[str, Any]:
     lp = {"content": chat_logprobs(tok, out.logprobs or [])} if logprobs else None
-    message = {"role": "assistant", "content": out.text, "refusal": None}
+    content, calls = tools.split(out.text) if tools is not None else (out.text, [])
+    message: dict[str, Any] = {"role": "assistant", "content": content if (content or not calls) else None,
+                               "refusal": None}
+    finish = finish_reason(out)
+    if calls:
+        message["tool_calls"] = tool_calls_json(calls)
+        finish = "tool_calls"
     return {**_head(rid, "chat.completion", model, int(time.time())),
-            "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": finish_reason(out)}],
+            "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}],
             "usage": usage_dict(out.usage)}
 
 
@@ -170,22 +200,53 @@ class _Chunks:
         return sse({**self.head, "choices": [], "usage": usage_dict(out.usage), **extra})
 
 
+def _before_marker(text: str, marker: str) -> int:
+    """How much of ``text`` cannot be part of a tool call: all before the marker, or before a tail
+    that could still grow into it."""
+    at = text.find(marker)
+    if at >= 0:
+        return at
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-k:]):
+            return len(text) - k
+    return len(text)
+
+
 def _error_event(e: ApiError) -> str:
     return f"data: {error_json(openai_error_body(e.status, e.message))}\n\n"
 
 
 def chat_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, include_usage: bool,
                 logprobs: bool, first_extra: dict[str, Any] | None = None,
-                usage_extra: Callable[[RequestOutput], dict[str, Any]] | None = None) -> AsyncGenerator[str, None]:
-    """``chat.completion.chunk`` events: the role, content deltas, the finish reason, usage, [DONE]."""
+                usage_extra: Callable[[RequestOutput], dict[str, Any]] | None = None,
+                tools: ToolPlan | None = None) -> AsyncGenerator[str, None]:
+    """``chat.completion.chunk`` events: the role, content deltas, the finish reason, usage, [DONE].
+
+    With tools, text from the first place a tool call could begin is held back; at the end it is
+    either tool-call deltas (one per call: id, name and the whole arguments) or content after all."""
     chunks = _Chunks(rid, "chat.completion.chunk", model, include_usage, first_extra, usage_extra)
+    marker = tools.format.start if tools is not None and tools.parse else None
 
     async def events() -> AsyncGenerator[str, None]:
         yield chunks.choice(delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None)
+        sent = 0  # characters of out.text sent as content
         async for out, new_logprobs in _steps(gen, logprobs):
             lp = {"content": chat_logprobs(tok, new_logprobs)} if new_logprobs else None
-            if out.new_text or lp is not None:
-                yield chunks.choice(delta={"content": out.new_text}, logprobs=lp, finish_reason=None)
+            safe = len(out.text) if marker is None else _before_marker(out.text, marker)
+            if out.finished and marker is not None:
+                content, calls = tools.split(out.text) if tools is not None else (out.text, [])
+                if calls:
+                    for k, call in enumerate(tool_calls_json(calls)):
+                        yield chunks.choice(delta={"tool_calls": [{"index": k, **call}]}, logprobs=None,
+                                            finish_reason=None)
+                    yield chunks.choice(delta={}, logprobs=None, finish_reason="tool_calls")
+                    if include_usage:
+                        yield chunks.usage(out)
+                    continue  # that was the last output
+                safe = len(out.text)
+            if safe > sent or lp is not None:
+                yield chunks.choice(delta={"content": out.text[sent:safe]}, logprobs=lp, finish_reason=None)
+                sent = max(sent, safe)
             if out.finished:
                 yield chunks.choice(delta={}, logprobs=None, finish_reason=finish_reason(out))
                 if include_usage:
