@@ -23,6 +23,12 @@ CROSS_FIELD_RULES = (
     "more than the model's context can hold",
     "logit_bias: token id",  # a key past the vocabulary (keys are strings: no maximum to state)
     "invalid json_schema",  # a response_format schema llguidance cannot compile (known by compiling it)
+    "invalid lark",  # ... or a tool's schema, when a call is forced
+    "blocks belong to assistant messages",  # which roles may carry tool_use / tool_result blocks
+    "blocks belong to user messages",
+    "is not among the tools",  # a named tool choice must name one of the request's tools
+    "needs tools",  # tool_choice required / any / tool without tools
+    "a forced tool call and response_format cannot be combined",
 )
 
 

@@ -84,3 +84,39 @@ def test_tool_choice_errors(client: OpenAI) -> None:
     assert info.value.body["param"] == "tool_choice"  # type: ignore[index]
     with pytest.raises(BadRequestError):
         client.chat.completions.create(model=MODEL, max_tokens=4, messages=messages, tool_choice="required")
+
+
+ANTHROPIC_WEATHER = {"name": "get_weather", "description": "Current weather in a city",
+                     "input_schema": WEATHER["function"]["parameters"]}  # type: ignore[index]
+ANTHROPIC_TIME = {"name": "get_time", "description": "Current time in a zone",
+                  "input_schema": TIME["function"]["parameters"]}  # type: ignore[index]
+
+
+def test_anthropic_two_turn_tool_loop_and_streamed_tool_use(server: Server) -> None:
+    from anthropic import Anthropic
+
+    client = Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    system = "You are a weather agent. " + long_text(80, nonce())
+    user = {"role": "user", "content": "What is the weather in Paris?"}
+    tools: Any = [ANTHROPIC_WEATHER, ANTHROPIC_TIME]
+    first = client.messages.create(model=MODEL, max_tokens=60, system=system, messages=[user], tools=tools,
+                                   tool_choice={"type": "tool", "name": "get_weather"})
+    assert first.stop_reason == "tool_use"
+    use = next(b for b in first.content if b.type == "tool_use")
+    assert use.name == "get_weather" and use.id.startswith("toolu_") and _weather_args_valid(use.input)
+    history: Any = [user, {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                  "content": '{"temperature": 21}'}]}]
+    second = client.messages.create(model=MODEL, max_tokens=4, system=system, messages=history, tools=tools,
+                                    tool_choice={"type": "none"})
+    prompt_1 = first.usage.input_tokens + (first.usage.cache_read_input_tokens or 0) + \
+        (first.usage.cache_creation_input_tokens or 0)
+    read = second.usage.cache_read_input_tokens or 0
+    assert read >= (prompt_1 - 1) // BLOCK * BLOCK, (read, prompt_1)  # system, tools and the first turn
+    assert second.stop_reason in ("end_turn", "max_tokens")
+    with client.messages.stream(model=MODEL, max_tokens=60, system=system, messages=[user], tools=tools,
+                                tool_choice={"type": "any"}) as stream:
+        final = stream.get_final_message()
+    uses = [b for b in final.content if b.type == "tool_use"]
+    assert final.stop_reason == "tool_use" and len(uses) == 1 and uses[0].name in ("get_weather", "get_time")
+    assert _weather_args_valid(uses[0].input) if uses[0].name == "get_weather" else set(uses[0].input) == {"zone"}

@@ -25,9 +25,16 @@ from typing import Any
 from promptcache.engine.api import Retention, Usage
 from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Part
 from promptcache.server.errors import ApiError
-from promptcache.server.prompt import MAX_BREAKPOINTS, Cut, TemplateMessage, build_chat_prompt, part_text
+from promptcache.server.prompt import (
+    MAX_BREAKPOINTS,
+    PART_SEPARATOR,
+    Cut,
+    TemplateMessage,
+    build_chat_prompt,
+    part_text,
+)
 from promptcache.server.retention import parse_ttl
-from promptcache.server.schemas_anthropic import ContentBlock, CountTokensRequest
+from promptcache.server.schemas_anthropic import ContentBlock, CountTokensRequest, TextBlock
 from promptcache.tokenizer import Tokenizer
 
 ONE_HOUR_S = 3600.0
@@ -50,7 +57,7 @@ class AnthropicPrompt:
     parts: tuple[Part, ...] = ()  # as a diagnosis names them (server/diagnosis.py)
 
 
-def _text_parts(blocks: str | Sequence[ContentBlock], path: str, message: int,
+def _text_parts(blocks: str | Sequence[ContentBlock | TextBlock], path: str, message: int,
                 breakpoints: list[Breakpoint]) -> tuple[str, ...]:
     if isinstance(blocks, str):
         return (blocks,)
@@ -64,6 +71,69 @@ def _text_parts(blocks: str | Sequence[ContentBlock], path: str, message: int,
             breakpoints.append(Breakpoint(f"{where}.cache_control", block.cache_control.ttl, Cut(message, j)))
         parts.append(text)
     return tuple(parts)
+
+
+def _require(block: ContentBlock, where: str, *fields: str) -> None:
+    for name in fields:
+        if getattr(block, name) is None:
+            raise ApiError(400, f"{where}.{name}: Field required")
+
+
+def _tool_turn(role: str, blocks: Sequence[ContentBlock], path: str, first_index: int,
+               breakpoints: list[Breakpoint]) -> list[TemplateMessage]:
+    """An assistant turn with ``tool_use`` blocks (one message carrying ``tool_calls``), or a user
+    turn with ``tool_result`` blocks (a ``tool`` message each, text blocks as user messages between)."""
+    if role == "assistant":
+        texts, calls = [], []
+        for j, b in enumerate(blocks):
+            where = f"{path}.{j}"
+            if b.type == "tool_use":
+                _require(b, where, "id", "name", "input")
+                if b.cache_control is not None:
+                    raise ApiError(400, f"{where}.cache_control: not supported on tool_use blocks by this server "
+                                        "(put it on a text block or the tool_result)")
+                calls.append({"id": b.id, "type": "function", "function": {"name": b.name, "arguments": b.input}})
+            elif b.type == "tool_result":
+                raise ApiError(400, f"{where}.type: tool_result blocks belong to user messages")
+            else:
+                texts.append(part_text(b.type, b.text, where))
+        return [TemplateMessage("assistant", (PART_SEPARATOR.join(t for t in texts if t),), {"tool_calls": calls})]
+    out: list[TemplateMessage] = []
+    pending: list[tuple[int, ContentBlock]] = []
+
+    def flush() -> None:
+        if pending:
+            parts = tuple(part_text(b.type, b.text, f"{path}.{j}") for j, b in pending)
+            for k, (j, b) in enumerate(pending):
+                if b.cache_control is not None:
+                    breakpoints.append(Breakpoint(f"{path}.{j}.cache_control", b.cache_control.ttl,
+                                                  Cut(first_index + len(out), k)))
+            out.append(TemplateMessage("user", parts))
+            pending.clear()
+
+    for j, b in enumerate(blocks):
+        where = f"{path}.{j}"
+        if b.type == "tool_use":
+            raise ApiError(400, f"{where}.type: tool_use blocks belong to assistant messages")
+        if b.type != "tool_result":
+            if b.cache_control is not None and not b.text:
+                raise ApiError(400, f"{where}.cache_control: {EMPTY_BLOCK_MESSAGE}")
+            pending.append((j, b))
+            continue
+        flush()
+        _require(b, where, "tool_use_id")
+        content = b.content if b.content is not None else ""
+        if isinstance(content, list):
+            content = PART_SEPARATOR.join(part_text(c.type, c.text, f"{where}.content.{k}")
+                                          for k, c in enumerate(content))
+        if b.is_error:
+            content = f"Error: {content}"
+        if b.cache_control is not None:
+            cut = Cut(first_index + len(out), 0)
+            breakpoints.append(Breakpoint(f"{where}.cache_control", b.cache_control.ttl, cut))
+        out.append(TemplateMessage("tool", (content,), {"tool_call_id": b.tool_use_id}))
+    flush()
+    return out
 
 
 def parse_request(
@@ -82,8 +152,11 @@ def parse_request(
     if req.system is not None:
         messages.append(TemplateMessage("system", _text_parts(req.system, "system", 0, breakpoints)))
     for i, m in enumerate(req.messages):
-        parts = _text_parts(m.content, f"messages.{i}.content", len(messages), breakpoints)
-        messages.append(TemplateMessage(m.role, parts))
+        path = f"messages.{i}.content"
+        if isinstance(m.content, str) or all(b.type == "text" for b in m.content):
+            messages.append(TemplateMessage(m.role, _text_parts(m.content, path, len(messages), breakpoints)))
+        else:
+            messages.extend(_tool_turn(m.role, m.content, path, len(messages), breakpoints))
     if req.cache_control is not None:
         cut = _last_nonempty_block(messages, len(tools))
         if cut is not None:
@@ -127,16 +200,18 @@ def build_prompt(tok: Tokenizer, req: CountTokensRequest, max_chars: int, max_me
 def _parts(req: CountTokensRequest, messages: list[TemplateMessage], tools: list[dict[str, Any]]) -> tuple[Part, ...]:
     """Tools (as rendered), system blocks, then each message's role and content blocks, by JSON path."""
     parts = [Part(f"tools.{k}", TOOLS, json.dumps(t, ensure_ascii=False)) for k, t in enumerate(tools)]
-    rest = messages
     if req.system is not None:
-        system, rest = messages[0], messages[1:]
+        system = messages[0]
         paths = ["system"] if isinstance(req.system, str) else [f"system.{j}" for j in range(len(system.parts))]
         parts += [Part(path, SYSTEM, text) for path, text in zip(paths, system.parts, strict=True)]
-    for i, (m, tm) in enumerate(zip(req.messages, rest, strict=True)):
-        parts.append(Part(f"messages.{i}.role", MESSAGES, tm.role))
-        paths = [f"messages.{i}.content"] if isinstance(m.content, str) else [
-            f"messages.{i}.content.{j}" for j in range(len(tm.parts))]
-        parts += [Part(path, MESSAGES, text) for path, text in zip(paths, tm.parts, strict=True)]
+    for i, m in enumerate(req.messages):
+        parts.append(Part(f"messages.{i}.role", MESSAGES, m.role))
+        if isinstance(m.content, str):
+            parts.append(Part(f"messages.{i}.content", MESSAGES, m.content))
+            continue
+        for j, b in enumerate(m.content):
+            text = b.text if b.type == "text" else json.dumps(b.model_dump(exclude_none=True), ensure_ascii=False)
+            parts.append(Part(f"messages.{i}.content.{j}", MESSAGES, text or ""))
     return tuple(parts)
 
 

@@ -20,7 +20,7 @@ from promptcache.sequences import common_prefix_len
 from promptcache.server.anthropic_prompt import build_prompt
 from promptcache.server.diagnosis import MESSAGES, Diagnosis, Part, PromptRecord, diagnose
 from promptcache.server.errors import ApiError
-from promptcache.server.openai_api import _template_messages, chat_parts
+from promptcache.server.openai_api import _template_messages, chat_parts, tool_dicts
 from promptcache.server.prompt import build_chat_prompt
 from promptcache.server.schemas_anthropic import MessagesRequest
 from promptcache.server.schemas_openai import ChatCompletionRequest, CompletionRequest
@@ -74,7 +74,7 @@ def render(tok: Tokenizer, body: dict[str, Any], name: str, max_model_len: int, 
             return Rendered(dialect, list(out.parts), out.token_ids)
         creq = _validate(ChatCompletionRequest, body, name)
         messages, _ = _template_messages(creq)
-        chat = build_chat_prompt(tok, messages, creq.tools, (), max_chars, max_model_len)
+        chat = build_chat_prompt(tok, messages, tool_dicts(creq), (), max_chars, max_model_len)
         return Rendered(dialect, chat_parts(creq), chat.token_ids)
     except ApiError as e:
         raise ValueError(f"{name}: {e.message}") from None

@@ -102,17 +102,7 @@ def tool_plan(state: ServerState, req: ChatCompletionRequest) -> tuple[ToolPlan 
         if req.tool_choice not in (None, "none", "auto"):
             raise ApiError(400, "tool_choice needs tools", param="tool_choice")
         return None, None
-    tools = []
-    for k, t in enumerate(req.tools):
-        fn = t.get("function") if isinstance(t, dict) else None
-        if t.get("type", "function") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ApiError(400, f"tools[{k}]: expected {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
-                           param=f"tools[{k}]")
-        params = fn.get("parameters") or {"type": "object"}
-        if not isinstance(params, dict):
-            raise ApiError(400, f"tools[{k}].function.parameters must be a JSON schema object",
-                           param=f"tools[{k}].function.parameters")
-        tools.append(Tool(fn["name"], params))
+    tools = [Tool(t.function.name, t.function.parameters or {"type": "object"}) for t in req.tools]
     fmt_ = detect(state.tokenizer.chat_template)
     choice = req.tool_choice if req.tool_choice is not None else "auto"
     plan = ToolPlan(tools, fmt_, parse=choice != "none")
@@ -120,14 +110,12 @@ def tool_plan(state: ServerState, req: ChatCompletionRequest) -> tuple[ToolPlan 
         return plan, None
     if choice == "required":
         forced = tools
-    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        name = choice["function"].get("name")
+    else:
+        assert not isinstance(choice, str)
+        name = choice.function.name
         forced = [t for t in tools if t.name == name]
         if not forced:
             raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
-    else:
-        raise ApiError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", '
-                            '"function": {"name": ...}}', param="tool_choice")
     if req.response_format is not None and req.response_format.type != "text":
         raise ApiError(400, "a forced tool call and response_format cannot be combined", param="tool_choice")
     return plan, StructuredOutput("lark", fmt_.grammar(forced))
@@ -175,7 +163,7 @@ def _build_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[in
     ttl = _ttl(req, bool(cuts))
     explicit = _explicit(req)
     try:
-        prompt = build_chat_prompt(state.tokenizer, messages, req.tools, cuts if explicit else (),
+        prompt = build_chat_prompt(state.tokenizer, messages, tool_dicts(req), cuts if explicit else (),
                                    state.max_prompt_chars, state.max_model_len)
     except ValueError as e:
         raise ApiError(400, str(e), param="messages") from None
@@ -212,9 +200,14 @@ async def chat_completions(request: Request, tenant: Tenant,
                          **misses.cost_field(state, out)})
 
 
+def tool_dicts(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools as the chat template gets them (fields in their declared order, none left empty)."""
+    return [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+
+
 def chat_parts(req: ChatCompletionRequest) -> list[Part]:
     """The prompt as a diagnosis names it: tools, then each message's role and content parts."""
-    parts = [Part(f"tools[{k}]", TOOLS, json.dumps(t, ensure_ascii=False)) for k, t in enumerate(req.tools or [])]
+    parts = [Part(f"tools[{k}]", TOOLS, json.dumps(t, ensure_ascii=False)) for k, t in enumerate(tool_dicts(req) or [])]
     messages, _ = _template_messages(req)
     for i, (m, tm) in enumerate(zip(req.messages, messages, strict=True)):
         kind = SYSTEM if tm.role == "system" else MESSAGES

@@ -12,13 +12,12 @@ import json
 import re
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from promptcache.engine.api import RequestOutput, TokenLogprob, Usage
 from promptcache.server.errors import ApiError, error_json, openai_error_body
 from promptcache.server.generation import Generation, guarded_events
-from promptcache.server.tools import Tool, ToolCall, ToolFormat
+from promptcache.server.tools import ToolCall, ToolPlan
 from promptcache.tokenizer import Tokenizer
 
 DONE = "data: [DONE]\n\n"
@@ -117,22 +116,6 @@ def _head(rid: str, obj: str, model: str, created: int) -> dict[str, Any]:
     return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None}
 
 
-@dataclass(frozen=True)
-class ToolPlan:
-    """A chat request's tools: the family's format and whether calls are parsed from the output
-    (``tool_choice`` other than ``none``)."""
-
-    tools: list[Tool]
-    format: ToolFormat
-    parse: bool
-
-    def split(self, text: str) -> tuple[str, list[ToolCall]]:
-        if not self.parse:
-            return text, []
-        content, calls = self.format.parse(text, self.tools)
-        return content, [ToolCall.new(name, args, "call_") for name, args in calls]
-
-
 def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
     return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
             for c in calls]
@@ -200,7 +183,7 @@ class _Chunks:
         return sse({**self.head, "choices": [], "usage": usage_dict(out.usage), **extra})
 
 
-def _before_marker(text: str, marker: str) -> int:
+def before_marker(text: str, marker: str) -> int:
     """How much of ``text`` cannot be part of a tool call: all before the marker, or before a tail
     that could still grow into it."""
     at = text.find(marker)
@@ -232,7 +215,7 @@ def chat_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, include_u
         sent = 0  # characters of out.text sent as content
         async for out, new_logprobs in _steps(gen, logprobs):
             lp = {"content": chat_logprobs(tok, new_logprobs)} if new_logprobs else None
-            safe = len(out.text) if marker is None else _before_marker(out.text, marker)
+            safe = len(out.text) if marker is None else before_marker(out.text, marker)
             if out.finished and marker is not None:
                 content, calls = tools.split(out.text) if tools is not None else (out.text, [])
                 if calls:

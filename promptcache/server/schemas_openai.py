@@ -110,14 +110,36 @@ class OpenAIRequestBase(_Body):
                                                    "output is constrained to it (llguidance)")
 
 
+class FunctionDefinition(_Body):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = Field(default=None, description="accepted; forced calls always match the schema")
+
+
+class FunctionTool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(OpenAIRequestBase):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NonNegativeInt | None = None
     max_completion_tokens: NonNegativeInt | None = None
     logprobs: bool | None = False
     top_logprobs: NumLogprobs | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
 class CompletionRequest(OpenAIRequestBase):

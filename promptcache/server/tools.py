@@ -134,6 +134,23 @@ class MistralFormat(ToolFormat):
         return f'start: "{_lark(self.start)} " calls\ncalls: %json {json.dumps(array)}'
 
 
+@dataclass(frozen=True)
+class ToolPlan:
+    """A request's tools: the family's format and whether calls are parsed from the output
+    (``tool_choice`` other than ``none``); ``id_prefix`` is the dialect's (``call_``, ``toolu_``)."""
+
+    tools: list[Tool]
+    format: ToolFormat
+    parse: bool
+    id_prefix: str = "call_"
+
+    def split(self, text: str) -> tuple[str, list[ToolCall]]:
+        if not self.parse:
+            return text, []
+        content, calls = self.format.parse(text, self.tools)
+        return content, [ToolCall.new(name, args, self.id_prefix) for name, args in calls]
+
+
 FORMATS: dict[str, ToolFormat] = {f.name: f for f in (ToolFormat(), Llama3Format(), MistralFormat())}
 
 
