@@ -29,6 +29,7 @@ CROSS_FIELD_RULES = (
     "is not among the tools",  # a named tool choice must name one of the request's tools
     "needs tools",  # tool_choice required / any / tool without tools
     "a forced tool call and response_format cannot be combined",
+    "is not supported with stream=true",  # n > 1 and stream together
 )
 
 

@@ -257,6 +257,6 @@ def test_openapi_spec_lists_what_the_server_answers(server: Server) -> None:
     assert "503" in paths["/health"]["get"]["responses"]
     schemas = spec["components"]["schemas"]
     assert schemas["MessagesRequest"]["properties"]["top_p"]["exclusiveMinimum"] == 0.0  # top_p 0 is a 400
-    assert schemas["ChatCompletionRequest"]["properties"]["n"]["maximum"] == 1  # n 2 is a 400
+    assert schemas["ChatCompletionRequest"]["properties"]["n"]["maximum"] == 8  # n 9 is a 400
     assert schemas["TextBlock"]["properties"]["type"]["enum"] == ["text"]  # system: text only
     assert schemas["ContentBlock"]["properties"]["type"]["enum"] == ["text", "tool_use", "tool_result"]

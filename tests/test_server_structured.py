@@ -47,3 +47,43 @@ def test_logit_bias_and_bad_values(client: OpenAI, server: Server) -> None:
                                        response_format={"type": "json_schema",  # type: ignore[typeddict-item]
                                                         "json_schema": {"name": "x", "schema": {"type": "objectx"}}})
     assert "invalid json_schema" in info.value.message
+
+
+def test_n_choices_share_one_prefill(client: OpenAI, server: Server) -> None:
+    from test_server_harness import nonce, text_of_tokens
+
+    prompt = text_of_tokens(server.engine.tokenizer, 300, nonce())
+    before = server.stats()
+    r = client.chat.completions.create(model=MODEL, n=3, max_tokens=4, temperature=1.0, seed=11,
+                                       messages=[{"role": "user", "content": prompt}])
+    after = server.stats()
+    assert [c.index for c in r.choices] == [0, 1, 2] and len({c.message.content for c in r.choices}) > 1
+    assert r.usage is not None and 3 <= r.usage.completion_tokens <= 12  # summed over the choices
+    p = r.usage.prompt_tokens
+    computed = after["computed_tokens"] - before["computed_tokens"]
+    # the prompt's full blocks once; each choice computes the rest of its last block, then decodes
+    shared = (p - 1) // 16 * 16
+    assert computed <= p + 2 * (p - shared) + r.usage.completion_tokens, (computed, p)
+    again = client.chat.completions.create(model=MODEL, n=3, max_tokens=4, temperature=1.0, seed=11,
+                                           messages=[{"role": "user", "content": prompt}])
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]  # seeded
+
+
+def test_models_retrieve_unserved_endpoints_and_default_cap(client: OpenAI, server: Server) -> None:
+    import httpx
+    from anthropic import Anthropic, NotFoundError
+
+    assert client.models.retrieve(MODEL).id == MODEL
+    anthropic = Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    assert anthropic.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(NotFoundError):
+        anthropic.models.retrieve("claude-nope")
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"model": MODEL, "input": "x"})
+    assert r.status_code == 404 and "not supported by this server" in r.json()["error"]["message"]
+    assert "Invalid URL" in httpx.post(f"{server.url}/v1/nothing", json={}).json()["error"]["message"]
+    from test_server_harness import running, serve, tiny_engine
+
+    with running(tiny_engine()) as aengine, serve(aengine, default_max_tokens=5) as capped:
+        r2 = OpenAI(base_url=f"{capped.url}/v1", api_key="x", max_retries=0).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "go"}], extra_body={"ignore_eos": True})
+        assert r2.usage is not None and r2.usage.completion_tokens == 5 and r2.choices[0].finish_reason == "length"

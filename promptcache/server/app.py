@@ -12,7 +12,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from promptcache.engine.api import AsyncEngine
 from promptcache.server import anthropic_api, openai_api, openapi
 from promptcache.server.auth import is_operator
-from promptcache.server.config import DEFAULT_BODY_TIMEOUT_S, DEFAULT_DIAGNOSIS_HISTORY, DEFAULT_MAX_REQUEST_BYTES
+from promptcache.server.config import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_DIAGNOSIS_HISTORY,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_OUTPUT_CAP,
+)
 from promptcache.server.costs import PriceTable
 from promptcache.server.diagnosis import History
 from promptcache.server.errors import install_error_handlers
@@ -36,6 +41,7 @@ def create_app(
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     diagnosis_history: int = DEFAULT_DIAGNOSIS_HISTORY,
     prices: str | PriceTable | None = None,
+    default_max_tokens: int = DEFAULT_OUTPUT_CAP,
 ) -> FastAPI:
     """An app serving ``aengine`` (which the caller starts and shuts down).
 
@@ -61,7 +67,7 @@ def create_app(
     price_table = prices if isinstance(prices, PriceTable) else PriceTable.load(prices, names)
     app.state.server = ServerState(aengine=aengine, api_keys=api_keys, model_names=names, metrics=metrics,
                                    max_prompt_chars=max_prompt_chars, history=History(max_records=diagnosis_history),
-                                   prices=price_table)
+                                   prices=price_table, output_cap=default_max_tokens)
     install_error_handlers(app)
     openapi.fix_openapi(app, names, aengine.info.vocab_size, api_keys is not None)
     app.include_router(openai_api.router)

@@ -9,6 +9,7 @@ from promptcache.flags import opt, parse_bytes
 DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
 DEFAULT_BODY_TIMEOUT_S = 60.0
 DEFAULT_DIAGNOSIS_HISTORY = 64
+DEFAULT_OUTPUT_CAP = 4096  # a request without max_tokens once generated 600 s to the end of the context
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -32,6 +33,8 @@ class ServerConfig:
         metavar="NAME", append=True,
     )
     log_level: str = opt("info", "uvicorn's log level", choices=LOG_LEVELS)
+    default_max_tokens: int = opt(DEFAULT_OUTPUT_CAP, "tokens generated for an OpenAI request that sends no "
+                                  "max_tokens (0: to the end of the context)", metavar="N")
     diagnosis_history: int = opt(DEFAULT_DIAGNOSIS_HISTORY, "recent prompts kept per tenant to explain cache misses "
                                  "(x-promptcache-diagnose, comparison_response_id, previous_message_id); 0 keeps "
                                  "none", metavar="N")
@@ -47,6 +50,8 @@ class ServerConfig:
             raise ValueError("body_timeout_s must be a positive number of seconds")
         if self.max_request_bytes < 1:
             raise ValueError("max_request_bytes must be at least 1 byte")
+        if self.default_max_tokens < 0:
+            raise ValueError("default_max_tokens must be >= 0")
         if self.diagnosis_history < 0:
             raise ValueError("diagnosis_history must be >= 0")
         if self.log_level not in LOG_LEVELS:

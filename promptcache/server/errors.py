@@ -33,6 +33,11 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 4
                     413: "request_too_large",
                     429: "rate_limit_error", 503: "api_error", 529: "overloaded_error"}
 ENGINE_FAILED = "the model engine failed while serving this request; please retry later"
+# the providers' other APIs: a client that calls one is told it is not served here, not "Invalid URL"
+NOT_SERVED = ("/v1/embeddings", "/v1/audio", "/v1/images", "/v1/files", "/v1/uploads", "/v1/batches",
+              "/v1/moderations", "/v1/fine_tuning", "/v1/assistants", "/v1/threads", "/v1/vector_stores",
+              "/v1/realtime", "/v1/responses", "/v1/conversations", "/v1/messages/batches", "/v1/complete",
+              "/v1beta/", "/v1/skills", "/v1/organizations")
 
 
 class ApiError(Exception):
@@ -143,7 +148,10 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code == 404:
+    if exc.status_code == 404 and request.url.path.startswith(NOT_SERVED):
+        message = (f"{request.method} {request.url.path} is not supported by this server (it serves chat "
+                   "completions, completions, messages, count_tokens and models)")
+    elif exc.status_code == 404:
         message = f"Invalid URL ({request.method} {request.url.path})"
     elif exc.status_code == 405:
         message = f"Method {request.method} is not allowed for {request.url.path}"

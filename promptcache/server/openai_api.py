@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from promptcache.engine.api import RequestSpec, Retention, SamplingParams, StructuredOutput
+from promptcache.engine.api import RequestOutput, RequestSpec, Retention, SamplingParams, StructuredOutput
 from promptcache.server import misses, openapi
 from promptcache.server import openai_format as fmt
 from promptcache.server.body import JsonBody
@@ -60,9 +60,27 @@ async def list_models(request: Request, tenant: Tenant) -> dict[str, Any]:
                                         "owned_by": "promptcache"} for m in state.model_names]}
 
 
+@router.get("/v1/models/{model_id:path}", summary="Retrieve the served model (OpenAI, or Anthropic with "
+            "anthropic-version)", responses=openapi.MODEL)
+async def retrieve_model(model_id: str, request: Request, tenant: Tenant) -> dict[str, Any]:
+    state = get_state(request)
+    anthropic = is_anthropic(request)
+    state.check_model(model_id, anthropic=anthropic)  # 404 in the dialect's words
+    if anthropic:
+        return {"type": "model", "id": model_id, "display_name": model_id, "created_at": "1970-01-01T00:00:00Z"}
+    return {"id": model_id, "object": "model", "created": state.created, "owned_by": "promptcache"}
+
+
+MAX_CHOICES = 8  # n: each choice is a request of its own (sharing the prompt's blocks)
+
+
 def _refuse_unsupported(req: OpenAIRequestBase) -> None:
-    if req.n not in (None, 1):
-        raise ApiError(400, "n must be 1: this server returns one choice per request", param="n")
+    n = req.n or 1
+    if n > MAX_CHOICES:
+        raise ApiError(400, f"n must be at most {MAX_CHOICES}", param="n")
+    if n > 1 and req.stream:
+        raise ApiError(400, "n > 1 is not supported with stream=true by this server (send n requests, or "
+                            "stream=false)", param="n")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(req, name):
             raise ApiError(400, f"{name} is not supported (only 0)", param=name)
@@ -195,9 +213,36 @@ async def chat_completions(request: Request, tenant: Tenant,
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(fmt.chat_stream(gen, state.tokenizer, rid, model, include_usage, want_logprobs,
                                            extra, lambda out: misses.cost_field(state, out), plan))
-    out = await gen.final(request)
-    return JSONResponse({**fmt.chat_response(rid, model, out, state.tokenizer, want_logprobs, plan), **extra,
-                         **misses.cost_field(state, out)})
+    outs = [await gen.final(request)] if (body.n or 1) == 1 else await _choices(
+        state, request, endpoint, gen, RequestSpec(rid, prompt_ids, params, tenant, retention), body.n or 1)
+    response = fmt.chat_response(rid, model, outs[0], state.tokenizer, want_logprobs, plan)
+    if len(outs) > 1:
+        response["choices"] = [{**fmt.chat_response(rid, model, o, state.tokenizer, want_logprobs, plan)[
+            "choices"][0], "index": i} for i, o in enumerate(outs)]
+        response["usage"]["completion_tokens"] = sum(o.usage.completion_tokens for o in outs)
+        response["usage"]["total_tokens"] = response["usage"]["prompt_tokens"] + response["usage"]["completion_tokens"]
+    return JSONResponse({**response, **extra, **misses.cost_field(state, outs[0])})
+
+
+async def _choices(state: ServerState, request: Request, endpoint: str, first: Generation, spec: RequestSpec,
+                   n: int) -> list[RequestOutput]:
+    """``n`` choices: ``first`` and n - 1 more requests of the same prompt, run together, so the
+    prompt's full blocks are computed once (in-flight sharing) and each choice computes only the
+    rest of its last block. A seed gives choice i the seed + i."""
+    import asyncio
+    from dataclasses import replace
+
+    specs = []
+    for i in range(1, n):
+        params = replace(spec.params, seed=None if spec.params.seed is None else spec.params.seed + i)
+        specs.append(replace(spec, request_id=f"{spec.request_id}-{i}", params=params))
+    others = [await Generation.start(state, request, endpoint, s) for s in specs]
+    gens = [first, *others]
+    try:
+        return list(await asyncio.gather(*(g.final(request) for g in gens)))
+    finally:
+        for g in gens:
+            await g.close()
 
 
 def tool_dicts(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
@@ -280,6 +325,12 @@ async def completions(request: Request, tenant: Tenant,
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(fmt.completion_stream(gen, state.tokenizer, rid, model, include_usage,
                                                  want_logprobs, extra, lambda out: misses.cost_field(state, out)))
-    out = await gen.final(request)
-    return JSONResponse({**fmt.completion_response(rid, model, out, state.tokenizer, want_logprobs), **extra,
-                         **misses.cost_field(state, out)})
+    outs = [await gen.final(request)] if (body.n or 1) == 1 else await _choices(
+        state, request, endpoint, gen, RequestSpec(rid, prompt_ids, params, tenant, retention), body.n or 1)
+    response = fmt.completion_response(rid, model, outs[0], state.tokenizer, want_logprobs)
+    if len(outs) > 1:
+        response["choices"] = [{**fmt.completion_response(rid, model, o, state.tokenizer, want_logprobs)[
+            "choices"][0], "index": i} for i, o in enumerate(outs)]
+        response["usage"]["completion_tokens"] = sum(o.usage.completion_tokens for o in outs)
+        response["usage"]["total_tokens"] = response["usage"]["prompt_tokens"] + response["usage"]["completion_tokens"]
+    return JSONResponse({**response, **extra, **misses.cost_field(state, outs[0])})

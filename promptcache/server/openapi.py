@@ -51,6 +51,7 @@ OPENAI_STREAMING: dict[int | str, dict[str, Any]] = {**_SSE, **_errors(_OPENAI_E
 ANTHROPIC_STREAMING: dict[int | str, dict[str, Any]] = {**_SSE, **_errors(_ANTHROPIC_ERROR, _GENERATION)}
 ANTHROPIC_COUNT: dict[int | str, dict[str, Any]] = _errors(_ANTHROPIC_ERROR, (400, 401, 404, 408, 413))
 MODELS: dict[int | str, dict[str, Any]] = _errors(_OPENAI_ERROR, (401,))
+MODEL: dict[int | str, dict[str, Any]] = _errors(_OPENAI_ERROR, (401, 404))
 METRICS: dict[int | str, dict[str, Any]] = {
     200: {"description": "Prometheus text exposition format",
           "content": {"text/plain": {"schema": {"type": "string"}}}},

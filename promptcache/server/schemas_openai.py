@@ -91,7 +91,8 @@ class OpenAIRequestBase(_Body):
     top_k: JsonInt | None = Field(default=None, description="extension (vLLM): keep the k most likely tokens")
     seed: JsonInt | None = None
     stop: NonEmptyStr | list[NonEmptyStr] | None = None
-    n: PositiveInt | None = Field(default=1, json_schema_extra={"maximum": 1})  # one choice per request
+    n: PositiveInt | None = Field(default=1, json_schema_extra={"maximum": 8},  # MAX_CHOICES
+                                  description="choices (chat; at most 8, not with stream=true)")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # accepted by OpenAI in [-2, 2]; this server serves only 0 (others are a 400 naming the field)

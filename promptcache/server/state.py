@@ -37,6 +37,7 @@ class ServerState:
     model_names: tuple[str, ...]  # the first is the one responses report
     metrics: ServerMetrics
     max_prompt_chars: int
+    output_cap: int = 4096  # max_tokens of a request that sends none (--default-max-tokens; 0: none)
     history: History = field(default_factory=History)  # recent prompts per tenant (server/diagnosis.py)
     prices: PriceTable = field(default_factory=PriceTable)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models: when serving began
@@ -67,9 +68,10 @@ class ServerState:
                        param="model", code="model_not_found")
 
     def default_max_tokens(self, num_prompt_tokens: int) -> int:
-        """No max_tokens sent: generate up to the end of the context, as far as the KV cache allows."""
-        room = min(self.max_model_len, self.kv_capacity_tokens) - num_prompt_tokens
-        return max(1, room)
+        """No max_tokens sent: up to ``output_cap`` tokens (0: no cap), as far as the context and
+        the KV cache allow."""
+        room = max(1, min(self.max_model_len, self.kv_capacity_tokens) - num_prompt_tokens)
+        return min(room, self.output_cap) if self.output_cap > 0 else room
 
 
 def get_state(request: Request) -> ServerState:
