@@ -125,6 +125,10 @@ def fix_openapi(app: FastAPI, model_names: tuple[str, ...], vocab_size: int, key
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
             schemas.update(_body_schemas())
             _served_limits(schemas, model_names, vocab_size)
+            for op in spec.get("paths", {}).get("/v1/models/{model_id}", {}).values():
+                for param in op.get("parameters", []):
+                    if param.get("name") == "model_id":  # others are a 404
+                        param["schema"]["enum"] = list(model_names)
             if keyed:
                 _security(spec)
             for ops in spec.get("paths", {}).values():
