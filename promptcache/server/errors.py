@@ -128,6 +128,8 @@ def validation_message(exc: RequestValidationError, anthropic: bool) -> tuple[st
         return f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
     path = _field_path(err.get("loc", ()), anthropic)
     msg = str(err.get("msg", "invalid value"))
+    if err.get("type") == "extra_forbidden":
+        msg = "this field is not supported by this server (docs/server.md lists every field)"
     if err.get("type") == "missing" and not path:
         return "the request body is missing or empty", None
     return (f"{path}: {msg}" if path else msg), (path or None)

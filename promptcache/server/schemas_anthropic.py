@@ -102,6 +102,8 @@ class ToolChoice(_Body):
 
 
 class CountTokensRequest(_Body):
+    # a field of neither the schema nor the advisory list is a 400 naming it (never silently ignored)
+    model_config = ConfigDict(extra="forbid")
     model: str
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
@@ -125,5 +127,6 @@ class MessagesRequest(CountTokensRequest):
     stop_sequences: list[NonEmptyStr] | None = None
     ignore_eos: bool = Field(default=False, description="extension (vLLM): generate past end-of-sequence")
     stream: bool | None = False
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = Field(default=None, description="advisory: accepted, no effect on this server")
+    service_tier: str | None = Field(default=None, description="advisory: accepted, no effect on this server")
     diagnostics: Diagnostics | None = None

@@ -84,7 +84,12 @@ class ResponseFormat(_Body):
 BiasValue = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 
+ADVISORY = "advisory: accepted, no effect on this server"
+
+
 class OpenAIRequestBase(_Body):
+    # a field of neither the schema nor the advisory list is a 400 naming it (never silently ignored)
+    model_config = ConfigDict(extra="forbid")
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, le=1.0, json_schema_extra={"exclusiveMinimum": 0.0})  # (0, 1]
@@ -102,6 +107,11 @@ class OpenAIRequestBase(_Body):
                                            json_schema_extra={"minimum": 0.0, "maximum": 0.0})
     ignore_eos: bool = Field(default=False, description="extension (vLLM): generate past end-of-sequence")
     prompt_cache_key: str | None = Field(default=None, description="accepted; routing key (one replica here)")
+    user: str | None = Field(default=None, description=ADVISORY + " (tenants come from API keys)")
+    safety_identifier: str | None = Field(default=None, description=ADVISORY)
+    metadata: dict[str, Any] | None = Field(default=None, description=ADVISORY)
+    store: bool | None = Field(default=None, description=ADVISORY + " (nothing is stored)")
+    service_tier: str | None = Field(default=None, description=ADVISORY + " (one tier)")
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: PromptCacheOptions | None = None
     logit_bias: dict[str, BiasValue] | None = Field(default=None, description="token id (as a string) -> bias "
@@ -140,6 +150,7 @@ class ChatCompletionRequest(OpenAIRequestBase):
     logprobs: bool | None = False
     top_logprobs: NumLogprobs | None = None
     tools: list[FunctionTool] | None = None
+    parallel_tool_calls: bool | None = Field(default=None, description=ADVISORY + " (a forced call is one call)")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
