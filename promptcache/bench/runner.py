@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from promptcache.bench.backends import Backend, RequestResult
 from promptcache.bench.machine import percentile
 from promptcache.bench.workloads import BenchRequest, TokenSource, Workload, ideal_cached_tokens
+
+if TYPE_CHECKING:
+    from promptcache.engine.llm_engine import LLMEngine
 
 
 @dataclass
@@ -196,3 +199,40 @@ def measure_decode(backend: Backend, batch: int, prompt_tokens: int, output_toke
     decode_s = max(r.latency_s for r in results) - max(r.ttft_s for r in results)
     tokens = sum(max(0, r.completion_tokens - 1) for r in results)
     return tokens / decode_s if decode_s > 0 else float("nan")
+
+
+# A schema that keeps a random model writing (many bounded items) while every token is masked.
+STRUCTURED_SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "maxItems": 64, "items": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}},
+    "required": ["name", "n"], "additionalProperties": False}}}, "required": ["items"], "additionalProperties": False}
+
+
+def measure_structured_decode(engine: LLMEngine, prompt_tokens: int, output_tokens: int, seed: int,
+                              batch: int = 4) -> dict[str, float]:
+    """Decode tokens/s of ``batch`` sampled streams with and without a JSON-schema grammar, same
+    prompts and seeds, one after the other: the per-token cost of constrained decoding."""
+    from promptcache.engine.request import RequestSpec
+    from promptcache.engine.sampling import SamplingParams, StructuredOutput
+
+    src = TokenSource(seed)
+    prompts = [src.take(prompt_tokens) for _ in range(batch)]
+    structured = StructuredOutput.json_schema(STRUCTURED_SCHEMA)
+    rates = {}
+    for arm, constraint in (("free", None), ("json_schema", structured)):
+        engine.reset_prefix_cache()
+        if constraint is not None:  # compile outside the timed loop, as the server does off-thread
+            engine.grammars.matcher(constraint)
+        for i, p in enumerate(prompts):
+            engine.add_request(RequestSpec(f"{arm}-{i}", p, SamplingParams(
+                max_tokens=output_tokens, temperature=1.0, seed=seed + i, ignore_eos=True, structured=constraint)))
+        started, tokens = None, 0
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+            if started is None and any(o.token_ids for o in outs):
+                started = time.perf_counter()  # every stream has its first token: decode from here
+                continue
+            tokens += sum(len(o.new_token_ids) for o in outs)
+        elapsed = time.perf_counter() - (started or time.perf_counter())
+        rates[arm] = tokens / elapsed if elapsed > 0 else float("nan")
+    return {"decode_tokens_per_s_free_b4": rates["free"], "decode_tokens_per_s_json_schema_b4": rates["json_schema"],
+            "json_schema_decode_cost": rates["free"] / rates["json_schema"] if rates["json_schema"] else float("nan")}

@@ -20,7 +20,7 @@ from promptcache.bench.machine import (
     prefill_flops,
 )
 from promptcache.bench.prefix_pair import PrefixPair, run_prefix_pair
-from promptcache.bench.runner import measure_decode, measure_prefill, run_workload
+from promptcache.bench.runner import measure_decode, measure_prefill, measure_structured_decode, run_workload
 from promptcache.bench.tenant_probe import TenantProbe
 from promptcache.bench.workloads import LongDoc, MultiTurn, SharedPrefix, TokenSource, Workload
 from promptcache.engine.precision import dtype_name
@@ -153,6 +153,8 @@ def _throughput(args: argparse.Namespace, report: dict[str, Any], workload: Work
             backend, batch, args.decode_prompt_tokens, args.decode_tokens, args.seed + 30_000 + batch
         )
     if isinstance(backend, EngineBackend):
+        report.update(measure_structured_decode(backend.engine, args.decode_prompt_tokens, args.decode_tokens,
+                                                args.seed + 40_000))
         runner = backend.engine.runner
         report["kv_bytes_per_token"] = runner.kv_bytes_per_token
         shape = largest_gemm(runner.loaded.arch, num_tokens)
