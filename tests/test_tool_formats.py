@@ -22,7 +22,8 @@ TOOLS = [Tool("get_weather", {"type": "object", "properties": {"city": {"type": 
     ("hermes", "no calls here", "no calls here", []),
     ("hermes", '<tool_call>\n{"name": "unknown", "arguments": {}}\n</tool_call>',  # unknown tools stay text
      '<tool_call>\n{"name": "unknown", "arguments": {}}\n</tool_call>', []),
-    ("llama3", '<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}', "", [("get_time", {"zone": "UTC"})]),
+    ("llama3", '<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}', "",
+     [("get_time", {"zone": "UTC"})]),
     ("llama3", 'The answer is {"a": 1}', 'The answer is {"a": 1}', []),
     ("mistral", 'ok [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Rome"}}]', "ok",
      [("get_weather", {"city": "Rome"})]),

@@ -210,7 +210,8 @@ STRUCTURED_SCHEMA = {"type": "object", "properties": {"items": {"type": "array",
 def measure_structured_decode(engine: LLMEngine, prompt_tokens: int, output_tokens: int, seed: int,
                               batch: int = 4) -> dict[str, float]:
     """Decode tokens/s of ``batch`` sampled streams with and without a JSON-schema grammar, same
-    prompts and seeds, one after the other: the per-token cost of constrained decoding."""
+    prompts and seeds, one after the other, over the steps that decode all ``batch`` streams: the
+    per-token cost of constrained decoding."""
     from promptcache.engine.request import RequestSpec
     from promptcache.engine.sampling import SamplingParams, StructuredOutput
 
@@ -225,14 +226,16 @@ def measure_structured_decode(engine: LLMEngine, prompt_tokens: int, output_toke
         for i, p in enumerate(prompts):
             engine.add_request(RequestSpec(f"{arm}-{i}", p, SamplingParams(
                 max_tokens=output_tokens, temperature=1.0, seed=seed + i, ignore_eos=True, structured=constraint)))
-        started, tokens = None, 0
+        tokens, elapsed = 0, 0.0
         while engine.has_unfinished_requests():
+            started = time.perf_counter()
             outs = engine.step()
-            if started is None and any(o.token_ids for o in outs):
-                started = time.perf_counter()  # every stream has its first token: decode from here
-                continue
-            tokens += sum(len(o.new_token_ids) for o in outs)
-        elapsed = time.perf_counter() - (started or time.perf_counter())
+            took = time.perf_counter() - started
+            # only decode steps of the whole batch count: a grammar that completes early ends its
+            # stream, and a smaller batch would read as a slower one
+            if len(outs) == batch and all(len(o.token_ids) > 1 for o in outs):
+                tokens += sum(len(o.new_token_ids) for o in outs)
+                elapsed += took
         rates[arm] = tokens / elapsed if elapsed > 0 else float("nan")
     return {"decode_tokens_per_s_free_b4": rates["free"], "decode_tokens_per_s_json_schema_b4": rates["json_schema"],
             "json_schema_decode_cost": rates["free"] / rates["json_schema"] if rates["json_schema"] else float("nan")}
