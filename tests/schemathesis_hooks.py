@@ -26,6 +26,7 @@ CROSS_FIELD_RULES = (
     "invalid lark",  # ... or a tool's schema, when a call is forced
     "blocks belong to assistant messages",  # which roles may carry tool_use / tool_result blocks
     "blocks belong to user messages",
+    "not supported on the text of an assistant turn",  # cache_control beside tool_use blocks
     "is not among the tools",  # a named tool choice must name one of the request's tools
     "needs tools",  # tool_choice required / any / tool without tools
     "a forced tool call and response_format cannot be combined",

@@ -292,3 +292,36 @@ def test_streams_carry_the_diagnosis_first_and_the_cost_last(server: Server) -> 
     assert _extra(start.message, "promptcache_diagnosis")["cached_tokens"] > 0
     delta = next(e for e in events if e.type == "message_delta")
     assert _extra(delta, "promptcache_cost")["total"] > 0
+
+
+def test_history_is_safe_under_concurrent_requests() -> None:
+    """Diagnoses run in worker threads: adding, extending and searching at once must not fail
+    (an unlocked OrderedDict raised 'mutated during iteration'), and the bounds must hold."""
+    import threading
+    from array import array
+
+    from promptcache.server.diagnosis import History, Part, PromptRecord
+
+    history = History(max_records=8, max_chars=10_000, max_tenants=2, max_total_chars=15_000)
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            for i in range(300):
+                tenant = f"t{(w + i) % 3}"
+                history.add(tenant, PromptRecord(f"{w}-{i}", "m", (Part("p", "messages", "x" * 500),),
+                                                 array("i", range(i % 50))))
+                history.extend(tenant, f"{w}-{i}", [1, 2])
+                history.closest(tenant, list(range(40)), "none")
+                history.note_divergence(tenant, "p", i % 7)
+        except BaseException as e:  # noqa: BLE001 — collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert history._total_chars <= 15_000 and len(history._tenants) <= 2
+    assert history._total_chars == sum(t.num_chars for t in history._tenants.values())

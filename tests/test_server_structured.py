@@ -87,3 +87,10 @@ def test_models_retrieve_unserved_endpoints_and_default_cap(client: OpenAI, serv
         r2 = OpenAI(base_url=f"{capped.url}/v1", api_key="x", max_retries=0).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "go"}], extra_body={"ignore_eos": True})
         assert r2.usage is not None and r2.usage.completion_tokens == 5 and r2.choices[0].finish_reason == "length"
+
+
+def test_logit_bias_keys_must_be_ascii_token_ids(client: OpenAI) -> None:
+    for key in ("²", " 5", "-1", "1e3"):
+        with pytest.raises(BadRequestError) as info:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=1, logit_bias={key: 1})
+        assert info.value.body["param"] == "logit_bias", key  # type: ignore[index]

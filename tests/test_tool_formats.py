@@ -58,3 +58,9 @@ def test_forcing_grammars_accept_their_own_format_only(family: str) -> None:
     bad = good.replace('"zone"', '"city"')  # get_time's schema has no city
     fresh = grammars.matcher(StructuredOutput("lark", fmt.grammar(TOOLS)))
     assert fresh._m.validate_tokens(tok.tokenize_str(bad)) < len(tok.tokenize_str(bad))
+
+
+def test_deeply_nested_output_is_text_not_a_crash() -> None:
+    text = "<tool_call>\n" + "[" * 5000 + "\n</tool_call>"
+    assert FORMATS["hermes"].parse(text, TOOLS) == (text, [])
+    assert FORMATS["mistral"].parse("[TOOL_CALLS] " + "[" * 5000, TOOLS)[1] == []

@@ -99,14 +99,18 @@ async def create_message(request: Request, tenant: Tenant,
     gen = await Generation.start(state, request, endpoint, spec)
     named = body.diagnostics.previous_message_id if body.diagnostics is not None else None
     ours = misses.wants_diagnosis(request)
-    diag = await run_in_threadpool(misses.explain, state, request, tenant, rid, prompt.parts, prompt.token_ids,
-                                   gen.first, named, ours)
+    try:
+        diag = await run_in_threadpool(misses.explain, state, request, tenant, rid, prompt.parts, prompt.token_ids,
+                                       gen.first, named, ours)
+        gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
+    except BaseException:  # the generation holds blocks: free them before the error goes out
+        await gen.close()
+        raise
     extra: dict[str, Any] = {}
     if diag is not None and named is not None:
         extra["diagnostics"] = anthropic_diagnostics(diag)
     if diag is not None and ours:
         extra["promptcache_diagnosis"] = diag.as_dict()
-    gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
     if body.stream:
         events = _message_events(gen, rid, model, extra, lambda out: misses.cost_field(state, out), plan)
         return EventStream(guarded_events(gen, events, _error_event))
@@ -131,8 +135,10 @@ async def _message_events(gen: Generation, rid: str, model: str, extra: dict[str
     while True:
         safe = len(out.text) if marker is None else before_marker(out.text, marker)
         if out.finished and tools is not None and marker is not None:
-            text, calls = tools.split(out.text)
-            safe = len(out.text) if not calls else min(len(out.text), max(sent, len(text)))
+            _, calls = tools.split(out.text)
+            # with calls, the content is what precedes the first call (offsets into the raw text)
+            at = out.text.find(marker)
+            safe = len(out.text) if not calls else max(sent, at if at >= 0 else 0)
         if safe > sent:
             if not block_open:
                 block_open = True

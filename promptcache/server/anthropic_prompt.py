@@ -96,6 +96,9 @@ def _tool_turn(role: str, blocks: Sequence[ContentBlock], path: str, first_index
             elif b.type == "tool_result":
                 raise ApiError(400, f"{where}.type: tool_result blocks belong to user messages")
             else:
+                if b.cache_control is not None:
+                    raise ApiError(400, f"{where}.cache_control: not supported on the text of an assistant turn "
+                                        "with tool_use blocks by this server (put it on the tool_result)")
                 texts.append(part_text(b.type, b.text, where))
         return [TemplateMessage("assistant", (PART_SEPARATOR.join(t for t in texts if t),), {"tool_calls": calls})]
     out: list[TemplateMessage] = []

@@ -56,10 +56,21 @@ def parse_body(model: type[M], raw: bytes, max_items: int) -> M:
 
 
 def check_counts(obj: dict[str, Any], max_items: int) -> None:
-    """Refuse lists no prompt of ``max_items`` tokens can hold, before they are validated."""
+    """Refuse lists no prompt of ``max_items`` tokens can hold, before they are validated: messages
+    (a token each at least), token ids, content parts (4 per token of context: generous, since a
+    separator may merge into a token) and tools."""
     messages = obj.get("messages")
     if isinstance(messages, list) and len(messages) > max_items:
         raise ApiError(400, too_many_messages(len(messages), max_items), param="messages")
+    if isinstance(messages, list):  # content parts: a template renders each with a separator at least
+        parts = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if parts > 4 * max_items:
+            raise ApiError(400, f"the messages have {parts} content parts: more than the model's context of "
+                                f"{max_items} tokens can hold", param="messages")
+    tools = obj.get("tools")
+    if isinstance(tools, list) and len(tools) > max_items:
+        raise ApiError(400, f"{len(tools)} tools: more than the model's context of {max_items} tokens can hold",
+                       param="tools")
     prompt = obj.get("prompt")
     if isinstance(prompt, list):
         lengths = [len(prompt)] + [len(p) for p in prompt if isinstance(p, list)]

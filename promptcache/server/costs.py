@@ -101,6 +101,10 @@ class PriceTable:
         except TypeError as e:
             raise ValueError(f"--prices {path}: {e} (known: {', '.join(f.name for f in fields(Prices))})") from None
         default = table.pop("default", DEFAULT_PRICES)
+        unknown = sorted(set(table) - set(model_names))
+        if unknown and model_names:
+            raise ValueError(f"--prices {path}: {', '.join(unknown)} is not a served model "
+                             f"(served: {', '.join(model_names)}; use \"default\" for all)")
         return cls(table, default)
 
     def prices(self, model: str) -> Prices:

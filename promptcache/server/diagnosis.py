@@ -17,6 +17,7 @@ only ever holds its own prompts, so a diagnosis can never show another tenant's 
 from __future__ import annotations
 
 import re
+import threading
 from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
@@ -58,44 +59,74 @@ class _Tenant:
 
 
 class History:
-    """Recent prompts per tenant (None is the open server's single tenant)."""
+    """Recent prompts per tenant (None is the open server's single tenant). Thread-safe: requests
+    are diagnosed and recorded in worker threads."""
 
-    def __init__(self, max_records: int = 64, max_chars: int = 4_000_000, max_tenants: int = 1024) -> None:
+    def __init__(self, max_records: int = 64, max_chars: int = 4_000_000, max_tenants: int = 1024,
+                 max_total_chars: int = 64_000_000) -> None:
         self.max_records, self.max_chars, self.max_tenants = max_records, max_chars, max_tenants
+        self.max_total_chars = max_total_chars  # all tenants together (oldest-active tenants give way)
         self._tenants: OrderedDict[str | None, _Tenant] = OrderedDict()
+        self._total_chars = 0
+        self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
         return self.max_records > 0
 
-    def _tenant(self, tenant: str | None) -> _Tenant:
+    def _tenant(self, tenant: str | None) -> _Tenant:  # with the lock held
         t = self._tenants.get(tenant)
         if t is None:
             t = self._tenants[tenant] = _Tenant()
             while len(self._tenants) > self.max_tenants:
-                self._tenants.popitem(last=False)
+                _, gone = self._tenants.popitem(last=False)
+                self._total_chars -= gone.num_chars
         self._tenants.move_to_end(tenant)
         return t
 
     def add(self, tenant: str | None, record: PromptRecord) -> None:
         if not self.enabled:
             return
-        t = self._tenant(tenant)
-        t.records[record.request_id] = record
-        t.num_chars += record.num_chars
-        while len(t.records) > self.max_records or (t.num_chars > self.max_chars and len(t.records) > 1):
-            _, old = t.records.popitem(last=False)
-            t.num_chars -= old.num_chars
+        with self._lock:
+            t = self._tenant(tenant)
+            old = t.records.pop(record.request_id, None)
+            if old is not None:
+                t.num_chars -= old.num_chars
+                self._total_chars -= old.num_chars
+            t.records[record.request_id] = record
+            t.num_chars += record.num_chars
+            self._total_chars += record.num_chars
+            while len(t.records) > self.max_records or (t.num_chars > self.max_chars and len(t.records) > 1):
+                self._drop_oldest(t)
+            for other in list(self._tenants.values()):  # least recently active tenants first
+                while self._total_chars > self.max_total_chars and other.records and other is not t:
+                    self._drop_oldest(other)
+
+    def _drop_oldest(self, t: _Tenant) -> None:
+        _, old = t.records.popitem(last=False)
+        t.num_chars -= old.num_chars
+        self._total_chars -= old.num_chars
+
+    def extend(self, tenant: str | None, request_id: str, token_ids: Sequence[int]) -> None:
+        """A finished request's generated tokens join its record (a follow-up may reuse them)."""
+        with self._lock:
+            t = self._tenants.get(tenant)
+            record = None if t is None else t.records.get(request_id)
+            if record is not None:
+                record.token_ids = record.token_ids + array("i", token_ids)  # a new array: readers keep theirs
 
     def get(self, tenant: str | None, request_id: str) -> PromptRecord | None:
-        t = self._tenants.get(tenant)
-        return None if t is None else t.records.get(request_id)
+        with self._lock:
+            t = self._tenants.get(tenant)
+            return None if t is None else t.records.get(request_id)
 
     def closest(self, tenant: str | None, token_ids: Sequence[int], exclude: str) -> PromptRecord | None:
         """The earlier prompt sharing the longest token prefix with ``token_ids`` (newest on ties)."""
-        t = self._tenants.get(tenant)
+        with self._lock:
+            t = self._tenants.get(tenant)
+            records = list(t.records.values()) if t is not None else []
         best, best_len = None, -1
-        for rec in reversed(t.records.values() if t is not None else ()):
+        for rec in reversed(records):
             if rec.request_id == exclude:
                 continue
             n = common_prefix_len(rec.token_ids, token_ids)
@@ -105,11 +136,12 @@ class History:
 
     def note_divergence(self, tenant: str | None, path: str, offset: int) -> int:
         """Count a miss at this place; returns how often this tenant's requests diverged there."""
-        t = self._tenant(tenant)
-        t.divergences[(path, offset)] += 1
-        if len(t.divergences) > 256:  # bounded: keep the most frequent
-            t.divergences = Counter(dict(t.divergences.most_common(128)))
-        return t.divergences[(path, offset)]
+        with self._lock:
+            t = self._tenant(tenant)
+            t.divergences[(path, offset)] += 1
+            if len(t.divergences) > 256:  # bounded: keep the most frequent
+                t.divergences = Counter(dict(t.divergences.most_common(128)))
+            return t.divergences[(path, offset)]
 
 
 # ---- the diagnosis -------------------------------------------------------------------------------

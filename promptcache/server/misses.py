@@ -55,9 +55,8 @@ def explain(state: ServerState, request: Request, tenant: str | None, rid: str, 
 def remember_output(state: ServerState, tenant: str | None, out: RequestOutput) -> None:
     """A finished request's generated tokens that ran (all but the last) are cached K/V too: a
     follow-up turn that repeats them can reuse them."""
-    record = state.history.get(tenant, out.request_id)
-    if record is not None and len(out.token_ids) > 1:
-        record.token_ids.extend(out.token_ids[:-1])
+    if len(out.token_ids) > 1:
+        state.history.extend(tenant, out.request_id, out.token_ids[:-1])
 
 
 def log_request(tenant: str | None, endpoint: str, out: RequestOutput, ttft_s: float) -> None:

@@ -14,6 +14,7 @@ tokens whose K/V were reused (whole blocks). Retention (how long blocks stay pin
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -24,7 +25,7 @@ from promptcache.engine.api import RequestOutput, RequestSpec, Retention, Sampli
 from promptcache.server import misses, openapi
 from promptcache.server import openai_format as fmt
 from promptcache.server.body import JsonBody
-from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Part, openai_diagnostics
+from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Diagnosis, Part, openai_diagnostics
 from promptcache.server.errors import ApiError, is_anthropic
 from promptcache.server.generation import EventStream, Generation
 from promptcache.server.openai_format import ToolPlan
@@ -154,11 +155,12 @@ def _params(state: ServerState, req: OpenAIRequestBase, max_tokens: int | None, 
 def _logit_bias(req: OpenAIRequestBase) -> dict[int, float] | None:
     if not req.logit_bias:
         return None
-    try:
-        return {int(k): float(v) for k, v in req.logit_bias.items()}
-    except ValueError:
-        bad = next(k for k in req.logit_bias if not k.strip().lstrip("-").isdigit())
-        raise ApiError(400, f"logit_bias keys must be token ids, got {bad!r}", param="logit_bias") from None
+    out = {}
+    for key, value in req.logit_bias.items():
+        if not (key.isascii() and key.isdigit()):  # int() would take "²" or " 5"; token ids are ASCII digits
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+        out[int(key)] = float(value)
+    return out
 
 
 def _structured(req: OpenAIRequestBase) -> StructuredOutput | None:
@@ -206,43 +208,82 @@ async def chat_completions(request: Request, tenant: Tenant,
                      (body.top_logprobs or 0) if want_logprobs else None, forced)
     rid = new_id("chatcmpl-")
     endpoint = "/v1/chat/completions"
-    gen = await Generation.start(state, request, endpoint, RequestSpec(rid, prompt_ids, params, tenant, retention))
-    extra = await _diagnostics(state, request, tenant, rid, chat_parts(body), prompt_ids, gen, body)
-    gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
+    spec = RequestSpec(rid, prompt_ids, params, tenant, retention)
+    gens = await _start(state, request, endpoint, spec, body.n or 1)
+    gen = gens[0]
+    try:
+        extra = await _diagnostics(state, request, tenant, rid, lambda: chat_parts(body), prompt_ids, gen, body)
+        gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
+    except BaseException:
+        await _close(gens)
+        raise
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(fmt.chat_stream(gen, state.tokenizer, rid, model, include_usage, want_logprobs,
                                            extra, lambda out: misses.cost_field(state, out), plan))
-    outs = [await gen.final(request)] if (body.n or 1) == 1 else await _choices(
-        state, request, endpoint, gen, RequestSpec(rid, prompt_ids, params, tenant, retention), body.n or 1)
+    outs = await _finals(request, gens)
     response = fmt.chat_response(rid, model, outs[0], state.tokenizer, want_logprobs, plan)
     if len(outs) > 1:
         response["choices"] = [{**fmt.chat_response(rid, model, o, state.tokenizer, want_logprobs, plan)[
             "choices"][0], "index": i} for i, o in enumerate(outs)]
-        response["usage"]["completion_tokens"] = sum(o.usage.completion_tokens for o in outs)
-        response["usage"]["total_tokens"] = response["usage"]["prompt_tokens"] + response["usage"]["completion_tokens"]
-    return JSONResponse({**response, **extra, **misses.cost_field(state, outs[0])})
+    return JSONResponse({**_merge_usage(response, outs), **extra, **_cost(state, outs)})
 
 
-async def _choices(state: ServerState, request: Request, endpoint: str, first: Generation, spec: RequestSpec,
-                   n: int) -> list[RequestOutput]:
-    """``n`` choices: ``first`` and n - 1 more requests of the same prompt, run together, so the
-    prompt's full blocks are computed once (in-flight sharing) and each choice computes only the
-    rest of its last block. A seed gives choice i the seed + i."""
+def _merge_usage(response: dict[str, Any], outs: list[RequestOutput]) -> dict[str, Any]:
+    """n choices: the prompt once, the completions summed."""
+    if len(outs) > 1:
+        usage = response["usage"]
+        usage["completion_tokens"] = sum(o.usage.completion_tokens for o in outs)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return response
+
+
+def _cost(state: ServerState, outs: list[RequestOutput]) -> dict[str, Any]:
+    """The response's cost: the first choice's prompt and every choice's output (the other choices'
+    prompts were cache hits of the same prompt, counted by the metrics as they finish)."""
+    from dataclasses import replace
+
+    first = outs[0]
+    if len(outs) == 1:
+        return misses.cost_field(state, first)
+    total = replace(first.usage, completion_tokens=sum(o.usage.completion_tokens for o in outs))
+    return misses.cost_field(state, replace(first, usage=total))
+
+
+async def _start(state: ServerState, request: Request, endpoint: str, spec: RequestSpec,
+                 n: int) -> list[Generation]:
+    """``n`` generations of one prompt, started together so the prompt's full blocks are computed
+    once (in-flight sharing) and each choice computes only the rest of its last block. A seed gives
+    choice i the seed + i. If any cannot start, the others are closed (their blocks freed)."""
     import asyncio
     from dataclasses import replace
 
-    specs = []
-    for i in range(1, n):
-        params = replace(spec.params, seed=None if spec.params.seed is None else spec.params.seed + i)
-        specs.append(replace(spec, request_id=f"{spec.request_id}-{i}", params=params))
-    others = [await Generation.start(state, request, endpoint, s) for s in specs]
-    gens = [first, *others]
+    specs = [spec] + [replace(spec, request_id=f"{spec.request_id}-{i}", params=replace(
+        spec.params, seed=None if spec.params.seed is None else spec.params.seed + i)) for i in range(1, n)]
+    results = await asyncio.gather(*(Generation.start(state, request, endpoint, s) for s in specs),
+                                   return_exceptions=True)
+    gens = [r for r in results if isinstance(r, Generation)]
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        await _close(gens)
+        raise failed
+    return gens
+
+
+async def _close(gens: list[Generation]) -> None:
+    for g in gens:
+        await g.close()
+
+
+async def _finals(request: Request, gens: list[Generation]) -> list[RequestOutput]:
+    import asyncio
+
+    if len(gens) == 1:
+        return [await gens[0].final(request)]
     try:
         return list(await asyncio.gather(*(g.final(request) for g in gens)))
     finally:
-        for g in gens:
-            await g.close()
+        await _close(gens)
 
 
 def tool_dicts(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
@@ -266,13 +307,18 @@ def chat_parts(req: ChatCompletionRequest) -> list[Part]:
     return parts
 
 
-async def _diagnostics(state: ServerState, request: Request, tenant: str | None, rid: str, parts: list[Part],
-                       prompt_ids: list[int], gen: Generation, body: OpenAIRequestBase) -> dict[str, Any]:
-    """``prompt_cache_diagnostics`` (comparison_response_id) and ``promptcache_diagnosis`` (header)."""
+async def _diagnostics(state: ServerState, request: Request, tenant: str | None, rid: str,
+                       parts: Callable[[], list[Part]], prompt_ids: list[int], gen: Generation,
+                       body: OpenAIRequestBase) -> dict[str, Any]:
+    """``prompt_cache_diagnostics`` (comparison_response_id) and ``promptcache_diagnosis`` (header);
+    the parts are built in the worker thread too (their size is the body's)."""
     named = body.prompt_cache_options.comparison_response_id if body.prompt_cache_options is not None else None
     ours = misses.wants_diagnosis(request)
-    diag = await run_in_threadpool(misses.explain, state, request, tenant, rid, parts, prompt_ids, gen.first,
-                                   named, ours)
+
+    def work() -> Diagnosis | None:
+        return misses.explain(state, request, tenant, rid, parts(), prompt_ids, gen.first, named, ours)
+
+    diag = await run_in_threadpool(work)
     extra: dict[str, Any] = {}
     if diag is not None and named is not None:
         extra["prompt_cache_diagnostics"] = openai_diagnostics(diag)
@@ -316,21 +362,25 @@ async def completions(request: Request, tenant: Tenant,
     retention = Retention(_ttl(body, False))
     rid = new_id("cmpl-")
     endpoint = "/v1/completions"
-    gen = await Generation.start(state, request, endpoint, RequestSpec(rid, prompt_ids, params, tenant, retention))
+    gens = await _start(state, request, endpoint, RequestSpec(rid, prompt_ids, params, tenant, retention),
+                        body.n or 1)
+    gen = gens[0]
     text = body.prompt if isinstance(body.prompt, str) else json.dumps(body.prompt)
-    extra = await _diagnostics(state, request, tenant, rid, [Part("prompt", MESSAGES, text)], prompt_ids, gen, body)
-    gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
+    try:
+        extra = await _diagnostics(state, request, tenant, rid, lambda: [Part("prompt", MESSAGES, text)],
+                                   prompt_ids, gen, body)
+        gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
+    except BaseException:
+        await _close(gens)
+        raise
     want_logprobs = body.logprobs is not None
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(fmt.completion_stream(gen, state.tokenizer, rid, model, include_usage,
                                                  want_logprobs, extra, lambda out: misses.cost_field(state, out)))
-    outs = [await gen.final(request)] if (body.n or 1) == 1 else await _choices(
-        state, request, endpoint, gen, RequestSpec(rid, prompt_ids, params, tenant, retention), body.n or 1)
+    outs = await _finals(request, gens)
     response = fmt.completion_response(rid, model, outs[0], state.tokenizer, want_logprobs)
     if len(outs) > 1:
         response["choices"] = [{**fmt.completion_response(rid, model, o, state.tokenizer, want_logprobs)[
             "choices"][0], "index": i} for i, o in enumerate(outs)]
-        response["usage"]["completion_tokens"] = sum(o.usage.completion_tokens for o in outs)
-        response["usage"]["total_tokens"] = response["usage"]["prompt_tokens"] + response["usage"]["completion_tokens"]
-    return JSONResponse({**response, **extra, **misses.cost_field(state, outs[0])})
+    return JSONResponse({**_merge_usage(response, outs), **extra, **_cost(state, outs)})

@@ -52,7 +52,7 @@ def _objects(text: str) -> list[tuple[int, int, Any]]:
         if text[i] in "{[":
             try:
                 value, end = decoder.raw_decode(text, i)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the decoder's stack
                 i += 1
                 continue
             found.append((i, end, value))
