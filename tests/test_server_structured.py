@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from openai import BadRequestError, OpenAI
@@ -94,3 +95,25 @@ def test_logit_bias_keys_must_be_ascii_token_ids(client: OpenAI) -> None:
         with pytest.raises(BadRequestError) as info:
             client.completions.create(model=MODEL, prompt="x", max_tokens=1, logit_bias={key: 1})
         assert info.value.body["param"] == "logit_bias", key  # type: ignore[index]
+
+
+def test_streamed_n_choices_interleave_and_match_the_plain_ones(client: OpenAI, server: Server) -> None:
+    import httpx
+
+    messages: Any = [{"role": "user", "content": "stream three please"}]
+    plain = client.chat.completions.create(model=MODEL, n=3, max_tokens=5, temperature=1.0, seed=21,
+                                           messages=messages)
+    stream = client.chat.completions.create(model=MODEL, n=3, max_tokens=5, temperature=1.0, seed=21,
+                                            messages=messages, stream=True, stream_options={"include_usage": True})
+    texts, finishes, usage = ["", "", ""], [None, None, None], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            finishes[c.index] = c.finish_reason or finishes[c.index]
+    assert texts == [c.message.content for c in plain.choices]
+    assert finishes == [c.finish_reason for c in plain.choices]
+    assert usage is not None and plain.usage is not None and usage.completion_tokens == plain.usage.completion_tokens
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # completions streams one choice

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from fastapi import Request
 from starlette.responses import StreamingResponse
@@ -146,7 +146,13 @@ def _engine_failed(request_id: str, error: Exception) -> ApiError:
     return ApiError(503, ENGINE_FAILED)
 
 
-async def guarded_events(gen: Generation, events: AsyncGenerator[str, None],
+class Closable(Protocol):
+    first: RequestOutput
+
+    async def close(self) -> None: ...
+
+
+async def guarded_events(gen: Closable, events: AsyncGenerator[str, None],
                          error_event: Callable[[ApiError], str]) -> AsyncGenerator[str, None]:
     """``events``, then ``gen`` closed. The 200 is already out, so a failure on the way (the engine
     died, or a bug here) becomes one last in-band ``error_event`` instead of a dropped connection."""

@@ -79,9 +79,9 @@ def _refuse_unsupported(req: OpenAIRequestBase) -> None:
     n = req.n or 1
     if n > MAX_CHOICES:
         raise ApiError(400, f"n must be at most {MAX_CHOICES}", param="n")
-    if n > 1 and req.stream:
-        raise ApiError(400, "n > 1 is not supported with stream=true by this server (send n requests, or "
-                            "stream=false)", param="n")
+    if n > 1 and req.stream and isinstance(req, CompletionRequest):
+        raise ApiError(400, "n > 1 is not supported with stream=true on /v1/completions by this server (send n "
+                            "requests, or stream=false)", param="n")
     for name in ("frequency_penalty", "presence_penalty"):
         if getattr(req, name):
             raise ApiError(400, f"{name} is not supported (only 0)", param=name)
@@ -219,7 +219,7 @@ async def chat_completions(request: Request, tenant: Tenant,
         raise
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventStream(fmt.chat_stream(gen, state.tokenizer, rid, model, include_usage, want_logprobs,
+        return EventStream(fmt.chat_stream(gens, state.tokenizer, rid, model, include_usage, want_logprobs,
                                            extra, lambda out: misses.cost_field(state, out), plan))
     outs = await _finals(request, gens)
     response = fmt.chat_response(rid, model, outs[0], state.tokenizer, want_logprobs, plan)

@@ -170,8 +170,8 @@ class _Chunks:
         self.first_extra = first_extra or {}  # extension fields on the first chunk (diagnoses)
         self.usage_extra = usage_extra  # ... and on the usage chunk (cost)
 
-    def choice(self, **choice: Any) -> str:
-        body: dict[str, Any] = {**self.head, "choices": [{"index": 0, **choice}]}
+    def choice(self, index: int = 0, **choice: Any) -> str:
+        body: dict[str, Any] = {**self.head, "choices": [{"index": index, **choice}]}
         if self.include_usage:
             body["usage"] = None
         body.update(self.first_extra)
@@ -199,44 +199,113 @@ def _error_event(e: ApiError) -> str:
     return f"data: {error_json(openai_error_body(e.status, e.message))}\n\n"
 
 
-def chat_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, include_usage: bool,
+def chat_stream(gens: Generation | list[Generation], tok: Tokenizer, rid: str, model: str, include_usage: bool,
                 logprobs: bool, first_extra: dict[str, Any] | None = None,
                 usage_extra: Callable[[RequestOutput], dict[str, Any]] | None = None,
                 tools: ToolPlan | None = None) -> AsyncGenerator[str, None]:
     """``chat.completion.chunk`` events: the role, content deltas, the finish reason, usage, [DONE].
 
-    With tools, text from the first place a tool call could begin is held back; at the end it is
-    either tool-call deltas (one per call: id, name and the whole arguments) or content after all."""
+    ``n`` generations (choices) stream interleaved, each chunk naming its choice's index; the usage
+    chunk comes once, after every choice finished (the prompt once, completions summed). With
+    tools, text from the first place a tool call could begin is held back; at the end it is either
+    tool-call deltas (one per call: id, name and the whole arguments) or content after all."""
+    group = gens if isinstance(gens, list) else [gens]
     chunks = _Chunks(rid, "chat.completion.chunk", model, include_usage, first_extra, usage_extra)
     marker = tools.format.start if tools is not None and tools.parse else None
 
+    def choice_events(i: int, out: RequestOutput, new_logprobs: list[TokenLogprob], sent: list[int]) -> list[str]:
+        events = []
+        lp = {"content": chat_logprobs(tok, new_logprobs)} if new_logprobs else None
+        safe = len(out.text) if marker is None else before_marker(out.text, marker)
+        if out.finished and marker is not None:
+            _, calls = tools.split(out.text) if tools is not None else (out.text, [])
+            if calls:
+                for k, call in enumerate(tool_calls_json(calls)):
+                    events.append(chunks.choice(i, delta={"tool_calls": [{"index": k, **call}]}, logprobs=None,
+                                                finish_reason=None))
+                return [*events, chunks.choice(i, delta={}, logprobs=None, finish_reason="tool_calls")]
+            safe = len(out.text)
+        if safe > sent[i] or lp is not None:
+            events.append(chunks.choice(i, delta={"content": out.text[sent[i]:safe]}, logprobs=lp,
+                                        finish_reason=None))
+            sent[i] = max(sent[i], safe)
+        if out.finished:
+            events.append(chunks.choice(i, delta={}, logprobs=None, finish_reason=finish_reason(out)))
+        return events
+
     async def events() -> AsyncGenerator[str, None]:
-        yield chunks.choice(delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None)
-        sent = 0  # characters of out.text sent as content
-        async for out, new_logprobs in _steps(gen, logprobs):
-            lp = {"content": chat_logprobs(tok, new_logprobs)} if new_logprobs else None
-            safe = len(out.text) if marker is None else before_marker(out.text, marker)
-            if out.finished and marker is not None:
-                content, calls = tools.split(out.text) if tools is not None else (out.text, [])
-                if calls:
-                    for k, call in enumerate(tool_calls_json(calls)):
-                        yield chunks.choice(delta={"tool_calls": [{"index": k, **call}]}, logprobs=None,
-                                            finish_reason=None)
-                    yield chunks.choice(delta={}, logprobs=None, finish_reason="tool_calls")
-                    if include_usage:
-                        yield chunks.usage(out)
-                    continue  # that was the last output
-                safe = len(out.text)
-            if safe > sent or lp is not None:
-                yield chunks.choice(delta={"content": out.text[sent:safe]}, logprobs=lp, finish_reason=None)
-                sent = max(sent, safe)
+        for i in range(len(group)):
+            yield chunks.choice(i, delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None)
+        sent = [0] * len(group)  # characters of each choice's text sent as content
+        finals: dict[int, RequestOutput] = {}
+        async for i, out, new_logprobs in _merged(group, logprobs):
+            for event in choice_events(i, out, new_logprobs, sent):
+                yield event
             if out.finished:
-                yield chunks.choice(delta={}, logprobs=None, finish_reason=finish_reason(out))
-                if include_usage:
-                    yield chunks.usage(out)
+                finals[i] = out
+        if include_usage:
+            yield chunks.usage(_summed([finals[i] for i in sorted(finals)]))
         yield DONE
 
-    return guarded_events(gen, events(), _error_event)
+    return guarded_events(_Group(group), events(), _error_event)
+
+
+class _Group:
+    """Several generations closed as one (guarded_events closes what it is given)."""
+
+    def __init__(self, gens: list[Generation]) -> None:
+        self.gens = gens
+        self.first = gens[0].first
+
+    async def close(self) -> None:
+        for g in self.gens:
+            await g.close()
+
+
+async def _merged(gens: list[Generation], logprobs: bool,
+                  ) -> AsyncGenerator[tuple[int, RequestOutput, list[TokenLogprob]], None]:
+    """Every generation's outputs as they come, tagged with its index (one generation: in order)."""
+    if len(gens) == 1:
+        async for out, lp in _steps(gens[0], logprobs):
+            yield 0, out, lp
+        return
+    import asyncio
+
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None, list[TokenLogprob]]] = asyncio.Queue()
+
+    async def pump(i: int, gen: Generation) -> None:
+        try:
+            async for out, lp in _steps(gen, logprobs):
+                await queue.put((i, out, lp))
+        except BaseException as e:  # noqa: BLE001 — handed to the consumer, which raises it
+            await queue.put((i, e, []))
+            return
+        await queue.put((i, None, []))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            i, item, lp = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item, lp
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _summed(outs: list[RequestOutput]) -> RequestOutput:
+    """One output whose usage is the first's prompt and every choice's completion."""
+    from dataclasses import replace
+
+    if len(outs) == 1:
+        return outs[0]
+    return replace(outs[0], usage=replace(outs[0].usage, completion_tokens=sum(o.usage.completion_tokens
+                                                                                for o in outs)))
 
 
 def completion_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, include_usage: bool,

@@ -97,7 +97,7 @@ class OpenAIRequestBase(_Body):
     seed: JsonInt | None = None
     stop: NonEmptyStr | list[NonEmptyStr] | None = None
     n: PositiveInt | None = Field(default=1, json_schema_extra={"maximum": 8},  # MAX_CHOICES
-                                  description="choices (chat; at most 8, not with stream=true)")
+                                  description="choices (at most 8; completions: not with stream=true)")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # accepted by OpenAI in [-2, 2]; this server serves only 0 (others are a 400 naming the field)
