@@ -17,8 +17,10 @@ OPENAI_REFUSED = {"reasoning_effort": "low", "audio": {"voice": "x"}, "modalitie
                   "web_search_options": {}, "verbosity": "low", "no_such_field": 1}
 ANTHROPIC_REFUSED = {"thinking": {"type": "enabled", "budget_tokens": 1024}, "mcp_servers": [], "container": "c",
                      "context_management": {}, "no_such_field": 1}
-# what each honoured field does is tested where that behaviour lives (usage, sampling, caching,
-# tools, structured output, diagnosis tests); this list makes an unclassified new field fail here
+# every field here is honoured: the probes below change the response with most of them; the rest
+# (messages, tools, tool_choice, prompt_cache_*, stream_options, echo/suffix/best_of, diagnostics,
+# penalties) are tested where their behaviour lives (caching, tools, retention, diagnosis, error
+# tests). This list also makes an unclassified new field fail here.
 HONOURED = {
     "ChatCompletionRequest": {"model", "messages", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
                               "stream_options", "frequency_penalty", "presence_penalty", "ignore_eos",
@@ -75,3 +77,87 @@ def test_anthropic_other_fields_are_400s_naming_them(server: Server, field: str)
     r = httpx.post(f"{server.url}/v1/messages", json=_chat(**{field: ANTHROPIC_REFUSED[field]}))
     assert r.status_code == 400 and r.json()["type"] == "error", r.text
     assert r.json()["error"]["message"].startswith(f"{field}: this field is not supported by this server")
+
+
+def _post(server: Server, path: str, body: dict[str, Any], **headers: str) -> dict[str, Any]:
+    r = httpx.post(f"{server.url}{path}", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _text(r: dict[str, Any]) -> str:
+    if "choices" in r:
+        c = r["choices"][0]
+        return str(c.get("message", {}).get("content") or c.get("text") or "")
+    return "".join(b.get("text", "") for b in r["content"])
+
+
+# each honoured field, sent with a value that must change the response against the same request
+# without it (a field that had no effect would fail here); base requests are greedy with ignore_eos
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story about caches"}],
+        "max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+CHAT_PROBES: dict[str, tuple[dict[str, Any], Any]] = {
+    "max_tokens": ({"max_tokens": 2}, lambda r: r["usage"]["completion_tokens"] == 2),
+    "max_completion_tokens": ({"max_completion_tokens": 3}, lambda r: r["usage"]["completion_tokens"] == 3),
+    "temperature": ({"temperature": 2.0, "seed": 1}, None),  # output differs from greedy
+    "top_k": ({"temperature": 1.0, "seed": 3, "top_k": 1}, "greedy"),  # top_k=1 is greedy again
+    "top_p": ({"temperature": 1.0, "seed": 3, "top_p": 1e-6}, "greedy"),  # the top token only
+    "seed": ({"temperature": 1.0, "seed": 5}, None),
+    "stop": (None, None),  # built from the base output below
+    "n": ({"n": 2, "temperature": 1.0, "seed": 2}, lambda r: len(r["choices"]) == 2),
+    "logprobs": ({"logprobs": True}, lambda r: r["choices"][0]["logprobs"] is not None),
+    "top_logprobs": ({"logprobs": True, "top_logprobs": 3},
+                     lambda r: len(r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 3),
+    "logit_bias": (None, None),  # built from the base output below
+    "response_format": ({"response_format": {"type": "json_object"}, "max_tokens": 30, "ignore_eos": False},
+                        lambda r: _text(r).startswith("{")),
+    "ignore_eos": (None, None),  # built below: EOS forced by logit_bias ends the output only without it
+    "stream": ({"stream": True}, "stream"),
+}
+
+
+def test_honoured_openai_fields_change_the_response(server: Server) -> None:
+    base = _post(server, "/v1/chat/completions", CHAT)
+    greedy = _text(base)
+    tok = server.engine.tokenizer
+    first_token = tok.encode(greedy, add_special_tokens=False)[0]
+    CHAT_PROBES["stop"] = ({"stop": [greedy[2:4]]}, lambda r: len(_text(r)) < len(greedy))
+    CHAT_PROBES["logit_bias"] = ({"logit_bias": {str(first_token): -100}}, None)
+    eos = str(tok.eos_token_id)
+    CHAT_PROBES["ignore_eos"] = ({"ignore_eos": False, "logit_bias": {eos: 100}},
+                                 lambda r: r["usage"]["completion_tokens"] == 1)
+    forced_eos = _post(server, "/v1/chat/completions", {**CHAT, "logit_bias": {eos: 100}})
+    assert forced_eos["usage"]["completion_tokens"] == 6  # with ignore_eos the forced EOS does not stop it
+    for field, (extra, check) in CHAT_PROBES.items():
+        body = {k: v for k, v in {**CHAT, **extra}.items() if v is not None}
+        if check == "stream":
+            r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+            assert r.headers["content-type"].startswith("text/event-stream"), field
+            continue
+        r = _post(server, "/v1/chat/completions", body)
+        if check is None:
+            assert _text(r) != greedy, field
+        elif check == "greedy":
+            assert _text(r) == greedy, field
+        else:
+            assert check(r), (field, r)
+
+
+def test_honoured_anthropic_fields_change_the_response(server: Server) -> None:
+    body = {"model": MODEL, "max_tokens": 6, "temperature": 0.0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Tell me a story about caches"}]}
+    base = _post(server, "/v1/messages", body)
+    greedy = _text(base)
+    assert _post(server, "/v1/messages", {**body, "max_tokens": 2})["usage"]["output_tokens"] == 2
+    assert _text(_post(server, "/v1/messages", {**body, "system": "Be terse."})) != greedy
+    assert _text(_post(server, "/v1/messages", {**body, "temperature": 1.0, "top_k": 1})) == greedy
+    assert len(_text(_post(server, "/v1/messages", {**body, "stop_sequences": [greedy[2:4]]}))) < len(greedy)
+    from test_server_harness import long_text, nonce
+
+    cached = {**body, "cache_control": {"type": "ephemeral"},
+              "messages": [{"role": "user", "content": long_text(60, nonce())}]}
+    assert _post(server, "/v1/messages", cached)["usage"]["cache_creation_input_tokens"] > 0
+    fresh = {**body, "messages": [{"role": "user", "content": long_text(60, nonce())}]}
+    assert _post(server, "/v1/messages", fresh)["usage"]["cache_creation_input_tokens"] == 0  # nothing asked
+    r = httpx.post(f"{server.url}/v1/messages", json={**body, "stream": True}, timeout=60)
+    assert r.headers["content-type"].startswith("text/event-stream")
