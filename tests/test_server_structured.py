@@ -117,3 +117,21 @@ def test_streamed_n_choices_interleave_and_match_the_plain_ones(client: OpenAI, 
     assert usage is not None and plain.usage is not None and usage.completion_tokens == plain.usage.completion_tokens
     r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2, "stream": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # completions streams one choice
+
+
+def test_a_dropped_n_stream_frees_every_choice(server: Server) -> None:
+    import httpx
+    from test_server_harness import wait_until
+
+    body = {"model": MODEL, "n": 3, "max_tokens": 400, "ignore_eos": True, "stream": True,
+            "messages": [{"role": "user", "content": "go on forever"}]}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for n, _ in enumerate(r.iter_lines()):
+            if n > 8:
+                break  # hang up mid-stream
+    freed = wait_until(lambda: (s := server.stats())["requests_running"] == 0 and s["blocks_in_use"] == 0, 10)
+    assert freed, server.stats()
+    server.check_integrity()
+    ok = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 3  # the server still serves

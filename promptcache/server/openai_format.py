@@ -8,7 +8,9 @@ character gives those raw bytes, so a client can join them back into the text. O
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -20,6 +22,7 @@ from promptcache.server.generation import Generation, guarded_events
 from promptcache.server.tools import ToolCall, ToolPlan
 from promptcache.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
 
 
@@ -238,11 +241,12 @@ def chat_stream(gens: Generation | list[Generation], tok: Tokenizer, rid: str, m
             yield chunks.choice(i, delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None)
         sent = [0] * len(group)  # characters of each choice's text sent as content
         finals: dict[int, RequestOutput] = {}
-        async for i, out, new_logprobs in _merged(group, logprobs):
-            for event in choice_events(i, out, new_logprobs, sent):
-                yield event
-            if out.finished:
-                finals[i] = out
+        async with contextlib.aclosing(_merged(group, logprobs)) as merged:  # pumps stop before closing
+            async for i, out, new_logprobs in merged:
+                for event in choice_events(i, out, new_logprobs, sent):
+                    yield event
+                if out.finished:
+                    finals[i] = out
         if include_usage:
             yield chunks.usage(_summed([finals[i] for i in sorted(finals)]))
         yield DONE
@@ -258,8 +262,11 @@ class _Group:
         self.first = gens[0].first
 
     async def close(self) -> None:
-        for g in self.gens:
-            await g.close()
+        for g in self.gens:  # every one, even if one fails: each holds KV blocks
+            try:
+                await g.close()
+            except Exception:
+                log.exception("closing choice %s failed", g.first.request_id)
 
 
 async def _merged(gens: list[Generation], logprobs: bool,
@@ -271,13 +278,17 @@ async def _merged(gens: list[Generation], logprobs: bool,
         return
     import asyncio
 
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None, list[TokenLogprob]]] = asyncio.Queue()
+    # bounded: the pumps read ahead of a slow client by a few outputs per choice, not without limit
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None, list[TokenLogprob]]] = \
+        asyncio.Queue(maxsize=4 * len(gens))
 
     async def pump(i: int, gen: Generation) -> None:
         try:
             async for out, lp in _steps(gen, logprobs):
                 await queue.put((i, out, lp))
-        except BaseException as e:  # noqa: BLE001 — handed to the consumer, which raises it
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # handed to the consumer, which raises it
             await queue.put((i, e, []))
             return
         await queue.put((i, None, []))
@@ -296,6 +307,7 @@ async def _merged(gens: list[Generation], logprobs: bool,
     finally:
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # no pump still reads a stream being closed
 
 
 def _summed(outs: list[RequestOutput]) -> RequestOutput:
