@@ -35,14 +35,14 @@ class Matcher:
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         self._m = matcher
         self._vocab = vocab_size
+        self._mask = np.zeros(vocab_size, dtype=bool)  # reused: rows past the tokenizer's vocabulary stay False
 
     def allowed(self) -> torch.Tensor:
-        """[vocab] bool: the tokens the grammar allows next."""
+        """[vocab] bool: the tokens the grammar allows next (a fresh tensor; callers may change it)."""
         bits = np.unpackbits(np.frombuffer(self._m.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        mask = torch.from_numpy(bits[: self._vocab].astype(bool))
-        if mask.shape[0] < self._vocab:  # model rows past the tokenizer's vocabulary are never allowed
-            mask = torch.cat([mask, torch.zeros(self._vocab - mask.shape[0], dtype=torch.bool)])
-        return mask
+        n = min(self._vocab, bits.shape[0])
+        self._mask[:n] = bits[:n]
+        return torch.from_numpy(self._mask.copy())
 
     def accept(self, token_id: int) -> None:
         self._m.consume_token(token_id)

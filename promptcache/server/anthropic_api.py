@@ -56,14 +56,13 @@ def tool_plan(state: ServerState, body: MessagesRequest) -> tuple[ToolPlan | Non
             raise ApiError(400, f"tool_choice.type: {kind!r} needs tools")
         return None, None
     tools = [Tool(t.name, t.input_schema or {"type": "object"}) for t in body.tools]
-    fmt_ = detect(state.tokenizer.chat_template)
-    plan = ToolPlan(tools, fmt_, parse=kind != "none", id_prefix="toolu_")
+    plan = ToolPlan(tools, detect(state.tokenizer.chat_template), parse=kind != "none", id_prefix="toolu_")
     if kind in ("auto", "none"):
         return plan, None
-    forced = tools if kind == "any" else [t for t in tools if t.name == name]
-    if not forced:
+    forced = plan.force(None if kind == "any" else name)
+    if forced is None:
         raise ApiError(400, f"tool_choice.name: {name!r} is not among the tools")
-    return plan, StructuredOutput("lark", fmt_.grammar(forced))
+    return plan, forced
 
 
 def _message(rid: str, model: str, out: RequestOutput, streaming_start: bool = False,
@@ -98,19 +97,13 @@ async def create_message(request: Request, tenant: Tenant,
     spec = RequestSpec(rid, prompt.token_ids, params, tenant, prompt.retention)
     gen = await Generation.start(state, request, endpoint, spec)
     named = body.diagnostics.previous_message_id if body.diagnostics is not None else None
-    ours = misses.wants_diagnosis(request)
     try:
-        diag = await run_in_threadpool(misses.explain, state, request, tenant, rid, prompt.parts, prompt.token_ids,
-                                       gen.first, named, ours)
+        extra = await misses.response_fields(state, request, tenant, rid, lambda: list(prompt.parts),
+                                             prompt.token_ids, gen.first, named, "diagnostics", anthropic_diagnostics)
         gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
     except BaseException:  # the generation holds blocks: free them before the error goes out
         await gen.close()
         raise
-    extra: dict[str, Any] = {}
-    if diag is not None and named is not None:
-        extra["diagnostics"] = anthropic_diagnostics(diag)
-    if diag is not None and ours:
-        extra["promptcache_diagnosis"] = diag.as_dict()
     if body.stream:
         events = _message_events(gen, rid, model, extra, lambda out: misses.cost_field(state, out), plan)
         return EventStream(guarded_events(gen, events, _error_event))

@@ -16,6 +16,7 @@ only ever holds its own prompts, so a diagnosis can never show another tenant's 
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from array import array
@@ -163,8 +164,6 @@ def volatile_cause(before: str, after: str) -> str | None:
 
 
 def _json_keys_reordered(a: str, b: str) -> bool:
-    import json
-
     try:
         x, y = json.loads(a), json.loads(b)
     except ValueError:

@@ -10,6 +10,7 @@ that differs, its offset, both texts, and what B would reuse).
 from __future__ import annotations
 
 import json
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,15 +92,9 @@ def explain_pair(tok: Tokenizer, a: dict[str, Any], b: dict[str, Any], block_siz
     reason = REUSED_ALL if reusable == (len(rb.token_ids) - 1) // block_size * block_size else NOT_CACHED
     usage = Usage(prompt_tokens=len(rb.token_ids), cached_tokens=reusable, reuse_stop=ReuseStop(reason, reusable))
     model = str(a.get("model", ""))
-    prev = PromptRecord("A", model, tuple(ra.parts), _ids(ra.token_ids))
+    prev = PromptRecord("A", model, tuple(ra.parts), array("i", ra.token_ids))
     diag = diagnose(prev, rb.parts, str(b.get("model", "")), rb.token_ids, usage, block_size)
     return diag, ra, rb
-
-
-def _ids(ids: list[int]) -> Any:
-    from array import array
-
-    return array("i", ids)
 
 
 def report(diag: Diagnosis) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 
 from promptcache.engine.api import RequestOutput
 from promptcache.server.diagnosis import Diagnosis, Part, PromptRecord, diagnose, lint
@@ -50,6 +51,27 @@ def explain(state: ServerState, request: Request, tenant: str | None, rid: str, 
     if state.history.enabled and request.headers.get(HISTORY_HEADER, "").strip().lower() != "off":
         state.history.add(tenant, PromptRecord(rid, model, tuple(parts), array("i", token_ids)))
     return diag
+
+
+async def response_fields(state: ServerState, request: Request, tenant: str | None, rid: str,
+                          parts: Callable[[], list[Part]], token_ids: Sequence[int], first: RequestOutput,
+                          named: str | None, provider_field: str,
+                          provider: Callable[[Diagnosis], dict[str, Any] | None]) -> dict[str, Any]:
+    """The response's diagnosis fields: the provider's (``provider_field``, for a ``named`` request)
+    and ``promptcache_diagnosis`` (header). Parts are built and compared in a worker thread: their
+    size is the body's."""
+    ours = wants_diagnosis(request)
+
+    def work() -> Diagnosis | None:
+        return explain(state, request, tenant, rid, parts(), token_ids, first, named, ours)
+
+    diag = await run_in_threadpool(work)
+    fields: dict[str, Any] = {}
+    if diag is not None and named is not None:
+        fields[provider_field] = provider(diag)
+    if diag is not None and ours:
+        fields["promptcache_diagnosis"] = diag.as_dict()
+    return fields
 
 
 def remember_output(state: ServerState, tenant: str | None, out: RequestOutput) -> None:

@@ -21,11 +21,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from promptcache.engine.api import RequestOutput, RequestSpec, Retention, SamplingParams, StructuredOutput
-from promptcache.server import misses, openapi
+from promptcache.engine.api import RequestSpec, Retention, SamplingParams, StructuredOutput
+from promptcache.server import choices, misses, openapi
 from promptcache.server import openai_format as fmt
 from promptcache.server.body import JsonBody
-from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Diagnosis, Part, openai_diagnostics
+from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Part, openai_diagnostics
 from promptcache.server.errors import ApiError, is_anthropic
 from promptcache.server.generation import EventStream, Generation
 from promptcache.server.openai_format import ToolPlan
@@ -122,22 +122,17 @@ def tool_plan(state: ServerState, req: ChatCompletionRequest) -> tuple[ToolPlan 
             raise ApiError(400, "tool_choice needs tools", param="tool_choice")
         return None, None
     tools = [Tool(t.function.name, t.function.parameters or {"type": "object"}) for t in req.tools]
-    fmt_ = detect(state.tokenizer.chat_template)
     choice = req.tool_choice if req.tool_choice is not None else "auto"
-    plan = ToolPlan(tools, fmt_, parse=choice != "none")
+    plan = ToolPlan(tools, detect(state.tokenizer.chat_template), parse=choice != "none")
     if choice in ("none", "auto"):
         return plan, None
-    if choice == "required":
-        forced = tools
-    else:
-        assert not isinstance(choice, str)
-        name = choice.function.name
-        forced = [t for t in tools if t.name == name]
-        if not forced:
-            raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
     if req.response_format is not None and req.response_format.type != "text":
         raise ApiError(400, "a forced tool call and response_format cannot be combined", param="tool_choice")
-    return plan, StructuredOutput("lark", fmt_.grammar(forced))
+    name = None if choice == "required" else choice.function.name  # type: ignore[union-attr]
+    forced = plan.force(name)
+    if forced is None:
+        raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+    return plan, forced
 
 
 def _params(state: ServerState, req: OpenAIRequestBase, max_tokens: int | None, num_prompt_tokens: int,
@@ -209,81 +204,24 @@ async def chat_completions(request: Request, tenant: Tenant,
     rid = new_id("chatcmpl-")
     endpoint = "/v1/chat/completions"
     spec = RequestSpec(rid, prompt_ids, params, tenant, retention)
-    gens = await _start(state, request, endpoint, spec, body.n or 1)
+    gens = await choices.start(state, request, endpoint, spec, body.n or 1)
     gen = gens[0]
     try:
         extra = await _diagnostics(state, request, tenant, rid, lambda: chat_parts(body), prompt_ids, gen, body)
         gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
     except BaseException:
-        await _close(gens)
+        await choices.close(gens)
         raise
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(fmt.chat_stream(gens, state.tokenizer, rid, model, include_usage, want_logprobs,
                                            extra, lambda out: misses.cost_field(state, out), plan))
-    outs = await _finals(request, gens)
-    response = fmt.chat_response(rid, model, outs[0], state.tokenizer, want_logprobs, plan)
-    if len(outs) > 1:
-        response["choices"] = [{**fmt.chat_response(rid, model, o, state.tokenizer, want_logprobs, plan)[
-            "choices"][0], "index": i} for i, o in enumerate(outs)]
-    return JSONResponse({**_merge_usage(response, outs), **extra, **_cost(state, outs)})
-
-
-def _merge_usage(response: dict[str, Any], outs: list[RequestOutput]) -> dict[str, Any]:
-    """n choices: the prompt once, the completions summed."""
-    if len(outs) > 1:
-        usage = response["usage"]
-        usage["completion_tokens"] = sum(o.usage.completion_tokens for o in outs)
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return response
-
-
-def _cost(state: ServerState, outs: list[RequestOutput]) -> dict[str, Any]:
-    """The response's cost: the first choice's prompt and every choice's output (the other choices'
-    prompts were cache hits of the same prompt, counted by the metrics as they finish)."""
-    from dataclasses import replace
-
-    first = outs[0]
-    if len(outs) == 1:
-        return misses.cost_field(state, first)
-    total = replace(first.usage, completion_tokens=sum(o.usage.completion_tokens for o in outs))
-    return misses.cost_field(state, replace(first, usage=total))
-
-
-async def _start(state: ServerState, request: Request, endpoint: str, spec: RequestSpec,
-                 n: int) -> list[Generation]:
-    """``n`` generations of one prompt, started together so the prompt's full blocks are computed
-    once (in-flight sharing) and each choice computes only the rest of its last block. A seed gives
-    choice i the seed + i. If any cannot start, the others are closed (their blocks freed)."""
-    import asyncio
-    from dataclasses import replace
-
-    specs = [spec] + [replace(spec, request_id=f"{spec.request_id}-{i}", params=replace(
-        spec.params, seed=None if spec.params.seed is None else spec.params.seed + i)) for i in range(1, n)]
-    results = await asyncio.gather(*(Generation.start(state, request, endpoint, s) for s in specs),
-                                   return_exceptions=True)
-    gens = [r for r in results if isinstance(r, Generation)]
-    failed = next((r for r in results if isinstance(r, BaseException)), None)
-    if failed is not None:
-        await _close(gens)
-        raise failed
-    return gens
-
-
-async def _close(gens: list[Generation]) -> None:
-    for g in gens:
-        await g.close()
-
-
-async def _finals(request: Request, gens: list[Generation]) -> list[RequestOutput]:
-    import asyncio
-
-    if len(gens) == 1:
-        return [await gens[0].final(request)]
-    try:
-        return list(await asyncio.gather(*(g.final(request) for g in gens)))
-    finally:
-        await _close(gens)
+    outs = await choices.finals(request, gens)
+    total = choices.summed(outs)
+    response = fmt.chat_response(rid, model, total, state.tokenizer, want_logprobs, plan)
+    response["choices"] = [{**fmt.chat_response(rid, model, o, state.tokenizer, want_logprobs, plan)["choices"][0],
+                            "index": i} for i, o in enumerate(outs)]
+    return JSONResponse({**response, **extra, **misses.cost_field(state, total)})
 
 
 def tool_dicts(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
@@ -310,21 +248,9 @@ def chat_parts(req: ChatCompletionRequest) -> list[Part]:
 async def _diagnostics(state: ServerState, request: Request, tenant: str | None, rid: str,
                        parts: Callable[[], list[Part]], prompt_ids: list[int], gen: Generation,
                        body: OpenAIRequestBase) -> dict[str, Any]:
-    """``prompt_cache_diagnostics`` (comparison_response_id) and ``promptcache_diagnosis`` (header);
-    the parts are built in the worker thread too (their size is the body's)."""
     named = body.prompt_cache_options.comparison_response_id if body.prompt_cache_options is not None else None
-    ours = misses.wants_diagnosis(request)
-
-    def work() -> Diagnosis | None:
-        return misses.explain(state, request, tenant, rid, parts(), prompt_ids, gen.first, named, ours)
-
-    diag = await run_in_threadpool(work)
-    extra: dict[str, Any] = {}
-    if diag is not None and named is not None:
-        extra["prompt_cache_diagnostics"] = openai_diagnostics(diag)
-    if diag is not None and ours:
-        extra["promptcache_diagnosis"] = diag.as_dict()
-    return extra
+    return await misses.response_fields(state, request, tenant, rid, parts, prompt_ids, gen.first, named,
+                                        "prompt_cache_diagnostics", openai_diagnostics)
 
 
 def _completion_prompt(state: ServerState, req: CompletionRequest) -> list[int]:
@@ -362,8 +288,8 @@ async def completions(request: Request, tenant: Tenant,
     retention = Retention(_ttl(body, False))
     rid = new_id("cmpl-")
     endpoint = "/v1/completions"
-    gens = await _start(state, request, endpoint, RequestSpec(rid, prompt_ids, params, tenant, retention),
-                        body.n or 1)
+    gens = await choices.start(state, request, endpoint, RequestSpec(rid, prompt_ids, params, tenant, retention),
+                               body.n or 1)
     gen = gens[0]
     text = body.prompt if isinstance(body.prompt, str) else json.dumps(body.prompt)
     try:
@@ -371,16 +297,16 @@ async def completions(request: Request, tenant: Tenant,
                                    prompt_ids, gen, body)
         gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
     except BaseException:
-        await _close(gens)
+        await choices.close(gens)
         raise
     want_logprobs = body.logprobs is not None
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(fmt.completion_stream(gen, state.tokenizer, rid, model, include_usage,
                                                  want_logprobs, extra, lambda out: misses.cost_field(state, out)))
-    outs = await _finals(request, gens)
-    response = fmt.completion_response(rid, model, outs[0], state.tokenizer, want_logprobs)
-    if len(outs) > 1:
-        response["choices"] = [{**fmt.completion_response(rid, model, o, state.tokenizer, want_logprobs)[
-            "choices"][0], "index": i} for i, o in enumerate(outs)]
-    return JSONResponse({**_merge_usage(response, outs), **extra, **_cost(state, outs)})
+    outs = await choices.finals(request, gens)
+    total = choices.summed(outs)
+    response = fmt.completion_response(rid, model, total, state.tokenizer, want_logprobs)
+    response["choices"] = [{**fmt.completion_response(rid, model, o, state.tokenizer, want_logprobs)["choices"][0],
+                            "index": i} for i, o in enumerate(outs)]
+    return JSONResponse({**response, **extra, **misses.cost_field(state, total)})

@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from promptcache.engine.api import RequestOutput, TokenLogprob, Usage
+from promptcache.server.choices import summed
 from promptcache.server.errors import ApiError, error_json, openai_error_body
 from promptcache.server.generation import Generation, guarded_events
 from promptcache.server.tools import ToolCall, ToolPlan
@@ -248,7 +249,7 @@ def chat_stream(gens: Generation | list[Generation], tok: Tokenizer, rid: str, m
                 if out.finished:
                     finals[i] = out
         if include_usage:
-            yield chunks.usage(_summed([finals[i] for i in sorted(finals)]))
+            yield chunks.usage(summed([finals[i] for i in sorted(finals)]))
         yield DONE
 
     return guarded_events(_Group(group), events(), _error_event)
@@ -308,16 +309,6 @@ async def _merged(gens: list[Generation], logprobs: bool,
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # no pump still reads a stream being closed
-
-
-def _summed(outs: list[RequestOutput]) -> RequestOutput:
-    """One output whose usage is the first's prompt and every choice's completion."""
-    from dataclasses import replace
-
-    if len(outs) == 1:
-        return outs[0]
-    return replace(outs[0], usage=replace(outs[0].usage, completion_tokens=sum(o.usage.completion_tokens
-                                                                                for o in outs)))
 
 
 def completion_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, include_usage: bool,

@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from promptcache.engine.api import StructuredOutput
+
 # A forced call is generated in exactly the JSON the template renders it back in (json.dumps'
 # separators, no other whitespace): the next turn, which re-sends the call, reuses its tokens too.
 COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -143,6 +145,11 @@ class ToolPlan:
     format: ToolFormat
     parse: bool
     id_prefix: str = "call_"
+
+    def force(self, name: str | None = None) -> StructuredOutput | None:
+        """The grammar that forces a call: to any of the tools, or to ``name`` (None: no such tool)."""
+        tools = self.tools if name is None else [t for t in self.tools if t.name == name]
+        return StructuredOutput("lark", self.format.grammar(tools)) if tools else None
 
     def split(self, text: str) -> tuple[str, list[ToolCall]]:
         if not self.parse:
