@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from promptcache.cache.block import Block
 from promptcache.cache.evictions import EVICTED, EXPIRED, RESET, EvictionLog
+from promptcache.cache.hashing import BlockHash
 from promptcache.cache.index import PrefixIndex
 
 
@@ -102,6 +103,9 @@ class BlockPool:
         self.index = index
         self.counters = PoolCounters()
         self._tokens = itertools.count()
+        # called with (hash, seconds of retention left) when cached content is evicted (lower tiers
+        # keep it that long: engine/tiering.py)
+        self.on_evict: Callable[[BlockHash, float], None] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -219,6 +223,8 @@ class BlockPool:
         if block.block_hash is not None:
             self.evictions.record(block.block_hash, EXPIRED if block.retention_ended else EVICTED, now,
                                   block.last_used)
+            if self.on_evict is not None:
+                self.on_evict(block.block_hash, max(0.0, block.expires_at - now))
         self._forget(block)
         return block
 

@@ -216,6 +216,15 @@ class KVCacheManager:
         table.num_committed_blocks = max(table.num_committed_blocks, num_full)
         return newly
 
+    def settle_promises(self, request_id: str) -> None:
+        """Withdraw every promise the table still holds (its blocks stay): others stop waiting."""
+        table = self.tables.get(request_id)
+        if table is None:
+            return
+        for h in table.promised:
+            self.index.settle(h, request_id)
+        table.promised.clear()
+
     def free(self, request_id: str) -> None:
         """Release the request's blocks tail-first, so its deepest blocks are evicted first."""
         table = self.tables.pop(request_id, None)

@@ -87,7 +87,49 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
 
 
-_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+TIER_ADMISSIONS = ("prompt", "retained")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """Tiers below memory (cache/tiers.py): a disk directory that survives restarts, a Redis shared
+    by replicas. Off unless a directory or URL is given."""
+
+    disk_cache: str | None = opt(None, "directory of a disk KV tier that survives restarts", metavar="DIR")
+    disk_cache_size: int | str = opt("20GiB", "disk tier capacity (least recently used objects go first)",
+                                     metavar="SIZE", parse=str)
+    disk_cache_fsync: bool = opt(True, "skip fsync on disk-tier writes (faster, not crash-safe)")
+    redis_url: str | None = opt(None, "Redis KV tier shared by servers, e.g. redis://localhost:6379/0",
+                                metavar="URL")
+    redis_ttl: float = opt(3600.0, "seconds a block stays in Redis after its last use (longer retentions win)")
+    redis_timeout: float = opt(0.25, "seconds any Redis call may take before it counts as a miss")
+    tier_admission: str = opt("prompt", "which blocks are written below memory: every full prompt block, or "
+                              "only blocks under a retention or breakpoint", choices=TIER_ADMISSIONS)
+    tier_write_queue: int | str = opt("256MiB", "bytes of writes queued per tier; past it writes are dropped",
+                                      metavar="SIZE", parse=str)
+    tier_skip_slower: bool = opt(True, "load from a tier even when its measured rate says recomputing is faster")
+    disk_write_delay_s: float = opt(0.0, "test hook: pause mid-write", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.disk_cache is not None and not self.disk_cache.strip():
+            raise ValueError("disk_cache must be a directory path")
+        if parse_bytes(self.disk_cache_size) < 1:
+            raise ValueError("disk_cache_size must be at least one byte")
+        if parse_bytes(self.tier_write_queue) < 1:
+            raise ValueError("tier_write_queue must be at least one byte")
+        if not 0 < self.redis_ttl <= 30 * 86400:
+            raise ValueError("redis_ttl must be in (0, 30 days] seconds")
+        if not 0 < self.redis_timeout <= 60:
+            raise ValueError("redis_timeout must be in (0, 60] seconds")
+        if self.tier_admission not in TIER_ADMISSIONS:
+            raise ValueError(f"tier_admission must be one of {', '.join(TIER_ADMISSIONS)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.disk_cache is not None or self.redis_url is not None
+
+
+_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "tiers": TierConfig}
 _OWNER = {f.name: part for part, cls in _PARTS.items() for f in fields(cls)}
 
 
@@ -99,6 +141,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tiers: TierConfig = field(default_factory=TierConfig)
 
     def __post_init__(self) -> None:
         if self.scheduler.max_num_batched_tokens < self.cache.block_size:
@@ -122,7 +165,8 @@ class EngineConfig:
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """Every engine flag, generated from the configs above (one definition each)."""
-    for title, cls in (("model", ModelConfig), ("KV cache", CacheConfig), ("scheduler", SchedulerConfig)):
+    for title, cls in (("model", ModelConfig), ("KV cache", CacheConfig), ("tiers below memory", TierConfig),
+                       ("scheduler", SchedulerConfig)):
         add_flags(parser.add_argument_group(title), cls)
 
 

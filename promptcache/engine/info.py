@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from promptcache.tokenizer import Tokenizer
 
@@ -31,3 +32,5 @@ class EngineStats:
     counters: dict[str, int]  # LLMEngine.stats(): tokens, blocks, requests, evictions, preemptions
     finished: dict[str, int]  # finished requests by finish reason
     reuse_stops: dict[str, int]  # admitted requests by why prefix reuse ended (cache.ReuseStop.reason)
+    tiers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per lower tier (LLMEngine.tier_stats)
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # cached tokens loaded from each

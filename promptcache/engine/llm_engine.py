@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from promptcache.cache import KVCacheManager
 from promptcache.cache.namespace import Namespace, model_identity
@@ -19,6 +20,7 @@ from promptcache.engine.precision import dtype_name, hardware_key
 from promptcache.engine.request import Request, RequestOutput, RequestSpec, Status
 from promptcache.engine.scheduler import ScheduledChunk, Scheduler
 from promptcache.engine.structured import Grammars, Matcher
+from promptcache.engine.tiering import KVTiers
 from promptcache.engine.usage import UsageLedger
 from promptcache.tokenizer import Tokenizer
 
@@ -33,7 +35,6 @@ class LLMEngine:
         index = "hash" if self.config.cache.enable_prefix_caching else "none"  # cache/index.py
         self.kv = KVCacheManager(self.runner.num_blocks, self.block_size, index, clock)
         self.usage = UsageLedger(self.block_size)  # every usage and counter rule (engine/usage.py)
-        self.scheduler = Scheduler(self.config, self.kv, clock, self.usage)
         self.eos_token_ids = self._eos_ids()
         self.runner.sampler.eos_token_ids = sorted(self.eos_token_ids)
         # constrained decoding (structured output, forced tool calls): engine/structured.py
@@ -51,6 +52,9 @@ class LLMEngine:
             deterministic=self.config.model.deterministic,
             seed=self.config.cache.hash_seed,
         )
+        # disk / Redis below memory (engine/tiering.py); None when neither is configured
+        self.tiers = KVTiers(self.config.tiers, r, self.namespace, self.kv) if self.config.tiers.enabled else None
+        self.scheduler = Scheduler(self.config, self.kv, clock, self.usage, self.tiers)
         self.precision = describe_precision(r.dtype, r.compute_dtype, r.kv_dtype, r.device) + (
             ", deterministic" if self.config.model.deterministic else ""
         )
@@ -135,15 +139,23 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.tiers is not None:
+            self.tiers.poll()  # finished loads from disk / Redis go into memory before scheduling
         chunks = self.scheduler.schedule()
         if not chunks:
+            if self.tiers is not None and self.tiers.loading():
+                self.tiers.wait(0.01)  # only loads in flight: sleep until one lands, do not spin
             return []
+        started = time.perf_counter()
         results = self.runner.execute([self._seq_input(c) for c in chunks])
+        seconds = time.perf_counter() - started
         outputs = []
         for chunk in chunks:
             out = self._after_chunk(chunk, results.get(chunk.request.request_id))
             if out is not None:
                 outputs.append(out)
+        if self.tiers is not None:
+            self.tiers.end_step(sum(c.num_tokens for c in chunks), seconds)
         return outputs
 
     def _seq_input(self, chunk: ScheduledChunk) -> SeqInput:
@@ -163,7 +175,10 @@ class LLMEngine:
         reaches_end = chunk.reaches_end
         req.num_computed_tokens += chunk.num_tokens
         self.usage.computed(chunk.num_tokens)
-        self.usage.indexed(req, self.kv.commit(req.request_id, req.block_hashes, req.num_computed_tokens))
+        newly = self.kv.commit(req.request_id, req.block_hashes, req.num_computed_tokens)
+        self.usage.indexed(req, newly)
+        if newly and self.tiers is not None:
+            self.tiers.indexed(req, newly)
         if not reaches_end:
             return None
         if req.params.max_tokens == 0:  # pre-warm: the prompt is cached, nothing to generate
@@ -188,6 +203,8 @@ class LLMEngine:
         self.scheduler.finish(req, reason)
         self._outputs[req.request_id].finish_text(reason)
         self.runner.sampler.forget(req.request_id)
+        if self.tiers is not None:
+            self.tiers.forget(req.request_id)
 
     def _cleanup(self, req: Request) -> None:
         self._requests.pop(req.request_id, None)
@@ -228,7 +245,20 @@ class LLMEngine:
                           self.precision, self.tokenizer, self.runner.loaded.arch.vocab_size)
 
     def snapshot(self) -> EngineStats:
-        return EngineStats(self.stats(), dict(self.usage.counters.finished), dict(self.usage.counters.reuse_stops))
+        c = self.usage.counters
+        return EngineStats(self.stats(), dict(c.finished), dict(c.reuse_stops), self.tier_stats(),
+                           dict(c.cached_tokens_by_tier))
+
+    def tier_stats(self) -> dict[str, dict[str, Any]]:
+        """Per lower tier: hits, misses, bytes read and written, load time, errors, corrupt objects
+        discarded, queued bytes, sizes (cache/tiers.py ``TierCounters``)."""
+        return self.tiers.stats() if self.tiers is not None else {}
+
+    def close(self) -> None:
+        """Finish queued tier writes and stop their threads (nothing else holds resources)."""
+        if self.tiers is not None:
+            self.tiers.flush(10.0)
+            self.tiers.close()
 
     def stats(self) -> dict[str, int]:
         c = self.usage.counters

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from promptcache.engine.config import EngineConfig
@@ -127,3 +128,45 @@ class ModelRunner:
             logits, [seqs[i].request_id for i in rows], [seqs[i].params for i in rows]
         )
         return {seqs[i].request_id: (tokens[j], logprobs[j]) for j, i in enumerate(rows)}
+
+    # ---- block bytes, for the tiers below memory (engine/tiering.py) -----------------------------
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block's K/V over every layer: ``[layers, 2, kv_heads, block_size, head_dim]``."""
+        return self.kv_bytes_per_token * self.block_size
+
+    def _slots(self, block_ids: list[int]) -> torch.Tensor:
+        bs = self.block_size
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        return (ids[:, None] * bs + torch.arange(bs, device=self.device)).reshape(-1)
+
+    def read_blocks(self, block_ids: list[int]) -> list[memoryview]:
+        """Each block's K/V as host bytes (one gather per layer, one copy to host)."""
+        if not block_ids:
+            return []
+        n, arch = len(block_ids), self.loaded.arch
+        slots = self._slots(block_ids)
+        per_layer = torch.stack([kv.index_select(2, slots) for kv in self.kv_caches])  # [L, 2, kvh, n*bs, hd]
+        blocks = per_layer.view(arch.num_layers, 2, arch.num_kv_heads, n, self.block_size, arch.head_dim)
+        host = blocks.permute(3, 0, 1, 2, 4, 5).contiguous().cpu()
+        flat = memoryview(host.view(torch.uint8).reshape(-1).numpy().data)
+        bb = self.block_bytes
+        return [flat[i * bb : (i + 1) * bb] for i in range(n)]
+
+    def write_blocks(self, block_ids: list[int], payloads: list[memoryview]) -> None:
+        """Fill blocks with K/V bytes laid out as ``read_blocks`` returns them (verified by the caller)."""
+        if not block_ids:
+            return
+        n, arch, bb = len(block_ids), self.loaded.arch, self.block_bytes
+        host = torch.empty(n * bb, dtype=torch.uint8)
+        dst = host.numpy()
+        for i, p in enumerate(payloads):
+            dst[i * bb : (i + 1) * bb] = np.frombuffer(p, dtype=np.uint8)
+        blocks = host.view(self.kv_dtype).view(n, arch.num_layers, 2, arch.num_kv_heads, self.block_size,
+                                               arch.head_dim).to(self.device)
+        slots = self._slots(block_ids)
+        for layer, kv in enumerate(self.kv_caches):
+            src = blocks[:, layer].permute(1, 2, 0, 3, 4).reshape(2, arch.num_kv_heads, n * self.block_size,
+                                                                 arch.head_dim)
+            kv.index_copy_(2, slots, src)

@@ -86,6 +86,7 @@ class Request:
         self.block_hashes: list[BlockHash] = hash_blocks(root_hash, self.all_token_ids, block_size, seed=hash_seed)
         self.num_preemptions = 0
         self.written_blocks: set[int] = set()  # prompt block indices this request stored first
+        self.tier_probed = False  # the tiers below memory were asked for its prefix (engine/tiering.py)
 
     @property
     def num_prompt_tokens(self) -> int:

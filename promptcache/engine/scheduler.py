@@ -14,11 +14,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from promptcache.cache import KVCacheManager
 from promptcache.engine.config import EngineConfig
 from promptcache.engine.request import Request, Status
 from promptcache.engine.usage import UsageLedger
+
+if TYPE_CHECKING:
+    from promptcache.engine.tiering import KVTiers
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,10 @@ class ScheduledChunk:
 
 class Scheduler:
     def __init__(
-        self, config: EngineConfig, kv: KVCacheManager, clock: Callable[[], float], usage: UsageLedger
+        self, config: EngineConfig, kv: KVCacheManager, clock: Callable[[], float], usage: UsageLedger,
+        tiers: KVTiers | None = None,
     ) -> None:
+        self.tiers = tiers  # lower tiers: a request whose memory hit ends early may wait for a load
         self.config = config
         self.kv = kv
         self.usage = usage
@@ -121,6 +127,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.scheduler.max_num_seqs:
             req = self.waiting.popleft()
             hit = self.kv.match(req.request_id, req.block_hashes, req.num_tokens)
+            if self.tiers is not None and self.tiers.hold(req, hit):
+                held_back.append(req)  # the rest of its prefix is being loaded from disk / Redis
+                continue
             if hit.num_inflight_blocks and self._may_wait(req, now):
                 held_back.append(req)  # its prefix is being computed right now: reuse it instead
                 continue
@@ -137,7 +146,9 @@ class Scheduler:
                 self.waiting.appendleft(req)  # first come, first served: nobody jumps the queue
                 break
             req.num_computed_tokens = hit.num_tokens
-            self.usage.admitted(req, hit.num_tokens, first=req.first_scheduled_time is None, stop=hit.stop)
+            by_tier = self.tiers.admitted(req, hit) if self.tiers is not None else {}
+            self.usage.admitted(req, hit.num_tokens, first=req.first_scheduled_time is None, stop=hit.stop,
+                                by_tier=by_tier)
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             req.status = Status.RUNNING

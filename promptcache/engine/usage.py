@@ -15,6 +15,8 @@ Per request (``Usage``):
 - ``reuse_stop``: why reuse ended where it did at that first admission (``cache.ReuseStop``:
   everything reusable reused, the next block in flight in another request, evicted / expired /
   reset — with how long it had been idle and how long ago — or never cached in this namespace).
+- ``cached_tokens_by_tier``: how many of ``cached_tokens`` were loaded from a tier below memory
+  (disk, Redis: engine/tiering.py) for this request; the others were in memory already.
 
 Engine-wide (``EngineCounters``): the same per-request figures summed when a request that ran
 finishes, plus tokens that ran through the model (prompt, recompute and decode), generated tokens,
@@ -38,11 +40,13 @@ class Usage:
     # cache_write_tokens split by the retention (seconds) their blocks were stored with
     cache_write_tokens_by_ttl: dict[float, int] = field(default_factory=dict)
     reuse_stop: ReuseStop | None = None  # None until the request is first admitted
+    # cached_tokens that were loaded from a tier below memory ("disk", "redis"); the rest were in memory
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
 
     def snapshot(self) -> Usage:
         """A copy the caller may read on another thread while the engine goes on."""
         return Usage(self.prompt_tokens, self.cached_tokens, self.cache_write_tokens, self.completion_tokens,
-                     dict(self.cache_write_tokens_by_ttl), self.reuse_stop)
+                     dict(self.cache_write_tokens_by_ttl), self.reuse_stop, dict(self.cached_tokens_by_tier))
 
 
 @dataclass
@@ -55,6 +59,7 @@ class EngineCounters:
     cache_write_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # by finish reason
     reuse_stops: dict[str, int] = field(default_factory=dict)  # admitted requests by ReuseStop.reason
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # ... loaded from a lower tier
 
 
 class Accountable(Protocol):
@@ -83,10 +88,14 @@ class UsageLedger:
         req.usage.prompt_tokens = req.num_prompt_tokens
         self.counters.requests_added += 1
 
-    def admitted(self, req: Accountable, hit_tokens: int, first: bool, stop: ReuseStop | None = None) -> None:
+    def admitted(self, req: Accountable, hit_tokens: int, first: bool, stop: ReuseStop | None = None,
+                 by_tier: dict[str, int] | None = None) -> None:
         if first:  # the hit the client was served; later re-admissions after a preemption do not count
             req.usage.cached_tokens = min(hit_tokens, req.num_prompt_tokens)
             req.usage.reuse_stop = stop
+            req.usage.cached_tokens_by_tier = dict(by_tier or {})
+            for name, n in (by_tier or {}).items():
+                self.counters.cached_tokens_by_tier[name] = self.counters.cached_tokens_by_tier.get(name, 0) + n
             if stop is not None:
                 self.counters.reuse_stops[stop.reason] = self.counters.reuse_stops.get(stop.reason, 0) + 1
 
