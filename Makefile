@@ -32,7 +32,9 @@ lint: install-dev
 types: install-dev
 	$(BIN)/mypy promptcache/cache promptcache/engine promptcache/server promptcache/model promptcache/bench
 
+# Debian packages the tests start for real (a redis-server per test that needs one)
 unit: install-dev
+	scripts/ensure-debian-packages.sh redis-server=redis-server
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test: lint types unit

@@ -91,3 +91,17 @@ def server():
 
     with running(tiny_engine()) as aengine, serve(aengine) as srv:
         yield srv
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free loopback port, killed after the test."""
+    from redis_server import RedisServer
+
+    srv = RedisServer(tmp_path).start()
+    try:
+        yield srv
+    finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            srv.resume()  # a paused server must be able to die
+        srv.kill()

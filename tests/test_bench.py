@@ -187,3 +187,18 @@ def test_report_states_the_machine(tmp_path, capsys):
     assert set(flags) <= set(POLICY_FLAGS) and ("avx512_bf16" in flags or "amx_bf16" in flags) == cpu_has_native_bf16()
     assert r["engine"]["precision"] == "cpu, float32 math, float32 KV cache"
     assert f"flags {' '.join(flags)}" in capsys.readouterr().out
+
+
+def test_bench_tier_workload_counts_each_arms_hit(tmp_path, capsys, redis_server):
+    """Every arm but recompute reuses the whole prefix, each from where it claims (no timing asserts)."""
+    r = _run(tmp_path, "--workload", "tier", "--prompt-tokens", "128", "--suffix-tokens", "16", "--repeats", "2",
+             "--disk-cache", str(tmp_path / "disk"), "--redis-url", redis_server.url, "--no-tier-skip-slower")
+    tier = r["tier"]
+    assert tier["cached_tokens"] == {"recompute": 0, "memory": 128, "disk_page_cache": 128, "disk_cold": 128,
+                                     "redis": 128}
+    counters = tier["tier_counters"]
+    assert counters["disk"]["hit_blocks"] == 2 * 2 * 8  # two disk arms, two repeats, 8 blocks
+    assert counters["redis"]["hit_blocks"] == 2 * 8 and counters["redis"]["corrupt"] == 0
+    assert tier["memory_copy_gb_s"] > 0 and tier["load_gb_s"]["disk"] > 0
+    assert {t["name"] for t in r["targets"]} >= {"TTFT, prefix from disk (cold page cache) / recomputing"}
+    assert "tier: TTFT, prefix from redis" in capsys.readouterr().out

@@ -94,6 +94,15 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| deterministic mode: {label} | {_fmt(report['deterministic'][key], spec)} |")
     for key, value in report.get("tenant_probe", {}).items():
         lines.append(f"| tenant probe: {key.replace('_', ' ')} | {value} |")
+    tier = report.get("tier")
+    if tier:
+        for arm, ms in tier["median_ttft_ms"].items():
+            lines.append(f"| tier: TTFT, prefix from {arm.replace('_', ' ')} (median) | {ms} ms "
+                         f"({tier['ratio_to_recompute'][arm]:.3f}x recompute; {tier['cached_tokens'][arm]:.0f} "
+                         "cached tokens) |")
+        for name, rate in tier["load_gb_s"].items():
+            lines.append(f"| tier: {name} load throughput | {'-' if rate is None else f'{rate} GB/s'} |")
+        lines.append(f"| memory copy rate (numpy, 256 MiB) | {tier['memory_copy_gb_s']} GB/s |")
     for dtype, rate in report.get("gemm_flops_per_s_by_dtype", {}).items():
         lines.append(f"| GEMM GFLOP/s in {dtype} | {_fmt(rate, 'gflops')} |")
     for target in report.get("targets", []):

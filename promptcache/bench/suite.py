@@ -22,13 +22,15 @@ from promptcache.bench.machine import (
 from promptcache.bench.prefix_pair import PrefixPair, run_prefix_pair
 from promptcache.bench.runner import measure_decode, measure_prefill, measure_structured_decode, run_workload
 from promptcache.bench.tenant_probe import TenantProbe
+from promptcache.bench.tier_bench import TierBench, tier_targets
 from promptcache.bench.workloads import LongDoc, MultiTurn, SharedPrefix, TokenSource, Workload
 from promptcache.engine.precision import dtype_name
 
-WORKLOADS = ("prefix-pair", "shared-prefix", "multi-turn", "long-doc", "tenant-probe")
+WORKLOADS = ("prefix-pair", "shared-prefix", "multi-turn", "long-doc", "tenant-probe", "tier")
 
 WORKLOAD_CLASSES: dict[str, type] = {"prefix-pair": PrefixPair, "shared-prefix": SharedPrefix,
-                                     "multi-turn": MultiTurn, "long-doc": LongDoc, "tenant-probe": TenantProbe}
+                                     "multi-turn": MultiTurn, "long-doc": LongDoc, "tenant-probe": TenantProbe,
+                                     "tier": TierBench}
 
 
 def _shape_defaults(cls: type) -> dict[str, Any]:
@@ -46,8 +48,10 @@ def _opt(args: argparse.Namespace, name: str) -> Any:
     return DEFAULTS[args.workload][name] if value is None else value
 
 
-def build_workload(args: argparse.Namespace) -> Workload | PrefixPair | TenantProbe:
+def build_workload(args: argparse.Namespace) -> Workload | PrefixPair | TenantProbe | TierBench:
     w, o = args.workload, lambda name: _opt(args, name)
+    if w == "tier":
+        return TierBench(o("prompt_tokens"), o("suffix_tokens"), args.repeats, args.seed)
     if w == "tenant-probe":
         return TenantProbe(o("trials"), o("prompt_tokens"), args.seed)
     if w == "prefix-pair":
@@ -97,6 +101,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.no_progress
     if isinstance(workload, TenantProbe):
         return _tenant_probe(args, workload)
+    if isinstance(workload, TierBench):
+        return _tier(args, workload)
     arms = build_arms(args, both=not isinstance(workload, PrefixPair))
     reference = arms.get("no-cache", arms["cache"])
     baseline = _baseline(args, reference)
@@ -136,6 +142,16 @@ def _tenant_probe(args: argparse.Namespace, workload: TenantProbe) -> dict[str, 
     result = workload.run(engine)
     return {"workload": "tenant-probe", "params": workload.params(), "tenant_probe": result.summary(),
             "engine": EngineBackend(engine, "cache").describe(), "host": describe_host(), "targets": []}
+
+
+def _tier(args: argparse.Namespace, workload: TierBench) -> dict[str, Any]:
+    if args.url:
+        raise ValueError("the tier workload restarts and empties engines' memory: it runs in-process only (no --url)")
+    from promptcache.engine.config import engine_config_from_args
+
+    result = workload.run(engine_config_from_args(args))
+    return {"workload": "tier", "params": workload.params(), "tier": result, "host": describe_host(),
+            "targets": tier_targets(result)}
 
 
 def _throughput(args: argparse.Namespace, report: dict[str, Any], workload: Workload | PrefixPair,

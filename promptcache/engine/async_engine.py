@@ -62,6 +62,7 @@ class AsyncEngine:
         self._commands: queue_mod.SimpleQueue[tuple[str, Any]] = queue_mod.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="promptcache-engine", daemon=True)
         self._error: BaseException | None = None
+        engine.set_wakeup(self._wake.set)  # a load from disk / Redis landed: step now
 
     def start(self) -> None:
         self._thread.start()
@@ -71,6 +72,8 @@ class AsyncEngine:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.engine.close()  # queued tier writes finish, their threads stop
 
     def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run ``fn(engine)`` between steps (stats, integrity checks, cache resets)."""

@@ -103,6 +103,7 @@ class TierConfig:
                                 metavar="URL")
     redis_ttl: float = opt(3600.0, "seconds a block stays in Redis after its last use (longer retentions win)")
     redis_timeout: float = opt(0.25, "seconds any Redis call may take before it counts as a miss")
+    redis_cooldown: float = opt(5.0, "seconds Redis is left alone (every call a miss) after 3 failures in a row")
     tier_admission: str = opt("prompt", "which blocks are written below memory: every full prompt block, or "
                               "only blocks under a retention or breakpoint", choices=TIER_ADMISSIONS)
     tier_write_queue: int | str = opt("256MiB", "bytes of writes queued per tier; past it writes are dropped",
@@ -121,6 +122,8 @@ class TierConfig:
             raise ValueError("redis_ttl must be in (0, 30 days] seconds")
         if not 0 < self.redis_timeout <= 60:
             raise ValueError("redis_timeout must be in (0, 60] seconds")
+        if not 0 <= self.redis_cooldown <= 3600:
+            raise ValueError("redis_cooldown must be in [0, 3600] seconds")
         if self.tier_admission not in TIER_ADMISSIONS:
             raise ValueError(f"tier_admission must be one of {', '.join(TIER_ADMISSIONS)}")
 

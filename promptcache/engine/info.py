@@ -19,6 +19,7 @@ class EngineInfo:
     precision: str  # e.g. "cpu, bfloat16 math (native), bfloat16 KV cache"
     tokenizer: Tokenizer
     vocab_size: int  # the model's: token ids in [0, vocab_size)
+    tiers: tuple[str, ...] = ()  # lower tiers in lookup order ("disk", "redis")
 
     @property
     def kv_capacity_tokens(self) -> int:

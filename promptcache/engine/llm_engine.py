@@ -242,7 +242,8 @@ class LLMEngine:
 
     def info(self) -> EngineInfo:
         return EngineInfo(self.model_name, self.max_model_len, self.block_size, self.kv.pool.num_blocks,
-                          self.precision, self.tokenizer, self.runner.loaded.arch.vocab_size)
+                          self.precision, self.tokenizer, self.runner.loaded.arch.vocab_size,
+                          tuple(self.tiers.stack.names) if self.tiers is not None else ())
 
     def snapshot(self) -> EngineStats:
         c = self.usage.counters
@@ -253,6 +254,12 @@ class LLMEngine:
         """Per lower tier: hits, misses, bytes read and written, load time, errors, corrupt objects
         discarded, queued bytes, sizes (cache/tiers.py ``TierCounters``)."""
         return self.tiers.stats() if self.tiers is not None else {}
+
+    def set_wakeup(self, wake: Callable[[], None]) -> None:
+        """``wake()`` is called from another thread when work appears that no request brought in
+        (a load from a lower tier finished)."""
+        if self.tiers is not None:
+            self.tiers.on_ready = wake
 
     def close(self) -> None:
         """Finish queued tier writes and stop their threads (nothing else holds resources)."""

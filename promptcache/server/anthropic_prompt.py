@@ -25,6 +25,7 @@ from typing import Any
 from promptcache.engine.api import Retention, Usage
 from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Part
 from promptcache.server.errors import ApiError
+from promptcache.server.openai_format import tier_split
 from promptcache.server.prompt import (
     MAX_BREAKPOINTS,
     PART_SEPARATOR,
@@ -231,4 +232,5 @@ def anthropic_usage(u: Usage) -> dict[str, Any]:
         "cache_read_input_tokens": u.cached_tokens,
         "cache_creation": {"ephemeral_5m_input_tokens": written_5m, "ephemeral_1h_input_tokens": written_1h},
         "output_tokens": u.completion_tokens,
+        **tier_split(u),
     }

@@ -53,11 +53,12 @@ def serve(args: argparse.Namespace) -> int:
     _log_requests(cfg.log_level)
     aengine.start()
     info = aengine.info
+    tiers = f"; below memory: {', '.join(info.tiers)}" if info.tiers else ""
     tenants = "open, single tenant"
     if api_keys:
         tenants = f"{len(set(api_keys.values()))} tenant(s) from {cfg.api_keys}"
     print(f"promptcache: serving {info.model_name} ({info.precision}; {info.max_model_len} tokens context, "
-          f"{info.num_blocks} KV blocks of {info.block_size}; {tenants}) at "
+          f"{info.num_blocks} KV blocks of {info.block_size}{tiers}; {tenants}) at "
           f"http://{cfg.host}:{cfg.port}  (docs: http://{cfg.host}:{cfg.port}/docs)", flush=True)
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)

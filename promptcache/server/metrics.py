@@ -35,6 +35,49 @@ _COUNTERS = {  # engine stats key -> (metric name without _total, help)
 }
 
 
+_TIER_COUNTERS = {  # cache/tiers.py TierCounters field -> (metric name without _total, help)
+    "hit_blocks": ("promptcache_tier_hit_blocks", "KV blocks loaded from a tier below memory"),
+    "miss_blocks": ("promptcache_tier_miss_blocks", "KV blocks looked for below memory and not found"),
+    "bytes_read": ("promptcache_tier_read_bytes", "Bytes read from a tier (loads)"),
+    "bytes_written": ("promptcache_tier_written_bytes", "Bytes written to a tier"),
+    "load_seconds": ("promptcache_tier_load_seconds", "Seconds spent loading (lookup, read, checksum)"),
+    "loads": ("promptcache_tier_loads", "Runs of blocks loaded"),
+    "errors": ("promptcache_tier_errors", "Tier calls that failed or timed out (each a miss or a dropped write)"),
+    "corrupt": ("promptcache_tier_corrupt_objects", "Objects discarded on load: torn, truncated, flipped"),
+    "dropped_writes": ("promptcache_tier_dropped_writes", "Writes dropped: queue full or tier down"),
+    "skipped_slower": ("promptcache_tier_skipped_loads", "Loads skipped: recomputing was estimated faster"),
+}
+_TIER_GAUGES = {
+    "queued_bytes": ("promptcache_tier_queue_bytes", "Bytes queued for a tier's writer"),
+    "objects": ("promptcache_tier_objects", "Objects a tier holds (disk)"),
+    "bytes_stored": ("promptcache_tier_stored_bytes", "Bytes a tier holds (disk)"),
+    "discarded": ("promptcache_tier_discarded_at_startup", "Torn or corrupt objects deleted at start-up (disk)"),
+    "evicted": ("promptcache_tier_evictions", "Objects evicted for capacity (disk)"),
+    "circuit_open": ("promptcache_tier_circuit_open", "1 while a tier's circuit breaker is open (redis)"),
+}
+
+
+def _tier_metrics(tiers: dict[str, dict[str, float]], by_tier: dict[str, int]) -> Iterable[Metric]:
+    if not tiers:
+        return
+    for key, (name, doc) in _TIER_COUNTERS.items():
+        fam = CounterMetricFamily(name, doc, labels=["tier"])
+        for tier, row in tiers.items():
+            fam.add_metric([tier], row.get(key, 0))
+        yield fam
+    for key, (name, doc) in _TIER_GAUGES.items():
+        gauge = GaugeMetricFamily(name, doc, labels=["tier"])
+        for tier, row in tiers.items():
+            if key in row:
+                gauge.add_metric([tier], row[key])
+        yield gauge
+    fam = CounterMetricFamily("promptcache_tier_cached_tokens", "Cached prompt tokens that were loaded from a tier",
+                              labels=["tier"])
+    for tier in tiers:
+        fam.add_metric([tier], by_tier.get(tier, 0))
+    yield fam
+
+
 class EngineCollector(Collector):
     def __init__(self, aengine: AsyncEngine) -> None:
         self.aengine = aengine
@@ -72,6 +115,7 @@ class EngineCollector(Collector):
         for reason, count in sorted(snap.reuse_stops.items()):
             stops.add_metric([reason], count)
         yield stops
+        yield from _tier_metrics(snap.tiers, snap.cached_tokens_by_tier)
 
 
 class ServerMetrics:

@@ -31,6 +31,16 @@ def sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def tier_split(u: Usage) -> dict[str, Any]:
+    """The extension field both dialects add to usage when cached tokens came from below memory:
+    ``{"promptcache_cached_tokens_by_tier": {"memory": m, "disk": d, "redis": r}}`` (they sum to
+    the cached tokens); absent otherwise."""
+    if not u.cached_tokens_by_tier:
+        return {}
+    split = {"memory": u.cached_tokens - sum(u.cached_tokens_by_tier.values()), **u.cached_tokens_by_tier}
+    return {"promptcache_cached_tokens_by_tier": split}
+
+
 def usage_dict(u: Usage) -> dict[str, Any]:
     """``cached_tokens`` and ``cache_write_tokens`` are always present (0 when nothing happened)."""
     return {
@@ -42,6 +52,7 @@ def usage_dict(u: Usage) -> dict[str, Any]:
             "cache_write_tokens": u.cache_write_tokens,
         },
         "completion_tokens_details": {"reasoning_tokens": 0},
+        **tier_split(u),
     }
 
 

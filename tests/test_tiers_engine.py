@@ -1,0 +1,180 @@
+"""The disk tier under a real engine (random:tiny): restarts, corruption, isolation, sharing.
+
+Counts are exact (cached tokens, blocks loaded, objects stored); outputs are compared with a
+cache-off engine's greedy tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from promptcache import LLM, SamplingParams
+from promptcache.cache import Retention
+from promptcache.cache.hashing import hash_blocks
+from promptcache.engine.request import RequestSpec
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+BS = 16
+
+
+def ids(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 4000, (n,), generator=g).tolist()
+
+
+def tiered(directory: Path, **kw: Any) -> LLM:
+    settings: dict[str, Any] = dict(dtype="float32", num_blocks=512, max_model_len=4096, disk_cache=str(directory),
+                                    tier_skip_slower=False)
+    settings.update(kw)
+    return LLM("random:tiny", **settings)
+
+
+@pytest.fixture(scope="module")
+def llm_off() -> LLM:
+    return LLM("random:tiny", dtype="float32", num_blocks=512, max_model_len=4096, enable_prefix_caching=False)
+
+
+def written(llm: LLM) -> dict[str, Any]:
+    assert llm.engine.tiers is not None and llm.engine.tiers.flush()
+    return llm.engine.tier_stats()["disk"]
+
+
+def objects(directory: Path) -> set[str]:
+    return {p.stem for p in (directory / "objects").rglob("*.kv")}
+
+
+def test_a_restart_serves_the_prefix_from_disk(tmp_path: Path, llm_off: LLM) -> None:
+    prompt = ids(2000, 1)
+    first = tiered(tmp_path)
+    out = first.generate(prompt, GREEDY)[0]
+    assert out.usage.cached_tokens == 0
+    assert written(first)["writes"] == 2000 // BS  # every full prompt block
+    first.engine.close()
+
+    second = tiered(tmp_path)  # a new process would see the same: the index is rebuilt from the files
+    follow_up = prompt + ids(40, 2)
+    out = second.generate(follow_up, GREEDY)[0]
+    assert out.usage.cached_tokens == 2000 // BS * BS
+    assert out.usage.cached_tokens_by_tier == {"disk": 2000 // BS * BS}
+    assert out.token_ids == llm_off.generate(follow_up, GREEDY)[0].token_ids
+    stats = second.engine.tier_stats()["disk"]
+    assert stats["hit_blocks"] == 2000 // BS and stats["corrupt"] == 0
+    second.engine.check_integrity()
+    # now in memory: the next resend is a memory hit, nothing more is read from disk
+    again = second.generate(prompt + ids(40, 3), GREEDY)[0]
+    assert again.usage.cached_tokens == 2000 // BS * BS and again.usage.cached_tokens_by_tier == {}
+    assert second.engine.tier_stats()["disk"]["hit_blocks"] == 2000 // BS
+    second.engine.close()
+
+
+def test_flipped_and_truncated_objects_are_misses_never_served(tmp_path: Path, llm_off: LLM) -> None:
+    prompt = ids(640, 4)  # 40 blocks
+    first = tiered(tmp_path)
+    first.generate(prompt, GREEDY)
+    written(first)
+    first.engine.close()
+    root = first.engine.namespace.root(None)
+    chain = hash_blocks(root, prompt, BS)
+    flip = tmp_path / "objects" / chain[20].hex()[:2] / f"{chain[20].hex()}.kv"
+    data = bytearray(flip.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    flip.write_bytes(bytes(data))
+    cut = tmp_path / "objects" / chain[30].hex()[:2] / f"{chain[30].hex()}.kv"
+    cut.write_bytes(cut.read_bytes()[:-100])
+
+    second = tiered(tmp_path)
+    assert second.engine.tier_stats()["disk"]["discarded"] == 1  # the truncated one, at start-up
+    out = second.generate(prompt, GREEDY)[0]
+    assert out.usage.cached_tokens == 20 * BS  # the run ends at the flipped block
+    assert out.token_ids == llm_off.generate(prompt, GREEDY)[0].token_ids
+    stats = second.engine.tier_stats()["disk"]
+    assert stats["corrupt"] == 1 and stats["hit_blocks"] == 20
+    assert not flip.exists() or flip.read_bytes() != bytes(data)  # deleted (then rewritten whole)
+    second.engine.check_integrity()
+    second.engine.close()
+
+
+def test_no_object_is_shared_across_tenants_models_dtypes_or_block_sizes(tmp_path: Path,
+                                                                        hf_checkpoints: dict[str, Path]) -> None:
+    prompt = ids(200, 5)
+    seen: set[str] = set()
+    variants: list[tuple[dict[str, Any], str | None]] = [
+        ({}, "acme"),
+        ({}, "globex"),  # another tenant
+        ({"kv_cache_dtype": "bfloat16"}, "acme"),  # another KV dtype
+        ({"block_size": 32}, "acme"),  # another block size
+        ({"model": str(hf_checkpoints["llama"])}, "acme"),  # another model
+    ]
+    for settings, tenant in variants:
+        model = settings.pop("model", "random:tiny")
+        llm = LLM(model, **{**dict(dtype="float32", num_blocks=256, max_model_len=1024, disk_cache=str(tmp_path),
+                                   tier_skip_slower=False), **settings})
+        out = llm.generate(prompt, GREEDY, tenant=tenant)[0]
+        assert out.usage.cached_tokens == 0, (settings, tenant)  # nothing another variant stored is found
+        written(llm)
+        mine = objects(tmp_path) - seen
+        assert len(mine) == 200 // llm.engine.block_size, (settings, tenant)
+        seen |= mine
+        llm.engine.close()
+
+
+def test_waiting_requests_share_one_load(tmp_path: Path) -> None:
+    prompt = ids(480, 6)  # 30 blocks
+    first = tiered(tmp_path)
+    first.generate(prompt, GREEDY)
+    written(first)
+    first.engine.close()
+    second = tiered(tmp_path)
+    outs = second.generate([prompt + ids(20, 7), prompt + ids(20, 8), prompt + ids(20, 9)], GREEDY)
+    assert [o.usage.cached_tokens for o in outs] == [480] * 3
+    assert second.engine.tier_stats()["disk"]["hit_blocks"] == 30  # loaded once, shared
+    assert sum(o.usage.cached_tokens_by_tier.get("disk", 0) for o in outs) >= 480
+    second.engine.check_integrity()
+    second.engine.close()
+
+
+def test_an_aborted_request_releases_its_load(tmp_path: Path) -> None:
+    prompt = ids(480, 10)
+    first = tiered(tmp_path)
+    first.generate(prompt, GREEDY)
+    written(first)
+    first.engine.close()
+    second = tiered(tmp_path)
+    engine = second.engine
+    free_before = engine.kv.num_free_blocks
+    engine.add_request(RequestSpec("r", prompt + [5], GREEDY))
+    engine.step()  # starts the load
+    assert engine.abort_request("r")
+    for _ in range(200):  # the loader returns; its blocks go back to the pool
+        engine.step()
+        if not engine.tiers.loading() and not engine.kv.tables:
+            break
+    assert not engine.kv.tables and engine.kv.num_free_blocks == free_before
+    engine.check_integrity()
+    engine.close()
+
+
+def test_retained_admission_writes_only_retained_blocks(tmp_path: Path) -> None:
+    llm = tiered(tmp_path, tier_admission="retained")
+    prompt = ids(320, 11)  # 20 blocks; a breakpoint covers the first 8
+    llm.generate(prompt, GREEDY, retention=Retention(0.0, ((8 * BS, 3600.0),)))
+    assert written(llm)["writes"] == 8
+    llm.engine.close()
+
+
+def test_a_load_into_a_pool_just_big_enough(tmp_path: Path, llm_off: LLM) -> None:
+    """The loaded run takes the blocks the request then reuses: it fits, and the output is right."""
+    prompt = ids(400, 12)
+    first = tiered(tmp_path)
+    first.generate(prompt, GREEDY)
+    written(first)
+    first.engine.close()
+    small = tiered(tmp_path, num_blocks=27)  # the request needs 26 blocks; loading needs them too
+    out = small.generate(prompt + [7], GREEDY)[0]
+    assert out.token_ids == llm_off.generate(prompt + [7], GREEDY)[0].token_ids
+    small.engine.check_integrity()
+    small.engine.close()
