@@ -178,3 +178,23 @@ def test_a_load_into_a_pool_just_big_enough(tmp_path: Path, llm_off: LLM) -> Non
     assert out.token_ids == llm_off.generate(prompt + [7], GREEDY)[0].token_ids
     small.engine.check_integrity()
     small.engine.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_block_bytes_round_trip_between_any_blocks(device: str, kv_dtype: str) -> None:
+    """read_blocks -> write_blocks moves every slot's K and V of every layer, whatever the ids."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    llm = LLM("random:tiny", dtype="float32", kv_cache_dtype=kv_dtype, num_blocks=64, device=device)
+    runner = llm.engine.runner
+    for kv in runner.kv_caches:
+        kv.copy_(torch.randn(kv.shape, dtype=torch.float32).to(kv.dtype))
+    src, dst = [5, 3, 9, 10, 11], [40, 41, 20, 7, 8]  # runs and strays, in both lists
+    payloads = runner.read_blocks(src)
+    assert [p.nbytes for p in payloads] == [runner.block_bytes] * 5
+    runner.write_blocks(dst, payloads)
+    bs = runner.block_size
+    for kv in runner.kv_caches:
+        for s, d in zip(src, dst, strict=True):
+            assert torch.equal(kv[:, :, d * bs : (d + 1) * bs], kv[:, :, s * bs : (s + 1) * bs])

@@ -150,8 +150,8 @@ def _tier(args: argparse.Namespace, workload: TierBench) -> dict[str, Any]:
     from promptcache.engine.config import engine_config_from_args
 
     result = workload.run(engine_config_from_args(args))
-    return {"workload": "tier", "params": workload.params(), "tier": result, "host": describe_host(),
-            "targets": tier_targets(result)}
+    return {"workload": "tier", "params": workload.params(), "tier": result, "engine": result.pop("engine"),
+            "host": describe_host(), "targets": tier_targets(result)}
 
 
 def _throughput(args: argparse.Namespace, report: dict[str, Any], workload: Workload | PrefixPair,

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from promptcache.bench.backends import EngineBackend
 from promptcache.engine.config import EngineConfig
 from promptcache.engine.llm_engine import LLMEngine
 from promptcache.engine.request import RequestSpec
@@ -188,6 +189,7 @@ class TierBench:
             "memory_copy_gb_s": round(memory_copy_gb_s(), 2),
             "block_bytes": disk_engine.runner.block_bytes,
             "tier_counters": tiers,
+            "engine": EngineBackend(disk_engine, "cache").describe(),
         }
         disk_engine.close()
         redis_engine.close()

@@ -136,20 +136,33 @@ class ModelRunner:
         """Bytes of one block's K/V over every layer: ``[layers, 2, kv_heads, block_size, head_dim]``."""
         return self.kv_bytes_per_token * self.block_size
 
-    def _slots(self, block_ids: list[int]) -> torch.Tensor:
-        bs = self.block_size
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return (ids[:, None] * bs + torch.arange(bs, device=self.device)).reshape(-1)
+    def _block_runs(self, kv: torch.Tensor, block_ids: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """One layer's storage seen as ``[2, kv_heads, blocks, block_size, head_dim]``, cut into
+        views of ``block_ids``' runs of consecutive ids (fresh blocks usually are one run):
+        ``(index of the run's first block in block_ids, view)``."""
+        arch = self.loaded.arch
+        per_block = kv.view(2, arch.num_kv_heads, self.num_blocks, self.block_size, arch.head_dim)
+        runs: list[tuple[int, torch.Tensor]] = []
+        i = 0
+        while i < len(block_ids):
+            j = i + 1
+            while j < len(block_ids) and block_ids[j] == block_ids[j - 1] + 1:
+                j += 1
+            runs.append((i, per_block[:, :, block_ids[i] : block_ids[i] + j - i]))
+            i = j
+        return runs
 
     def read_blocks(self, block_ids: list[int]) -> list[memoryview]:
-        """Each block's K/V as host bytes (one gather per layer, one copy to host)."""
+        """Each block's K/V as host bytes, laid out ``[layers, 2, kv_heads, block_size, head_dim]``
+        (one strided copy per layer and run of consecutive blocks, into one host buffer)."""
         if not block_ids:
             return []
         n, arch = len(block_ids), self.loaded.arch
-        slots = self._slots(block_ids)
-        per_layer = torch.stack([kv.index_select(2, slots) for kv in self.kv_caches])  # [L, 2, kvh, n*bs, hd]
-        blocks = per_layer.view(arch.num_layers, 2, arch.num_kv_heads, n, self.block_size, arch.head_dim)
-        host = blocks.permute(3, 0, 1, 2, 4, 5).contiguous().cpu()
+        host = torch.empty(n, arch.num_layers, 2, arch.num_kv_heads, self.block_size, arch.head_dim,
+                           dtype=self.kv_dtype)
+        for layer, kv in enumerate(self.kv_caches):
+            for i, view in self._block_runs(kv, block_ids):
+                host[i : i + view.shape[2], layer].copy_(view.permute(2, 0, 1, 3, 4))  # device -> host on a GPU
         flat = memoryview(host.view(torch.uint8).reshape(-1).numpy().data)
         bb = self.block_bytes
         return [flat[i * bb : (i + 1) * bb] for i in range(n)]
@@ -165,8 +178,6 @@ class ModelRunner:
             dst[i * bb : (i + 1) * bb] = np.frombuffer(p, dtype=np.uint8)
         blocks = host.view(self.kv_dtype).view(n, arch.num_layers, 2, arch.num_kv_heads, self.block_size,
                                                arch.head_dim).to(self.device)
-        slots = self._slots(block_ids)
         for layer, kv in enumerate(self.kv_caches):
-            src = blocks[:, layer].permute(1, 2, 0, 3, 4).reshape(2, arch.num_kv_heads, n * self.block_size,
-                                                                 arch.head_dim)
-            kv.index_copy_(2, slots, src)
+            for i, view in self._block_runs(kv, block_ids):
+                view.copy_(blocks[i : i + view.shape[2], layer].permute(1, 2, 0, 3, 4))
