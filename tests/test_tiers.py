@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -92,12 +93,16 @@ def test_disk_tier_survives_a_restart_and_discards_what_a_crash_left(tmp_path: P
     for i, h in enumerate(hs):
         disk.put(h, *obj(h, i), ttl_s=0)
     assert disk.chain(hs) == 4 and contains(disk, hs[0])
-    (tmp_path / "tmp" / "interrupted.1.ab.tmp").write_bytes(b"half an object")  # a crash mid-write
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a writer that has exited: its pid is not running
+    (tmp_path / "tmp" / f"interrupted.{gone.pid}.ab.tmp").write_bytes(b"half an object")  # a crash mid-write
+    live = tmp_path / "tmp" / f"inprogress.{os.getpid()}.cd.tmp"  # another live server's write: kept
+    live.write_bytes(b"being written")
     path = disk._path(hs[2])
     path.write_bytes(path.read_bytes()[:-1])  # truncated behind our back
     reopened = DiskTier(tmp_path, 1 << 30)
     assert reopened.discarded == 2
-    assert not list((tmp_path / "tmp").iterdir()) and not path.exists()
+    assert list((tmp_path / "tmp").iterdir()) == [live] and not path.exists()
     assert reopened.chain(hs) == 2  # the run stops at the deleted object
     data = get(reopened, hs[1])
     assert data is not None and bytes(verify(data, NS, hs[1], LAYOUT, BLOCK)) == bytes(payload(1))

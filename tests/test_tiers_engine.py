@@ -6,6 +6,7 @@ cache-off engine's greedy tokens.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,126 @@ def test_block_bytes_round_trip_between_any_blocks(device: str, kv_dtype: str) -
     for kv in runner.kv_caches:
         for s, d in zip(src, dst, strict=True):
             assert torch.equal(kv[:, :, d * bs : (d + 1) * bs], kv[:, :, s * bs : (s + 1) * bs])
+
+
+def _stored(tmp_path: Path, prompts: list[list[int]]) -> None:
+    first = tiered(tmp_path)
+    for p in prompts:
+        first.generate(p, GREEDY)
+    written(first)
+    first.engine.close()
+
+
+def _slow_loads(engine: Any, seconds: float) -> None:
+    """A slow disk: every read of the disk tier takes ``seconds`` (wraps the real read)."""
+    disk = engine.tiers.stack.tiers[0]
+    real = disk.get_many
+
+    def slow(hashes: Any) -> Any:
+        time.sleep(seconds)
+        return real(hashes)
+
+    disk.get_many = slow
+
+
+def test_a_reused_request_id_never_mixes_two_loads(tmp_path: Path, llm_off: LLM) -> None:
+    """X is aborted while its load is in flight and re-added, same id, another prompt."""
+    s, a, b = ids(160, 20), ids(160, 21), ids(160, 22)
+    _stored(tmp_path, [s + a + [7], s + b + [7]])
+    llm = tiered(tmp_path, num_blocks=256)
+    engine = llm.engine
+    llm.generate(s + [9], GREEDY)  # the shared start is in memory now
+    _slow_loads(engine, 0.5)
+    engine.add_request(RequestSpec("X", s + a + [7], GREEDY))
+    engine.step()  # its load starts (and sleeps)
+    engine.abort_request("X")
+    engine.add_request(RequestSpec("X", s + b + [7], GREEDY))
+    want = llm_off.generate(s + b + [7], GREEDY)[0].token_ids
+    out = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out = o if o.finished else out
+    assert out is not None and out.token_ids == want
+    engine.check_integrity()
+    assert not engine.kv.tables
+    assert llm.generate(s + b + [7], GREEDY)[0].token_ids == want  # what it left cached is right too
+    engine.close()
+
+
+def test_loads_for_waiting_requests_never_pin_memory_the_head_needs(tmp_path: Path, llm_off: LLM) -> None:
+    """A 100-block pool: one long decode running, a cold 65-block request at the head of the queue,
+    and behind it a request whose 39-block prefix is on disk. The load must not take blocks the head
+    can never get back (it did: the queue stalled for good)."""
+    prefix = ids(39 * BS, 1)
+    first = tiered(tmp_path, num_blocks=100, max_num_batched_tokens=256)
+    first.generate(prefix + [5], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    written(first)
+    first.engine.close()
+    llm = tiered(tmp_path, num_blocks=100, max_num_batched_tokens=256)
+    engine = llm.engine
+    long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    engine.add_request(RequestSpec("R0", ids(40 * BS, 9), long))
+    for _ in range(5):
+        engine.step()
+    short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    engine.add_request(RequestSpec("R1", ids(64 * BS, 2), short))
+    engine.add_request(RequestSpec("R2", prefix + ids(300, 3), short))
+    done: dict[str, list[int]] = {}
+    for _ in range(3000):
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.token_ids
+        if not engine.has_unfinished_requests():
+            break
+    assert set(done) == {"R0", "R1", "R2"}, f"stalled: waiting {[r.request_id for r in engine.scheduler.waiting]}"
+    assert done["R2"] == llm_off.generate(prefix + ids(300, 3), short)[0].token_ids
+    engine.check_integrity()
+    engine.close()
+
+
+def test_a_step_that_fails_half_way_stores_nothing_stale(tmp_path: Path, llm_off: LLM) -> None:
+    """Fault injection: the step fails after its blocks were indexed (as a detokeniser bug would);
+    the abort frees them, the next request reuses their ids; what is on disk must still be right."""
+    llm = tiered(tmp_path)
+    engine = llm.engine
+    a, b = ids(320, 26), ids(320, 27)
+    real = engine.usage.generated
+    calls = {"n": 0}
+
+    def failing(req: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        real(req)
+
+    engine.usage.generated = failing  # type: ignore[method-assign]
+    engine.add_request(RequestSpec("a", a, GREEDY))
+    with pytest.raises(RuntimeError, match="injected"):
+        while engine.has_unfinished_requests():
+            engine.step()
+    engine.abort_all()  # what AsyncEngine's recovery does
+    engine.check_integrity()
+    engine.reset_prefix_cache()
+    llm.generate(b, GREEDY)  # takes the freed blocks
+    written(llm)
+    engine.close()
+    restored = tiered(tmp_path)
+    for p in (a, b):
+        out = restored.generate(p + [3], GREEDY)[0]
+        assert out.token_ids == llm_off.generate(p + [3], GREEDY)[0].token_ids
+    restored.engine.close()
+
+
+@pytest.mark.gpu
+def test_a_restart_on_a_gpu(tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    prompt = ids(640, 28)
+    first = tiered(tmp_path, device="cuda")
+    expected = first.generate(prompt + [4], GREEDY)[0].token_ids
+    written(first)
+    first.engine.close()
+    second = tiered(tmp_path, device="cuda")
+    out = second.generate(prompt + [4], GREEDY)[0]
+    assert out.usage.cached_tokens_by_tier == {"disk": 640} and out.token_ids == expected
+    second.engine.close()

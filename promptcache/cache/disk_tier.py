@@ -79,7 +79,8 @@ class DiskTier:
 
     def _rebuild(self) -> None:
         for stray in self.tmp.iterdir():
-            self._discard(stray, "an interrupted write")
+            if _abandoned(stray, self.clock()):
+                self._discard(stray, "an interrupted write")
         found: list[tuple[float, BlockHash, _Entry]] = []
         for sub in self.objects.iterdir():
             for path in sub.glob("*.kv") if sub.is_dir() else ():
@@ -134,7 +135,8 @@ class DiskTier:
             if h not in self._index:
                 self._index[h] = _Entry(st.st_size, st.st_mtime, 0.0)
                 self._bytes += st.st_size
-        return True
+                self._evict_over_capacity()
+        return h in self._index
 
     def chain(self, hashes: Sequence[BlockHash]) -> int:
         n = 0
@@ -260,6 +262,28 @@ class DiskTier:
         self.evicted += 1
         with contextlib.suppress(OSError):
             self._path(h).unlink()
+
+
+STALE_TMP_S = 600.0  # a temp file this old is abandoned even if its writer's pid is alive (another host)
+
+
+def _abandoned(path: Path, now: float) -> bool:
+    """A temp file whose writer is gone: its pid (in the name) is not running here, or it is old.
+    Another live server's write in progress on a shared directory is left alone."""
+    try:
+        pid = int(path.name.split(".")[1])
+        age = now - path.stat().st_mtime
+    except (IndexError, ValueError, OSError):
+        return True
+    if age > STALE_TMP_S:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, someone else's
+    return False  # alive (a reused pid is caught by the age rule)
 
 
 def _fsync_dir(directory: Path) -> None:

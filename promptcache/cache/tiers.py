@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from promptcache.cache.hashing import BlockHash
-from promptcache.cache.tier_format import CorruptObject, encode_header, verify
+from promptcache.cache.tier_format import CorruptObject, decode_header, encode_header, verify
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,16 @@ class TierCounters:
     dropped_writes: int = 0  # a full queue (or an open circuit) dropped a write
     skipped_slower: int = 0  # runs not loaded: recomputing was estimated faster
     queued_bytes: int = 0  # gauge
+
+    def add(self, **deltas: float) -> None:
+        """Counters are bumped by the engine, loader and writer threads: under one lock."""
+        with _COUNTER_LOCK:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+
+_COUNTER_LOCK = threading.Lock()
+PROBE_EVERY = 16  # a tier skipped as slower is loaded anyway once in this many runs: its rate is re-measured
 
 
 class CircuitBreaker:
@@ -153,9 +163,9 @@ class _Writer:
     def put(self, write: _Write) -> bool:
         with self._cv:
             if self.counters.queued_bytes + write.payload.nbytes > self.max_queue_bytes:
-                self.counters.dropped_writes += 1
+                self.counters.add(dropped_writes=1)
                 return False
-            self.counters.queued_bytes += write.payload.nbytes
+            self.counters.add(queued_bytes=write.payload.nbytes)
             self._queue.append(write)
             self._cv.notify()
         return True
@@ -194,21 +204,18 @@ class _Writer:
             try:
                 if isinstance(op, _Write):
                     self.tier.put(op.block_hash, op.header, op.payload, op.ttl_s)
-                    self.counters.writes += 1
-                    self.counters.bytes_written += len(op.header) + op.payload.nbytes
+                    self.counters.add(writes=1, bytes_written=len(op.header) + op.payload.nbytes)
                 else:
                     self.tier.touch(*op)
             except TierError:
-                self.counters.errors += 1
-                if isinstance(op, _Write):
-                    self.counters.dropped_writes += 1
+                self.counters.add(errors=1, dropped_writes=int(isinstance(op, _Write)))
             except Exception:  # a bug in a tier must not kill its writer
                 log.exception("%s tier: write failed", self.tier.name)
-                self.counters.errors += 1
+                self.counters.add(errors=1)
             finally:
                 with self._cv:
                     if isinstance(op, _Write):
-                        self.counters.queued_bytes -= op.payload.nbytes
+                        self.counters.add(queued_bytes=-op.payload.nbytes)
                     self._busy = False
                     self._cv.notify_all()
 
@@ -219,6 +226,7 @@ class LoadedRun:
 
     payloads: list[memoryview] = field(default_factory=list)
     tiers: list[str] = field(default_factory=list)
+    ttls: list[float] = field(default_factory=list)  # each block's retention, from its header
     seconds: float = 0.0
     skipped: str | None = None  # the tier whose run was not loaded because recomputing is faster
 
@@ -245,6 +253,7 @@ class TierStack:
         self.counters = {t.name: TierCounters() for t in self.tiers}
         self._writers = {t.name: _Writer(t, self.counters[t.name], max_queue_bytes) for t in self.tiers}
         self._rate: dict[str, float] = {}  # tier -> measured load bytes/s, lookup included (EWMA)
+        self._skips: dict[str, int] = {}  # tier -> runs skipped since it was last measured
 
     @property
     def names(self) -> list[str]:
@@ -287,7 +296,7 @@ class TierStack:
                 break
             i += got
         if i < len(hashes) and self.tiers and run.skipped is None:
-            self.counters[self.tiers[-1].name].miss_blocks += len(hashes) - i
+            self.counters[self.tiers[-1].name].add(miss_blocks=len(hashes) - i)
         run.seconds = time.perf_counter() - started
         return run
 
@@ -301,12 +310,16 @@ class TierStack:
                 return 0
             recompute = None if recompute_s_per_block is None else n * recompute_s_per_block
             if self.skip_slower and not should_load(n * self.block_bytes, self._rate.get(tier.name), recompute):
-                c.skipped_slower += 1
-                run.skipped = tier.name
-                return 0
+                skips = self._skips.get(tier.name, 0) + 1
+                self._skips[tier.name] = skips
+                if skips < PROBE_EVERY:  # else: load anyway, and measure again
+                    c.add(skipped_slower=1)
+                    run.skipped = tier.name
+                    return 0
+            self._skips[tier.name] = 0
             objs = tier.get_many(hashes[:n])
         except TierError:
-            c.errors += 1
+            c.add(errors=1)
             return 0
         good = 0
         for h, obj in zip(hashes[:n], objs, strict=True):
@@ -315,22 +328,23 @@ class TierStack:
             try:
                 payload = verify(obj, self.namespace, h, self.layout, self.block_bytes)
             except CorruptObject as e:
-                c.corrupt += 1
+                c.add(corrupt=1)
                 log.warning("%s tier: discarding a corrupt object for block %s: %s", tier.name, h.hex()[:16], e)
                 try:
                     tier.delete(h)
                 except TierError:
-                    c.errors += 1
+                    c.add(errors=1)
                 break
+            ttl = decode_header(obj).ttl_s
             run.payloads.append(payload)
             run.tiers.append(tier.name)
-            c.bytes_read += len(obj)
+            run.ttls.append(ttl)
+            c.add(bytes_read=len(obj))
+            self._writers[tier.name].touch(h, ttl)  # used now: refresh its recency / Redis TTL
             good += 1
         if good:
             dt = time.perf_counter() - t0
-            c.hit_blocks += good
-            c.loads += 1
-            c.load_seconds += dt
+            c.add(hit_blocks=good, loads=1, load_seconds=dt)
             self._measure(tier.name, good * self.block_bytes, dt)
         return good
 

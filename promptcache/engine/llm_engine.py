@@ -53,7 +53,8 @@ class LLMEngine:
             seed=self.config.cache.hash_seed,
         )
         # disk / Redis below memory (engine/tiering.py); None when neither is configured
-        self.tiers = KVTiers(self.config.tiers, r, self.namespace, self.kv) if self.config.tiers.enabled else None
+        tiers_on = self.config.tiers.enabled and self.config.cache.enable_prefix_caching  # nothing to load into
+        self.tiers = KVTiers(self.config.tiers, r, self.namespace, self.kv) if tiers_on else None
         self.scheduler = Scheduler(self.config, self.kv, clock, self.usage, self.tiers)
         self.precision = describe_precision(r.dtype, r.compute_dtype, r.kv_dtype, r.device) + (
             ", deterministic" if self.config.model.deterministic else ""
@@ -140,6 +141,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         if self.tiers is not None:
+            self.tiers.begin_step()
             self.tiers.poll()  # finished loads from disk / Redis go into memory before scheduling
         chunks = self.scheduler.schedule()
         if not chunks:
@@ -148,6 +150,9 @@ class LLMEngine:
             return []
         started = time.perf_counter()
         results = self.runner.execute([self._seq_input(c) for c in chunks])
+        num_tokens = sum(c.num_tokens for c in chunks)
+        if self.tiers is not None and self.tiers.times(num_tokens):
+            self.runner.synchronize()  # the skip rule times this step: on a GPU, wait for its kernels
         seconds = time.perf_counter() - started
         outputs = []
         for chunk in chunks:
@@ -155,7 +160,7 @@ class LLMEngine:
             if out is not None:
                 outputs.append(out)
         if self.tiers is not None:
-            self.tiers.end_step(sum(c.num_tokens for c in chunks), seconds)
+            self.tiers.end_step(num_tokens, seconds)
         return outputs
 
     def _seq_input(self, chunk: ScheduledChunk) -> SeqInput:

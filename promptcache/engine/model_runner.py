@@ -129,6 +129,11 @@ class ModelRunner:
         )
         return {seqs[i].request_id: (tokens[j], logprobs[j]) for j, i in enumerate(rows)}
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (a no-op on CPUs)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # ---- block bytes, for the tiers below memory (engine/tiering.py) -----------------------------
 
     @property

@@ -19,6 +19,7 @@ request computes from the last good block. The loader's pins are dropped once it
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -51,7 +52,7 @@ class _Job:
     run: LoadedRun | None = None
     applied: bool = False
     cancelled: bool = False
-    loaded: list[str] = field(default_factory=list)  # the tier each loaded block came from, in order
+    loaded: dict[int, str] = field(default_factory=dict)  # block id -> the tier its content came from
 
 
 def build_tiers(config: TierConfig) -> list[Tier]:
@@ -86,6 +87,7 @@ class KVTiers:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptcache-tier-load")
         self._writes: list[tuple[int, BlockHash, float]] = []  # (block id, hash, ttl) queued this step
         self._s_per_token: float | None = None  # measured model time per computed token (EWMA)
+        self._seq = itertools.count()  # loader tables are unique per job, never per request id
         self.on_ready: Callable[[], None] | None = None  # wakes an idle engine loop (AsyncEngine)
         kv.pool.on_evict = self._evicted
 
@@ -105,7 +107,7 @@ class KVTiers:
         if start >= max_hit:
             return False
         hashes = req.block_hashes[:max_hit]
-        owner = f"tier-load:{req.request_id}"
+        owner = f"tier-load:{next(self._seq)}:{req.request_id}"
         # pin the memory hit, promise the rest: nobody computes or loads them twice meanwhile
         self.kv.allocate(owner, hit.num_tokens, hit, req.retention, inflight_hashes=hashes[start:])
         job = _Job(req.request_id, owner, start, hashes)
@@ -138,43 +140,42 @@ class KVTiers:
             self._apply(job)
 
     def _apply(self, job: _Job) -> None:
+        """Copy the loaded run into fresh blocks and index them, then drop the loader's table: the
+        blocks stay cached like any others (evictable: a waiting request never pins memory that the
+        head of the queue may need)."""
         run = job.run or LoadedRun()
-        n = len(run.payloads)
         bs = self.block_size
+        table = self.kv.block_ids(job.owner) if job.owner in self.kv.tables else None
+        # as much of the run as memory holds now (the rest is recomputed: still correct)
+        n = min(len(run.payloads), self.kv.num_free_blocks) if table is not None and len(table) == job.start else 0
         ids = self.kv.allocate(job.owner, (job.start + n) * bs) if n else []
-        if ids is None:  # memory is full right now: recomputing later is still correct
-            n, ids = 0, []
-        if n:
+        if ids:
             self.runner.write_blocks(ids, run.payloads[:n])
             self.kv.commit(job.owner, job.hashes, (job.start + n) * bs)
-            job.loaded = run.tiers[:n]
+            job.loaded = dict(zip(ids, run.tiers[:n], strict=True))
             # promote what came from a slower tier into the faster ones before it
             names = self.stack.names
-            for i, (payload, source) in enumerate(zip(run.payloads[:n], run.tiers[:n], strict=True)):
-                faster = names[: names.index(source)]
+            for i in range(n):
+                faster = names[: names.index(run.tiers[i])]
                 if faster:
-                    self.stack.store(job.hashes[job.start + i], payload, 0.0, only=faster)
-        self.kv.settle_promises(job.owner)
+                    self.stack.store(job.hashes[job.start + i], run.payloads[i], run.ttls[i], only=faster)
+        self.kv.free(job.owner)
         job.applied = True
 
     def admitted(self, req: Request, hit: CacheHit) -> dict[str, int]:
-        """The request took its hit (the loaded blocks pinned by it now): drop the loader's pins.
-        Returns the hit's tokens per lower tier."""
+        """The request took its hit: how many of its tokens each lower tier supplied (the loaded
+        blocks that are still the ones the hit found)."""
         job = self._jobs.pop(req.request_id, None)
         if job is None:
             return {}
-        self.kv.free(job.owner)
-        used = job.loaded[: max(0, len(hit.blocks) - job.start)]  # the hit covers them (they were pinned)
-        return {name: n * self.block_size for name, n in Counter(used).items()}
+        used = Counter(job.loaded[b.block_id] for b in hit.blocks[job.start :] if b.block_id in job.loaded)
+        return {name: n * self.block_size for name, n in used.items()}
 
     def forget(self, request_id: str) -> None:
-        """The request finished or was aborted: drop its load (now, or when the loader returns)."""
+        """The request finished or was aborted: drop its load (its table is freed when the loader
+        returns, if it has not yet)."""
         job = self._jobs.pop(request_id, None)
-        if job is None:
-            return
-        if job.applied:
-            self.kv.free(job.owner)
-        else:
+        if job is not None and not job.applied:
             job.cancelled = True
 
     def loading(self) -> bool:
@@ -200,10 +201,19 @@ class KVTiers:
                 table_ids = self.kv.block_ids(req.request_id)
             self._writes.append((table_ids[i], req.block_hashes[i], ttl))
 
+    def begin_step(self) -> None:
+        """Before a step: writes queued by a step that failed half-way name blocks that an abort
+        may have freed since (their ids now hold other content): never store them."""
+        self._writes.clear()
+
+    def times(self, num_tokens: int) -> bool:
+        """Is a step of this many tokens timed (prefill-sized: its per-token time means something)?"""
+        return num_tokens >= 4 * self.block_size
+
     def end_step(self, num_tokens: int, seconds: float) -> None:
         """After the step's model run: time it (the recompute side of the skip rule), copy the
         step's new blocks to host memory and queue them."""
-        if num_tokens >= 4 * self.block_size:  # prefill-sized steps: per-token time is meaningful
+        if self.times(num_tokens):  # on a GPU the caller synchronised before reading its clock
             rate = seconds / num_tokens
             self._s_per_token = rate if self._s_per_token is None else 0.8 * self._s_per_token + 0.2 * rate
         if not self._writes:
@@ -214,8 +224,9 @@ class KVTiers:
             self.stack.store(h, payload, ttl)
 
     def _evicted(self, block_hash: BlockHash, retention_left_s: float) -> None:
-        if retention_left_s > 0:  # memory dropped it inside its retention: the tiers keep it that long
-            self.stack.touch(block_hash, retention_left_s)
+        """Memory dropped a block: it was in use until recently, so the tiers refresh its recency
+        (disk LRU, Redis TTL) and keep it at least as long as its retention had left."""
+        self.stack.touch(block_hash, retention_left_s)
 
     # ---- inspection ----------------------------------------------------------------------------
 

@@ -94,8 +94,6 @@ class UsageLedger:
             req.usage.cached_tokens = min(hit_tokens, req.num_prompt_tokens)
             req.usage.reuse_stop = stop
             req.usage.cached_tokens_by_tier = dict(by_tier or {})
-            for name, n in (by_tier or {}).items():
-                self.counters.cached_tokens_by_tier[name] = self.counters.cached_tokens_by_tier.get(name, 0) + n
             if stop is not None:
                 self.counters.reuse_stops[stop.reason] = self.counters.reuse_stops.get(stop.reason, 0) + 1
 
@@ -123,4 +121,6 @@ class UsageLedger:
         if ran:  # a request aborted while it waited never reached the model: not in the token totals
             self.counters.prompt_tokens += req.num_prompt_tokens
             self.counters.cached_tokens += req.usage.cached_tokens
+            for name, n in req.usage.cached_tokens_by_tier.items():
+                self.counters.cached_tokens_by_tier[name] = self.counters.cached_tokens_by_tier.get(name, 0) + n
         self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
