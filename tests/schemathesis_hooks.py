@@ -30,6 +30,8 @@ CROSS_FIELD_RULES = (
     "is not among the tools",  # a named tool choice must name one of the request's tools
     "needs tools",  # tool_choice required / any / tool without tools
     "a forced tool call and response_format cannot be combined",
+    "a forced tool call and text.format cannot be combined",
+    "item needs",  # which fields a Responses input item needs depends on its type
     "is not supported with stream=true",  # n > 1 and stream together
 )
 
@@ -37,7 +39,7 @@ CROSS_FIELD_RULES = (
 @schemathesis.hook
 def map_body(context: Any, body: Any) -> Any:
     if isinstance(body, dict):
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             value = body.get(field)
             if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_TOKENS:
                 body[field] = MAX_TOKENS

@@ -34,5 +34,10 @@ def test_the_server_answers_as_its_spec_says(tmp_path: Path) -> None:
         assert srv.stats()["blocks_in_use"] == 0
     summary = result.stdout[-6000:]
     assert result.returncode == 0, summary
-    assert "No issues found" in result.stdout, summary
-    assert "Tested: 8" in result.stdout, summary  # every operation ran (8 in the spec)
+    # the one warning allowed: random ids get 404s from the routes of stored responses (their real
+    # ids come from a created response; test_server_responses.py drives those routes with the SDK)
+    warned = "Missing test data: 3 operations repeatedly returned 404" in result.stdout and all(
+        route in result.stdout for route in ("GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}",
+                                             "GET /v1/responses/{response_id}/input_items"))
+    assert "No issues found" in result.stdout or (warned and "Failures:" not in result.stdout), summary
+    assert "Tested: 12" in result.stdout, summary  # every operation ran (12 in the spec)

@@ -36,7 +36,7 @@ ENGINE_FAILED = "the model engine failed while serving this request; please retr
 # the providers' other APIs: a client that calls one is told it is not served here, not "Invalid URL"
 NOT_SERVED = ("/v1/embeddings", "/v1/audio", "/v1/images", "/v1/files", "/v1/uploads", "/v1/batches",
               "/v1/moderations", "/v1/fine_tuning", "/v1/assistants", "/v1/threads", "/v1/vector_stores",
-              "/v1/realtime", "/v1/responses", "/v1/conversations", "/v1/messages/batches", "/v1/complete",
+              "/v1/realtime", "/v1/conversations", "/v1/messages/batches", "/v1/complete",
               "/v1beta/", "/v1/skills", "/v1/organizations")
 
 
@@ -157,9 +157,21 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
         message = f"Invalid URL ({request.method} {request.url.path})"
     elif exc.status_code == 405:
         message = f"Method {request.method} is not allowed for {request.url.path}"
+        allowed = _allowed_methods(request)
+        if allowed:  # every route on this path, not only the first one Starlette tried
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
     else:
         message = str(exc.detail)
     return error_response(request, ApiError(exc.status_code, message, headers=dict(exc.headers or {})))
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the published spec lists for this path (every route on it)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)), request.url.path):
+            methods |= {m.upper() for m in operations}
+    return sorted(methods)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -38,7 +38,12 @@ from promptcache.server.prompt import (
     part_text,
 )
 from promptcache.server.retention import RETENTION_NAMES
-from promptcache.server.schemas_openai import ChatCompletionRequest, CompletionRequest, OpenAIRequestBase
+from promptcache.server.schemas_openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIRequestBase,
+    PromptCacheOptions,
+)
 from promptcache.server.state import ServerState, get_state, new_id, sampling_params, tenant_of, ttl_seconds
 from promptcache.server.tools import Tool, detect
 
@@ -103,11 +108,16 @@ def _template_messages(req: ChatCompletionRequest) -> tuple[list[TemplateMessage
 
 
 def _ttl(req: OpenAIRequestBase, has_breakpoints: bool) -> float:
-    opts = req.prompt_cache_options
+    return retention_ttl(req.prompt_cache_options, req.prompt_cache_retention, has_breakpoints)
+
+
+def retention_ttl(opts: PromptCacheOptions | None, retention: str | None, has_breakpoints: bool = False) -> float:
+    """Seconds every block of the prompt is kept after its last use (the module docstring's rule;
+    the Responses API shares it)."""
     if opts is not None and opts.ttl is not None:
         return ttl_seconds(opts.ttl, "prompt_cache_options.ttl")
-    if req.prompt_cache_retention is not None:
-        return RETENTION_NAMES[req.prompt_cache_retention]
+    if retention is not None:
+        return RETENTION_NAMES[retention]
     return OPT_IN_TTL_S if (opts is not None or has_breakpoints) else 0.0
 
 
@@ -117,18 +127,29 @@ def _explicit(req: OpenAIRequestBase) -> bool:
 
 def tool_plan(state: ServerState, req: ChatCompletionRequest) -> tuple[ToolPlan | None, StructuredOutput | None]:
     """The request's tools, and the grammar that forces a call (``tool_choice`` required or named)."""
-    if not req.tools:
-        if req.tool_choice not in (None, "none", "auto"):
+    tools = [Tool(t.function.name, t.function.parameters or {"type": "object"}) for t in req.tools or []]
+    choice = req.tool_choice
+    named = choice.function.name if choice is not None and not isinstance(choice, str) else None
+    formatted = req.response_format is not None and req.response_format.type != "text"
+    return plan_tools(state, tools, choice if isinstance(choice, str) or choice is None else "named", named,
+                      formatted, "response_format")
+
+
+def plan_tools(state: ServerState, tools: list[Tool], choice: str | None, named: str | None, formatted: bool,
+               format_field: str) -> tuple[ToolPlan | None, StructuredOutput | None]:
+    """Tools and ``tool_choice`` (``none`` | ``auto`` | ``required`` | ``named``) -> the plan, and
+    the grammar that forces a call; ``formatted``: structured output was asked for too."""
+    if not tools:
+        if choice not in (None, "none", "auto"):
             raise ApiError(400, "tool_choice needs tools", param="tool_choice")
         return None, None
-    tools = [Tool(t.function.name, t.function.parameters or {"type": "object"}) for t in req.tools]
-    choice = req.tool_choice if req.tool_choice is not None else "auto"
+    choice = choice or "auto"
     plan = ToolPlan(tools, detect(state.tokenizer.chat_template), parse=choice != "none")
     if choice in ("none", "auto"):
         return plan, None
-    if req.response_format is not None and req.response_format.type != "text":
-        raise ApiError(400, "a forced tool call and response_format cannot be combined", param="tool_choice")
-    name = None if choice == "required" else choice.function.name  # type: ignore[union-attr]
+    if formatted:
+        raise ApiError(400, f"a forced tool call and {format_field} cannot be combined", param="tool_choice")
+    name = None if choice == "required" else named
     forced = plan.force(name)
     if forced is None:
         raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")

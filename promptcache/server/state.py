@@ -15,6 +15,7 @@ from promptcache.server.costs import PriceTable
 from promptcache.server.diagnosis import History
 from promptcache.server.errors import ApiError
 from promptcache.server.metrics import ServerMetrics
+from promptcache.server.response_store import ResponseStore
 from promptcache.server.retention import parse_ttl
 from promptcache.tokenizer import Tokenizer
 
@@ -41,6 +42,7 @@ class ServerState:
     history: History = field(default_factory=History)  # recent prompts per tenant (server/diagnosis.py)
     prices: PriceTable = field(default_factory=PriceTable)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models: when serving began
+    responses: ResponseStore = field(default_factory=ResponseStore)  # stored Responses-API responses
 
     @property
     def block_size(self) -> int:
