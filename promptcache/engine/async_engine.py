@@ -80,6 +80,16 @@ class AsyncEngine:
         with self._lock:
             return fn(self.engine)
 
+    def pin(self, pin_id: str, tenant: str | None, token_ids: list[int], ttl_s: float) -> int:
+        """``LLMEngine.pin`` between steps (blocks: call it from a worker thread)."""
+        return self.call(lambda e: e.pin(pin_id, tenant, token_ids, ttl_s))
+
+    def repin(self, pin_id: str, ttl_s: float) -> bool:
+        return self.call(lambda e: e.repin(pin_id, ttl_s))
+
+    def unpin(self, pin_id: str) -> bool:
+        return self.call(lambda e: e.unpin(pin_id))
+
     def snapshot(self) -> EngineStats:
         """Counters and finish reasons, taken between two steps."""
         return self.call(lambda e: e.snapshot())
@@ -188,6 +198,7 @@ class AsyncEngine:
     def _one_iteration(self) -> None:
         with self._lock:
             self._apply_commands()
+            self.engine.expire_pins()
             busy = self.engine.has_unfinished_requests()
             outputs = self.engine.step() if busy else []
             deliveries = []

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from promptcache.cache import KVCacheManager
+from promptcache.cache import KVCacheManager, hash_blocks
 from promptcache.cache.namespace import Namespace, model_identity
 from promptcache.engine.config import EngineConfig
 from promptcache.engine.info import EngineInfo, EngineStats
@@ -23,6 +23,8 @@ from promptcache.engine.structured import Grammars, Matcher
 from promptcache.engine.tiering import KVTiers
 from promptcache.engine.usage import UsageLedger
 from promptcache.tokenizer import Tokenizer
+
+PIN_PREFIX = "pin:"  # the cache manager tables of pins (request ids may not start with it)
 
 
 class LLMEngine:
@@ -61,6 +63,8 @@ class LLMEngine:
         )
         self._outputs: dict[str, OutputState] = {}
         self._requests: dict[str, Request] = {}
+        self._pins: dict[str, float] = {}  # pin id -> when it expires (clock)
+        self._clock = clock
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -105,7 +109,7 @@ class LLMEngine:
         """Queue a request. ``matcher``: its structured output's grammar, compiled by the caller
         (``AsyncEngine`` does it off this thread); compiled here when not given."""
         request_id = spec.request_id
-        if request_id in self._requests:
+        if request_id in self._requests or request_id.startswith(PIN_PREFIX):
             raise ValueError(f"request id {request_id!r} is already in use")
         self.validate(spec)
         if spec.params.structured is not None and matcher is None:
@@ -237,6 +241,42 @@ class LLMEngine:
             self._cleanup(req)
         return out
 
+    # ---- pins: prefixes kept whatever else runs (Gemini's cached contents) ----------------------
+
+    def pin(self, pin_id: str, tenant: str | None, token_ids: list[int], ttl_s: float) -> int:
+        """Hold the cached full blocks of ``token_ids`` (computed already: pre-warm them first) in
+        memory, never evicted, until ``unpin(pin_id)`` or ``ttl_s`` from now. Returns the tokens
+        pinned (the leading run of those blocks still cached). Pinning an id again replaces it."""
+        if not pin_id.startswith(PIN_PREFIX):
+            raise ValueError(f"pin ids start with {PIN_PREFIX!r}")
+        self.unpin(pin_id)
+        hashes = hash_blocks(self.namespace.root(tenant), token_ids, self.block_size, seed=self.config.cache.hash_seed)
+        hit = self.kv.match(pin_id, hashes, len(token_ids) + 1)  # every full block (no token must run)
+        self.kv.allocate(pin_id, hit.num_tokens, hit)
+        self._pins[pin_id] = self._clock() + ttl_s
+        return hit.num_tokens
+
+    def repin(self, pin_id: str, ttl_s: float) -> bool:
+        """A new lifetime for a pin, from now; False if it is gone."""
+        if pin_id not in self._pins:
+            return False
+        self._pins[pin_id] = self._clock() + ttl_s
+        return True
+
+    def unpin(self, pin_id: str) -> bool:
+        if self._pins.pop(pin_id, None) is None:
+            return False
+        self.kv.free(pin_id)  # the blocks stay cached (evictable) as any released blocks
+        return True
+
+    def expire_pins(self) -> int:
+        """Drop the pins whose lifetime ended (called between steps, busy or idle)."""
+        now = self._clock()
+        gone = [p for p, until in self._pins.items() if until <= now]
+        for p in gone:
+            self.unpin(p)
+        return len(gone)
+
     # ---- cache control and inspection ----------------------------------------------------------
 
     def reset_prefix_cache(self) -> int:
@@ -284,5 +324,6 @@ class LLMEngine:
             "generated_tokens": c.generated_tokens,
             "cache_write_tokens": c.cache_write_tokens,
             "preemptions": self.scheduler.num_preemptions,
+            "pinned_tokens": sum(len(self.kv.tables[p].blocks) for p in self._pins) * self.block_size,
             **self.kv.stats(),
         }

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastapi import Request
 
-from promptcache.server.errors import ApiError, is_anthropic
+from promptcache.server.errors import ApiError, is_anthropic, is_gemini
 
 
 def load_api_keys(path: str | Path) -> dict[str, str]:
@@ -28,10 +28,12 @@ def load_api_keys(path: str | Path) -> dict[str, str]:
 
 
 def presented_key(request: Request) -> str | None:
-    """The key a client sent: ``x-api-key`` (Anthropic SDK) or ``Authorization: Bearer`` (OpenAI SDK)."""
-    key = request.headers.get("x-api-key")
-    if key:
-        return key
+    """The key a client sent: ``x-api-key`` (Anthropic SDK), ``x-goog-api-key`` or ``?key=``
+    (Gemini), or ``Authorization: Bearer`` (OpenAI SDK)."""
+    for key in (request.headers.get("x-api-key"), request.headers.get("x-goog-api-key"),
+                request.query_params.get("key")):
+        if key:
+            return key
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
@@ -52,6 +54,11 @@ def resolve_tenant(request: Request, api_keys: dict[str, str] | None) -> str | N
                 tenant = name
     if tenant is not None:
         return tenant
+    if is_gemini(request):
+        if key is None:
+            raise ApiError(401, "Method doesn't allow unregistered callers (callers without established identity). "
+                                "Please use an API key (x-goog-api-key header or ?key=).")
+        raise ApiError(400, "API key not valid. Please pass a valid API key.")
     if is_anthropic(request):
         message = "x-api-key header is required" if key is None else "invalid x-api-key"
         raise ApiError(401, message)

@@ -37,7 +37,7 @@ ENGINE_FAILED = "the model engine failed while serving this request; please retr
 NOT_SERVED = ("/v1/embeddings", "/v1/audio", "/v1/images", "/v1/files", "/v1/uploads", "/v1/batches",
               "/v1/moderations", "/v1/fine_tuning", "/v1/assistants", "/v1/threads", "/v1/vector_stores",
               "/v1/realtime", "/v1/conversations", "/v1/messages/batches", "/v1/complete",
-              "/v1beta/", "/v1/skills", "/v1/organizations")
+              "/v1beta/files", "/v1beta/tunedModels", "/v1/skills", "/v1/organizations")
 
 
 class ApiError(Exception):
@@ -58,6 +58,29 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+
+
+GEMINI_PATHS = ("/v1beta/", "/v1/cachedContents")
+# Google's canonical status names, by HTTP status (google.rpc.Code)
+_GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                  405: "INVALID_ARGUMENT", 408: "DEADLINE_EXCEEDED", 409: "ALREADY_EXISTS", 413: "INVALID_ARGUMENT",
+                  429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+GOOGLE_STATUSES = frozenset({*_GOOGLE_STATUS.values(), "FAILED_PRECONDITION", "OUT_OF_RANGE"})
+
+
+def is_gemini(request: Request) -> bool:
+    """Which envelope to answer in: Gemini's routes, or any request from a google-genai client
+    (which also calls ``/v1/models`` when pointed at this server)."""
+    path = request.url.path
+    return (path.startswith(GEMINI_PATHS) or "x-goog-api-client" in request.headers
+            or "x-goog-api-key" in request.headers or (path.startswith("/v1/models/") and ":" in path.rsplit("/", 1)[-1]
+                                                       and request.method == "POST"))
+
+
+def gemini_error_body(status: int, message: str, status_name: str | None = None) -> dict[str, Any]:
+    name = status_name if status_name in GOOGLE_STATUSES else _GOOGLE_STATUS.get(
+        status, "INTERNAL" if status >= 500 else "INVALID_ARGUMENT")
+    return {"error": {"code": status, "message": message, "status": name}}
 
 
 def is_anthropic(request: Request) -> bool:
@@ -88,6 +111,8 @@ class ErrorResponse(JSONResponse):
 
 
 def error_body(request: Request, err: ApiError) -> dict[str, Any]:
+    if is_gemini(request):
+        return gemini_error_body(err.status, err.message, err.code)
     if is_anthropic(request):
         return anthropic_error_body(err.status, err.message)
     return openai_error_body(err.status, err.message, err.param, err.code)

@@ -26,7 +26,8 @@ from promptcache.server import choices, misses, openapi
 from promptcache.server import openai_format as fmt
 from promptcache.server.body import JsonBody
 from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Part, openai_diagnostics
-from promptcache.server.errors import ApiError, is_anthropic
+from promptcache.server.errors import ApiError, is_anthropic, is_gemini
+from promptcache.server.gemini_models import list_models_json, model_json, served_model
 from promptcache.server.generation import EventStream, Generation
 from promptcache.server.openai_format import ToolPlan
 from promptcache.server.prompt import (
@@ -58,6 +59,8 @@ OPT_IN_TTL_S = 1800.0
             responses=openapi.MODELS)
 async def list_models(request: Request, tenant: Tenant) -> dict[str, Any]:
     state = get_state(request)
+    if is_gemini(request):  # google-genai pointed at this server lists /v1/models
+        return list_models_json(state)
     if is_anthropic(request):
         data = [{"type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z"}
                 for m in state.model_names]
@@ -70,6 +73,8 @@ async def list_models(request: Request, tenant: Tenant) -> dict[str, Any]:
             "anthropic-version)", responses=openapi.MODEL)
 async def retrieve_model(model_id: str, request: Request, tenant: Tenant) -> dict[str, Any]:
     state = get_state(request)
+    if is_gemini(request):
+        return model_json(state, served_model(state, model_id, "get"))
     anthropic = is_anthropic(request)
     state.check_model(model_id, anthropic=anthropic)  # 404 in the dialect's words
     if anthropic:

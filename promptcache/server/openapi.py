@@ -28,6 +28,12 @@ _ANTHROPIC_ERROR = {
                                                            "properties": {"type": {"type": "string"},
                                                                           "message": {"type": "string"}}}},
 }
+_GEMINI_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message", "status"], "properties": {
+        "code": {"type": "integer"}, "message": {"type": "string"}, "status": {"type": "string"}}}},
+}
 _WHY = {400: "invalid request (bad field, too long for the context, too many breakpoints)",
         401: "missing or unknown API key", 404: "unknown model or route",
         408: "request body not received within --body-timeout-s", 413: "body over --max-request-bytes",
@@ -51,6 +57,16 @@ OPENAI_STREAMING: dict[int | str, dict[str, Any]] = {**_SSE, **_errors(_OPENAI_E
 ANTHROPIC_STREAMING: dict[int | str, dict[str, Any]] = {**_SSE, **_errors(_ANTHROPIC_ERROR, _GENERATION)}
 ANTHROPIC_COUNT: dict[int | str, dict[str, Any]] = _errors(_ANTHROPIC_ERROR, (400, 401, 404, 408, 413))
 MODELS: dict[int | str, dict[str, Any]] = _errors(_OPENAI_ERROR, (401,))
+GEMINI_SSE: dict[int | str, dict[str, Any]] = {200: {
+    "description": "the result; :streamGenerateContent?alt=sse answers text/event-stream (each data: a chunk)",
+    "content": {"application/json": {}, "text/event-stream": {"schema": _SSE_EVENT}},
+}}
+
+
+def gemini_errors(statuses: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
+    return _errors(_GEMINI_ERROR, statuses)
+
+
 MODEL: dict[int | str, dict[str, Any]] = _errors(_OPENAI_ERROR, (401, 404))
 METRICS: dict[int | str, dict[str, Any]] = {
     200: {"description": "Prometheus text exposition format",
@@ -88,9 +104,11 @@ def _body_schemas() -> dict[str, Any]:
 def _served_limits(schemas: dict[str, Any], model_names: tuple[str, ...], vocab_size: int) -> None:
     """What only the running server knows: the model ids it serves (others are a 404) and the
     largest token id its vocabulary has (larger ones are a 400)."""
-    for schema in schemas.values():
+    for name, schema in schemas.items():
         if "model" in schema.get("properties", {}):
-            schema["properties"]["model"]["enum"] = list(model_names)
+            gemini = name in ("CachedContentCreate", "GenerateContentRequest")  # "models/{id}" there
+            names = [f"models/{m}" for m in model_names] if gemini else list(model_names)
+            schema["properties"]["model"]["enum"] = names + ([None] if name == "GenerateContentRequest" else [])
     pending = [schemas.get("CompletionRequest", {}).get("properties", {}).get("prompt", {})]
     while pending:
         node = pending.pop()
@@ -103,6 +121,7 @@ def _served_limits(schemas: dict[str, Any], model_names: tuple[str, ...], vocab_
 _SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer", "description": "OpenAI clients: Authorization: Bearer KEY"},
     "x-api-key": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "Anthropic clients"},
+    "x-goog-api-key": {"type": "apiKey", "in": "header", "name": "x-goog-api-key", "description": "Gemini clients"},
 }
 _OPEN_PATHS = ("/health",)  # liveness needs no key (its details do: an operator key)
 
@@ -110,7 +129,7 @@ _OPEN_PATHS = ("/health",)  # liveness needs no key (its details do: an operator
 def _security(spec: dict[str, Any]) -> None:
     """With API keys: every route needs one, either way of sending it; liveness stays open."""
     spec["components"]["securitySchemes"] = _SECURITY_SCHEMES
-    spec["security"] = [{"bearer": []}, {"x-api-key": []}]
+    spec["security"] = [{"bearer": []}, {"x-api-key": []}, {"x-goog-api-key": []}]
     for path in _OPEN_PATHS:
         for op in spec["paths"].get(path, {}).values():
             op["security"] = [{}, *spec["security"]]
@@ -125,10 +144,16 @@ def fix_openapi(app: FastAPI, model_names: tuple[str, ...], vocab_size: int, key
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
             schemas.update(_body_schemas())
             _served_limits(schemas, model_names, vocab_size)
-            for op in spec.get("paths", {}).get("/v1/models/{model_id}", {}).values():
-                for param in op.get("parameters", []):
-                    if param.get("name") == "model_id":  # others are a 404
-                        param["schema"]["enum"] = list(model_names)
+            actions = [f"{m}:{a}" for m in model_names for a in ("generateContent", "streamGenerateContent",
+                                                                   "countTokens")]
+            for path, param_name, values in (("/v1/models/{model_id}", "model_id", list(model_names)),
+                                             ("/v1beta/models/{model}", "model", list(model_names)),
+                                             ("/v1/models/{model_action}", "model_action", actions),
+                                             ("/v1beta/models/{model_action}", "model_action", actions)):
+                for op in spec.get("paths", {}).get(path, {}).values():
+                    for param in op.get("parameters", []):
+                        if param.get("name") == param_name:  # others are a 404
+                            param["schema"]["enum"] = values
             if keyed:
                 _security(spec)
             for ops in spec.get("paths", {}).values():

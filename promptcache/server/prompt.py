@@ -110,15 +110,17 @@ def check_before_render(messages: Sequence[TemplateMessage], tools: list[dict[st
 
 
 def build_chat_prompt(tok: Tokenizer, messages: Sequence[TemplateMessage], tools: list[dict[str, Any]] | None,
-                      cuts: Sequence[Cut], max_chars: int, max_messages: int) -> ChatPrompt:
-    """Raises ValueError (a 400) when the template refuses the messages or the text is too long."""
+                      cuts: Sequence[Cut], max_chars: int, max_messages: int,
+                      add_generation_prompt: bool = True) -> ChatPrompt:
+    """Raises ValueError (a 400) when the template refuses the messages or the text is too long.
+    Without ``add_generation_prompt`` the text ends with the last message (a prefix to cache)."""
     if len(cuts) > MAX_BREAKPOINTS:
         raise ValueError(f"at most {MAX_BREAKPOINTS} cache breakpoints may be set in one request; found {len(cuts)}")
     check_before_render(messages, tools, max_chars, max_messages)
     # control tokens typed in content or tools are text, not markup (tokenizer.py: defang)
     messages = [_defanged(tok, m) for m in messages]
     tools = _defang_value(tok, tools) if tools else tools
-    text = render(tok, messages, tools)
+    text = render(tok, messages, tools, add_generation_prompt)
     check_prompt_chars(len(text), max_chars)
     ids = tok.encode_rendered(text)  # the template places BOS itself
     cut_tokens = [_cut_token(tok, messages, tools, text, ids, c) for c in cuts]

@@ -11,6 +11,7 @@ from fastapi import Request
 
 from promptcache.engine.api import AsyncEngine, SamplingParams
 from promptcache.server.auth import resolve_tenant
+from promptcache.server.cached_contents import CachedContents
 from promptcache.server.costs import PriceTable
 from promptcache.server.diagnosis import History
 from promptcache.server.errors import ApiError
@@ -43,6 +44,12 @@ class ServerState:
     prices: PriceTable = field(default_factory=PriceTable)
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models: when serving began
     responses: ResponseStore = field(default_factory=ResponseStore)  # stored Responses-API responses
+    cached_contents: CachedContents = field(default_factory=CachedContents)  # Gemini's explicit caches
+    pin_budget: int | None = None  # pinned tokens per tenant (--max-pinned-tokens; None: half the KV cache)
+
+    @property
+    def max_pinned_tokens(self) -> int:
+        return self.pin_budget if self.pin_budget is not None else self.kv_capacity_tokens // 2
 
     @property
     def block_size(self) -> int:
