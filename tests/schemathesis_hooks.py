@@ -32,6 +32,13 @@ CROSS_FIELD_RULES = (
     "a forced tool call and response_format cannot be combined",
     "a forced tool call and text.format cannot be combined",
     "item needs",  # which fields a Responses input item needs depends on its type
+    "pageToken is not one this server issued",  # page tokens are opaque: any string is schema-valid
+    "must expire in the future",  # expireTime: a date-time, but one that has passed
+    "CachedContent can not be used with",  # Gemini: cachedContent beside systemInstruction / tools
+    "is not among the functionDeclarations",  # allowedFunctionNames must name declared functions
+    "exceeds the budget of",  # Gemini: a tenant's pinned tokens (the run's own cached contents add up)
+    "tokens pins may take",  # ... and the whole server's
+    "needs responseMimeType",  # a responseSchema is for JSON output
     "is not supported with stream=true",  # n > 1 and stream together
 )
 
@@ -39,10 +46,12 @@ CROSS_FIELD_RULES = (
 @schemathesis.hook
 def map_body(context: Any, body: Any) -> Any:
     if isinstance(body, dict):
-        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-            value = body.get(field)
+        config = body.get("generationConfig")
+        for where, field in ((body, "max_tokens"), (body, "max_completion_tokens"), (body, "max_output_tokens"),
+                             (config if isinstance(config, dict) else {}, "maxOutputTokens")):
+            value = where.get(field)
             if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_TOKENS:
-                body[field] = MAX_TOKENS
+                where[field] = MAX_TOKENS
     return body
 
 

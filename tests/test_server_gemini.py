@@ -157,7 +157,7 @@ def test_a_cached_content_survives_a_full_pool_until_it_is_deleted() -> None:
         client = gclient(srv.url)
         doc = text_of_tokens(srv.engine.tokenizer, 300, nonce())
         cache = client.caches.create(model=MODEL, config=types.CreateCachedContentConfig(contents=[doc], ttl="600s"))
-        pinned = srv.stats()["pinned_tokens"]
+        pinned = srv.stats()["blocks_pinned"] * BS
         assert pinned >= 300 // BS * BS
         same = [types.Content(role="user", parts=[types.Part(text=doc)]),
                 types.Content(role="user", parts=[types.Part(text="q")])]  # renders as cache + "q"
@@ -179,7 +179,7 @@ def test_a_cached_content_survives_a_full_pool_until_it_is_deleted() -> None:
         assert reused(cached_content=cache.name) >= pinned  # ... and the pinned prefix stayed
         assert reused() >= pinned  # the same prompt sent without the cache hits it too (implicitly)
         client.caches.delete(name=cache.name)
-        assert srv.stats()["pinned_tokens"] == 0
+        assert srv.stats()["blocks_pinned"] == 0
         churn()
         assert reused() < pinned  # unpinned: the traffic evicted it
         srv.check_integrity()
@@ -202,7 +202,7 @@ def test_pins_have_a_per_tenant_budget_and_expire() -> None:
             globex.models.generate_content(model=MODEL, contents="q", config=types.GenerateContentConfig(
                 cached_content=short.name, max_output_tokens=1))
         r = httpx.get(f"{srv.url}/v1beta/models", headers={"x-goog-api-key": "wrong"})
-        assert r.status_code == 400
+        assert r.status_code == 401
         assert r.json()["error"]["message"] == "API key not valid. Please pass a valid API key."
         assert httpx.get(f"{srv.url}/v1beta/models", params={"key": "sk-acme-0001"}).status_code == 200
         assert httpx.get(f"{srv.url}/v1beta/models").status_code == 401

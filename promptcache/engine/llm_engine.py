@@ -324,6 +324,6 @@ class LLMEngine:
             "generated_tokens": c.generated_tokens,
             "cache_write_tokens": c.cache_write_tokens,
             "preemptions": self.scheduler.num_preemptions,
-            "pinned_tokens": sum(len(self.kv.tables[p].blocks) for p in self._pins) * self.block_size,
+            "blocks_pinned": len({b.block_id for p in self._pins for b in self.kv.tables[p].blocks}),
             **self.kv.stats(),
         }

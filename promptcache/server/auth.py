@@ -58,7 +58,7 @@ def resolve_tenant(request: Request, api_keys: dict[str, str] | None) -> str | N
         if key is None:
             raise ApiError(401, "Method doesn't allow unregistered callers (callers without established identity). "
                                 "Please use an API key (x-goog-api-key header or ?key=).")
-        raise ApiError(400, "API key not valid. Please pass a valid API key.")
+        raise ApiError(401, "API key not valid. Please pass a valid API key.")  # Google: a 400; 401 is HTTP's
     if is_anthropic(request):
         message = "x-api-key header is required" if key is None else "invalid x-api-key"
         raise ApiError(401, message)

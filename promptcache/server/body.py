@@ -79,16 +79,21 @@ def check_counts(obj: dict[str, Any], max_items: int) -> None:
                                 f"{max_items} tokens", param="prompt")
 
 
+async def read_json(request: Request, model: type[M]) -> M:
+    """The request's body as ``model`` (content type checked, parsed and validated off the loop)."""
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
+        raise ApiError(400, f"the request body must be JSON (Content-Type: application/json), "
+                            f"not {content_type or 'empty'}")
+    raw = await request.body()
+    return await run_in_threadpool(parse_body, model, raw, get_state(request).max_model_len)
+
+
 def JsonBody(model: type[M]) -> Any:  # noqa: N802 — reads like the type it stands for
     """A route parameter: ``body: Annotated[Model, JsonBody(Model)]``. The spec's request body comes
     from ``openapi.json_request(Model)`` (FastAPI sees a dependency, not a body)."""
 
     async def dependency(request: Request) -> M:
-        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if content_type not in _JSON_TYPES and not content_type.endswith("+json"):
-            raise ApiError(400, f"the request body must be JSON (Content-Type: application/json), "
-                                f"not {content_type or 'empty'}")
-        raw = await request.body()
-        return await run_in_threadpool(parse_body, model, raw, get_state(request).max_model_len)
+        return await read_json(request, model)
 
     return Depends(dependency)

@@ -79,9 +79,11 @@ class CachedContents:
         self._by_tenant: dict[str | None, dict[str, CachedContent]] = {}
         self._lock = threading.Lock()
 
-    def pinned_tokens(self, tenant: str | None) -> int:
+    def pinned_tokens(self, tenant: str | None, all_tenants: bool = False) -> int:
+        now = self.clock()
         with self._lock:
-            return sum(len(c.token_ids) for c in self._by_tenant.get(tenant, {}).values() if c.expires > self.clock())
+            groups = list(self._by_tenant.values()) if all_tenants else [self._by_tenant.get(tenant, {})]
+            return sum(len(c.token_ids) for g in groups for c in g.values() if c.expires > now)
 
     def add(self, tenant: str | None, content: CachedContent) -> None:
         with self._lock:

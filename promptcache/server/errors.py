@@ -72,9 +72,10 @@ def is_gemini(request: Request) -> bool:
     """Which envelope to answer in: Gemini's routes, or any request from a google-genai client
     (which also calls ``/v1/models`` when pointed at this server)."""
     path = request.url.path
-    return (path.startswith(GEMINI_PATHS) or "x-goog-api-client" in request.headers
-            or "x-goog-api-key" in request.headers or (path.startswith("/v1/models/") and ":" in path.rsplit("/", 1)[-1]
-                                                       and request.method == "POST"))
+    if path.startswith(GEMINI_PATHS) or (path.startswith("/v1/models/") and request.method == "POST"):
+        return True  # Gemini's routes (POST /v1/models/{model}:method)
+    shared = path == "/v1/models" or path.startswith("/v1/models/") or path.startswith(NOT_SERVED)
+    return shared and ("x-goog-api-client" in request.headers or "x-goog-api-key" in request.headers)
 
 
 def gemini_error_body(status: int, message: str, status_name: str | None = None) -> dict[str, Any]:
@@ -192,11 +193,13 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _allowed_methods(request: Request) -> list[str]:
     """The methods the published spec lists for this path (every route on it)."""
-    methods: set[str] = set()
+    matches: list[tuple[int, set[str]]] = []
     for template, operations in request.app.openapi().get("paths", {}).items():
         if re.fullmatch(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)), request.url.path):
-            methods |= {m.upper() for m in operations}
-    return sorted(methods)
+            literal = len(re.sub(r"\{[^}]+\}", "", template))  # the most specific template names the path
+            matches.append((literal, {m.upper() for m in operations}))
+    best = max((n for n, _ in matches), default=0)
+    return sorted(set().union(*(ms for n, ms in matches if n == best)))
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import RootModel, ValidationError
 
 from promptcache.engine.api import NO_RETENTION, RequestOutput, RequestSpec, StructuredOutput
 from promptcache.server import cached_contents as cc
@@ -26,7 +24,7 @@ from promptcache.server import misses, openapi
 from promptcache.server.body import JsonBody
 from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Part
 from promptcache.server.errors import ApiError, error_json, gemini_error_body
-from promptcache.server.gemini_models import METHODS, list_models_json, model_json, served_model
+from promptcache.server.gemini_models import list_models_json, model_json, served_model
 from promptcache.server.generation import EventStream, Generation, guarded_events
 from promptcache.server.openai_api import plan_tools
 from promptcache.server.openai_format import before_marker
@@ -35,11 +33,12 @@ from promptcache.server.schemas_gemini import (
     CachedContentCreate,
     CachedContentPatch,
     Content,
-    CountTokensRequest,
+    GeminiCountTokensRequest,
     GenerateContentRequest,
+    SystemContent,
     ToolConfig,
 )
-from promptcache.server.schemas_gemini import Tool as GTool
+from promptcache.server.schemas_gemini import GeminiTool as GTool
 from promptcache.server.state import ServerState, get_state, new_id, sampling_params, tenant_of
 from promptcache.server.tools import Tool, ToolCall, ToolPlan
 
@@ -63,7 +62,7 @@ async def list_models(request: Request, tenant: Tenant) -> dict[str, Any]:
 # ---- contents -> chat template messages ------------------------------------------------------------
 
 
-def _messages(contents: list[Content], system: Content | None, where: str = "contents") -> list[TemplateMessage]:
+def _messages(contents: list[Content], system: SystemContent | None, where: str = "contents") -> list[TemplateMessage]:
     out: list[TemplateMessage] = []
     if system is not None:
         out.append(TemplateMessage("system", tuple(_texts(system, "systemInstruction"))))
@@ -104,11 +103,11 @@ def _check_part(part: Any, at: str) -> None:
         raise ApiError(400, f"{at}: a part holds exactly one of text, functionCall, functionResponse")
 
 
-def _texts(content: Content, where: str) -> list[str]:
+def _texts(content: SystemContent, where: str) -> list[str]:
     out = []
     for j, part in enumerate(content.parts):
-        _check_part(part, f"{where}.parts[{j}]")
-        if part.text is None:
+        extra = sorted((part.model_extra or {}).keys())
+        if part.text is None or extra:
             raise ApiError(400, f"{where}.parts[{j}]: the system instruction is text only")
         out.append(part.text)
     return out
@@ -346,41 +345,31 @@ async def generate(request: Request, tenant: str | None, model_path: str, body: 
     return JSONResponse(_response(rid, model, out, plan, extra))
 
 
-def _split_action(model_action: str) -> tuple[str, str]:
-    model, sep, action = model_action.rpartition(":")
-    if not sep or not model:
-        raise ApiError(404, f"Invalid URL: models/{model_action} (expected models/{{model}}:{{method}})")
-    return model, action
+async def generate_content(model: str, request: Request, tenant: Tenant,
+                           body: Annotated[GenerateContentRequest, JsonBody(GenerateContentRequest)]) -> Response:
+    return await generate(request, tenant, model, body, stream=False)
 
 
-class RawBody(RootModel[dict[str, Any]]):
-    """A JSON object, validated by the handler once it knows which method the path names."""
+async def stream_generate_content(model: str, request: Request, tenant: Tenant,
+                                  body: Annotated[GenerateContentRequest, JsonBody(GenerateContentRequest)],
+                                  alt: Annotated[Literal["sse"] | None, Query(description="sse: server-sent events "
+                                                                              "(the only form served)")] = None,
+                                  ) -> Response:
+    return await generate(request, tenant, model, body, stream=True)
 
 
-async def model_action(model_action: str, request: Request, tenant: Tenant,
-                       raw: Annotated[RawBody, JsonBody(RawBody)]) -> Response:
-    """``models/{model}:generateContent`` | ``:streamGenerateContent`` | ``:countTokens``."""
-    model, action = _split_action(model_action)
-    body = raw.root
-    if action in ("generateContent", "streamGenerateContent"):
-        req = _validate(GenerateContentRequest, body)
-        return await generate(request, tenant, model, req, action == "streamGenerateContent")
-    if action == "countTokens":
-        return JSONResponse(await count_tokens(request, tenant, model, _validate(CountTokensRequest, body)))
-    raise ApiError(404, f"models/{model}:{action} is not a method this server serves ({', '.join(METHODS[:3])})")
-
-
-def _validate(model: Any, body: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:  # answered as every other body's errors are (errors.py)
-        raise RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in e.errors()]) from None
+async def count_tokens_route(model: str, request: Request, tenant: Tenant,
+                             body: Annotated[GeminiCountTokensRequest, JsonBody(GeminiCountTokensRequest)],
+                             ) -> dict[str, Any]:
+    return await count_tokens(request, tenant, model, body)
 
 
 async def count_tokens(request: Request, tenant: str | None, model_path: str,
-                       body: CountTokensRequest) -> dict[str, Any]:
+                       body: GeminiCountTokensRequest) -> dict[str, Any]:
     state = get_state(request)
     served_model(state, model_path, "countTokens")
+    if body.generateContentRequest is None and not body.contents:
+        raise ApiError(400, "contents or generateContentRequest is required")
     inner = body.generateContentRequest or GenerateContentRequest(contents=body.contents or [])
     cached = _cached(state, tenant, inner)
     ids, *_ = await run_in_threadpool(_prompt, state, inner, cached)
@@ -433,6 +422,12 @@ async def create_cache(request: Request, tenant: Tenant,
     ids = await run_in_threadpool(render)
     budget = state.max_pinned_tokens
     used = state.cached_contents.pinned_tokens(tenant)
+    everyone = state.cached_contents.pinned_tokens(None, all_tenants=True)
+    room = state.kv_capacity_tokens * 3 // 4  # pins never take the memory requests need to run
+    if everyone + len(ids) > room:
+        raise ApiError(400, f"this cached content is {len(ids)} tokens; the server's live cached contents hold "
+                            f"{everyone} of the {room} tokens pins may take (three quarters of the KV cache). "
+                            "Delete one, or wait for one to expire.", code="FAILED_PRECONDITION")
     if used + len(ids) > budget:
         raise ApiError(400, f"this cached content is {len(ids)} tokens; with the {used} tokens this tenant's live "
                             f"cached contents hold, that exceeds the budget of {budget} pinned tokens per tenant "
@@ -505,9 +500,13 @@ G_ERRORS = openapi.gemini_errors((400, 401, 404, 408, 413, 429, 503))
 G_READ = openapi.gemini_errors((400, 401, 404))
 _ROUTES: list[tuple[str, Any, str, str, dict[int | str, dict[str, Any]], Any]] = [
     # (path, handler, method, summary, responses, request body model)
-    ("/models/{model_action:path}", model_action, "POST", "models/{model}:generateContent | "
-     ":streamGenerateContent?alt=sse | :countTokens (Gemini)", {**openapi.GEMINI_SSE, **G_ERRORS},
+    ("/models/{model}:generateContent", generate_content, "POST", "Generate content (Gemini)", G_ERRORS,
      GenerateContentRequest),
+    ("/models/{model}:streamGenerateContent", stream_generate_content, "POST",
+     "Generate content as server-sent events, alt=sse (Gemini)", {**openapi.GEMINI_SSE, **G_ERRORS},
+     GenerateContentRequest),
+    ("/models/{model}:countTokens", count_tokens_route, "POST", "Count tokens (Gemini)", G_READ,
+     GeminiCountTokensRequest),
     ("/cachedContents", create_cache, "POST", "Create a cached content (Gemini)", G_ERRORS, CachedContentCreate),
     ("/cachedContents", list_caches, "GET", "List cached contents (Gemini)", G_READ, None),
     ("/cachedContents/{cache_id}", get_cache, "GET", "Get a cached content (Gemini)", G_READ, None),

@@ -34,7 +34,8 @@ _GEMINI_ERROR = {
     "properties": {"error": {"type": "object", "required": ["code", "message", "status"], "properties": {
         "code": {"type": "integer"}, "message": {"type": "string"}, "status": {"type": "string"}}}},
 }
-_WHY = {400: "invalid request (bad field, too long for the context, too many breakpoints)",
+_WHY = {405: "the path does not take this method (the Allow header lists those it takes)",
+        400: "invalid request (bad field, too long for the context, too many breakpoints)",
         401: "missing or unknown API key", 404: "unknown model or route",
         408: "request body not received within --body-timeout-s", 413: "body over --max-request-bytes",
         429: "queue full (Retry-After header)", 503: "the engine failed (retry later)"}
@@ -56,7 +57,9 @@ _SSE: dict[int | str, dict[str, Any]] = {200: {
 OPENAI_STREAMING: dict[int | str, dict[str, Any]] = {**_SSE, **_errors(_OPENAI_ERROR, _GENERATION)}
 ANTHROPIC_STREAMING: dict[int | str, dict[str, Any]] = {**_SSE, **_errors(_ANTHROPIC_ERROR, _GENERATION)}
 ANTHROPIC_COUNT: dict[int | str, dict[str, Any]] = _errors(_ANTHROPIC_ERROR, (400, 401, 404, 408, 413))
-MODELS: dict[int | str, dict[str, Any]] = _errors(_OPENAI_ERROR, (401,))
+# /v1/models answers each dialect's client in its own envelope (anthropic-version, google-genai)
+_ANY_ERROR = {"anyOf": [_OPENAI_ERROR, _ANTHROPIC_ERROR, _GEMINI_ERROR]}
+MODELS: dict[int | str, dict[str, Any]] = _errors(_ANY_ERROR, (401,))
 GEMINI_SSE: dict[int | str, dict[str, Any]] = {200: {
     "description": "the result; :streamGenerateContent?alt=sse answers text/event-stream (each data: a chunk)",
     "content": {"application/json": {}, "text/event-stream": {"schema": _SSE_EVENT}},
@@ -67,7 +70,7 @@ def gemini_errors(statuses: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
     return _errors(_GEMINI_ERROR, statuses)
 
 
-MODEL: dict[int | str, dict[str, Any]] = _errors(_OPENAI_ERROR, (401, 404))
+MODEL: dict[int | str, dict[str, Any]] = _errors(_ANY_ERROR, (401, 404))
 METRICS: dict[int | str, dict[str, Any]] = {
     200: {"description": "Prometheus text exposition format",
           "content": {"text/plain": {"schema": {"type": "string"}}}},
@@ -144,16 +147,12 @@ def fix_openapi(app: FastAPI, model_names: tuple[str, ...], vocab_size: int, key
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
             schemas.update(_body_schemas())
             _served_limits(schemas, model_names, vocab_size)
-            actions = [f"{m}:{a}" for m in model_names for a in ("generateContent", "streamGenerateContent",
-                                                                   "countTokens")]
-            for path, param_name, values in (("/v1/models/{model_id}", "model_id", list(model_names)),
-                                             ("/v1beta/models/{model}", "model", list(model_names)),
-                                             ("/v1/models/{model_action}", "model_action", actions),
-                                             ("/v1beta/models/{model_action}", "model_action", actions)):
-                for op in spec.get("paths", {}).get(path, {}).values():
-                    for param in op.get("parameters", []):
-                        if param.get("name") == param_name:  # others are a 404
-                            param["schema"]["enum"] = values
+            for path, ops in spec.get("paths", {}).items():  # a model path parameter: others are a 404
+                if path.startswith(("/v1/models/{", "/v1beta/models/{")):
+                    for op in ops.values():
+                        for param in op.get("parameters", []):
+                            if param.get("in") == "path" and param.get("name") in ("model_id", "model"):
+                                param["schema"]["enum"] = list(model_names)
             if keyed:
                 _security(spec)
             for ops in spec.get("paths", {}).values():

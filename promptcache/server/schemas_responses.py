@@ -12,13 +12,13 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
-from promptcache.server.schemas_base import JsonInt, NonEmptyStr, NonNegativeInt, NumLogprobs
+from promptcache.server.schemas_base import JsonInt, NonEmptyStr, NonNegativeInt, NumLogprobs, text_required
 from promptcache.server.schemas_base import RequestBody as _Body
 from promptcache.server.schemas_openai import ADVISORY, PromptCacheOptions
 
 
 class InputText(_Body):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=text_required)
     type: str = Field(json_schema_extra={"enum": ["input_text", "output_text", "text"]})  # others: a 400
     text: str | None = None
 
