@@ -161,3 +161,61 @@ def test_honoured_anthropic_fields_change_the_response(server: Server) -> None:
     assert _post(server, "/v1/messages", fresh)["usage"]["cache_creation_input_tokens"] == 0  # nothing asked
     r = httpx.post(f"{server.url}/v1/messages", json={**body, "stream": True}, timeout=60)
     assert r.headers["content-type"].startswith("text/event-stream")
+
+
+# The Responses API and Gemini: every top-level field honoured (tested where its behaviour lives:
+# test_server_responses.py, test_server_gemini.py), advisory, or refused with a 400 naming it
+RESPONSES_FIELDS = {
+    "honoured": {"model", "input", "instructions", "previous_response_id", "store", "stream", "max_output_tokens",
+                 "temperature", "top_p", "top_k", "seed", "tools", "tool_choice", "text", "prompt_cache_key",
+                 "prompt_cache_retention", "prompt_cache_options", "metadata", "ignore_eos"},
+    "advisory": {"user", "safety_identifier", "service_tier", "parallel_tool_calls", "include", "max_tool_calls",
+                 "stream_options"},
+    "refused_unless_off": {"reasoning": {"effort": "high"}, "background": True, "truncation": "auto",
+                           "top_logprobs": 2},
+}
+GEMINI_FIELDS = {
+    "honoured": {"contents", "systemInstruction", "tools", "toolConfig", "generationConfig", "cachedContent", "model"},
+    "advisory": {"safetySettings", "labels"},
+}
+
+
+def test_responses_and_gemini_fields_are_classified(server: Server) -> None:
+    schemas = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
+    r = RESPONSES_FIELDS
+    props = schemas["ResponseCreateRequest"]["properties"]
+    assert set(props) == r["honoured"] | r["advisory"] | set(r["refused_unless_off"])  # type: ignore[arg-type]
+    for field in r["advisory"]:
+        assert "advisory" in props[field]["description"], field
+    assert schemas["ResponseCreateRequest"].get("additionalProperties") is False
+    g = schemas["GenerateContentRequest"]
+    assert set(g["properties"]) == GEMINI_FIELDS["honoured"] | GEMINI_FIELDS["advisory"]
+    assert g.get("additionalProperties") is False
+
+
+@pytest.mark.parametrize("field", sorted(RESPONSES_FIELDS["refused_unless_off"]))  # type: ignore[arg-type]
+def test_responses_fields_the_server_cannot_honour_are_400s(server: Server, field: str) -> None:
+    value = RESPONSES_FIELDS["refused_unless_off"][field]  # type: ignore[index]
+    r = httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, "input": "hi", field: value})
+    assert r.status_code == 400 and field in (r.json()["error"]["param"] or ""), r.text
+
+
+@pytest.mark.parametrize("field", ["user", "safety_identifier", "service_tier", "include"])
+def test_responses_advisory_fields_are_accepted(server: Server, field: str) -> None:
+    value: Any = ["message.output_text.logprobs"] if field == "include" else "x"
+    r = httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 1,
+                                                       "store": False, field: value})
+    assert r.status_code == 200, r.text
+
+
+def test_gemini_unknown_fields_are_400s_naming_them(server: Server) -> None:
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"maxOutputTokens": 1}}
+    for extra, name in (({"bogus": 1}, "bogus"),
+                        ({"generationConfig": {"maxOutputTokens": 1, "mediaResolution": "LOW"}}, "mediaResolution")):
+        r = httpx.post(f"{server.url}/v1beta/models/{MODEL}:generateContent", json={**body, **extra})
+        assert r.status_code == 400 and name in r.json()["error"]["message"], r.text
+        assert "not supported by this server" in r.json()["error"]["message"]
+    ok = httpx.post(f"{server.url}/v1beta/models/{MODEL}:generateContent",
+                    json={**body, "safetySettings": [{"category": "HARM_CATEGORY_HATE_SPEECH",
+                                                      "threshold": "BLOCK_NONE"}], "labels": {"team": "a"}})
+    assert ok.status_code == 200, ok.text

@@ -206,3 +206,14 @@ def test_pins_have_a_per_tenant_budget_and_expire() -> None:
         assert r.json()["error"]["message"] == "API key not valid. Please pass a valid API key."
         assert httpx.get(f"{srv.url}/v1beta/models", params={"key": "sk-acme-0001"}).status_code == 200
         assert httpx.get(f"{srv.url}/v1beta/models").status_code == 401
+
+
+def test_the_pin_budget_is_a_server_flag() -> None:
+    with running(tiny_engine(num_blocks=64)) as aengine, serve(aengine, max_pinned_tokens=100) as srv:
+        client = gclient(srv.url)
+        with pytest.raises(errors.ClientError) as e:
+            client.caches.create(model=MODEL, config=types.CreateCachedContentConfig(
+                contents=[text_of_tokens(srv.engine.tokenizer, 200, nonce())]))
+        assert e.value.code == 400 and e.value.status == "FAILED_PRECONDITION"
+        assert "budget of 100 pinned tokens" in (e.value.message or "")
+        assert srv.stats()["blocks_pinned"] == 0

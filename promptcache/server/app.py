@@ -27,9 +27,11 @@ from promptcache.server.state import ServerState, get_state, prompt_char_limit
 
 DESCRIPTION = """Self-hosted prompt-caching LLM server.
 
-Speaks the OpenAI (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) and Anthropic
-(`/v1/messages`, `/v1/messages/count_tokens`) dialects and reports prompt caching in each one's
-usage fields. With an API-key file, each key's tenant is its own cache namespace."""
+Speaks the OpenAI (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/models`),
+Anthropic (`/v1/messages`, `/v1/messages/count_tokens`) and Gemini (`/v1beta/models/{model}:
+generateContent`, `:streamGenerateContent`, `:countTokens`, `/v1beta/cachedContents`) dialects and
+reports prompt caching in each one's usage fields. With an API-key file, each key's tenant is its
+own cache namespace."""
 
 
 def create_app(
@@ -42,6 +44,7 @@ def create_app(
     diagnosis_history: int = DEFAULT_DIAGNOSIS_HISTORY,
     prices: str | PriceTable | None = None,
     default_max_tokens: int = DEFAULT_OUTPUT_CAP,
+    max_pinned_tokens: int | None = None,
 ) -> FastAPI:
     """An app serving ``aengine`` (which the caller starts and shuts down).
 
@@ -67,7 +70,7 @@ def create_app(
     price_table = prices if isinstance(prices, PriceTable) else PriceTable.load(prices, names)
     app.state.server = ServerState(aengine=aengine, api_keys=api_keys, model_names=names, metrics=metrics,
                                    max_prompt_chars=max_prompt_chars, history=History(max_records=diagnosis_history),
-                                   prices=price_table, output_cap=default_max_tokens)
+                                   prices=price_table, output_cap=default_max_tokens, pin_budget=max_pinned_tokens)
     install_error_handlers(app)
     openapi.fix_openapi(app, names, aengine.info.vocab_size, api_keys is not None)
     app.include_router(openai_api.router)

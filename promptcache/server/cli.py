@@ -49,7 +49,8 @@ def serve(args: argparse.Namespace) -> int:
     engine = LLMEngine(engine_config_from_args(args))
     aengine = AsyncEngine(engine, max_waiting=cfg.max_waiting)
     app = create_app(aengine, api_keys, cfg.served_model_name, cfg.max_request_bytes, admin_keys,
-                     cfg.body_timeout_s, cfg.diagnosis_history, cfg.prices, cfg.default_max_tokens)
+                     cfg.body_timeout_s, cfg.diagnosis_history, cfg.prices, cfg.default_max_tokens,
+                     cfg.max_pinned_tokens)
     _log_requests(cfg.log_level)
     aengine.start()
     info = aengine.info

@@ -38,6 +38,8 @@ class ServerConfig:
     diagnosis_history: int = opt(DEFAULT_DIAGNOSIS_HISTORY, "recent prompts kept per tenant to explain cache misses "
                                  "(x-promptcache-diagnose, comparison_response_id, previous_message_id); 0 keeps "
                                  "none", metavar="N")
+    max_pinned_tokens: int | None = opt(None, "tokens of Gemini cached contents each tenant may hold pinned in "
+                                        "memory (default: half the KV cache)", metavar="N")
     prices: str | None = opt(None, "JSON file of prices per million tokens for the cost fields (default: "
                              "provider-like ratios, docs/server.md)", metavar="FILE")
 
@@ -52,6 +54,8 @@ class ServerConfig:
             raise ValueError("max_request_bytes must be at least 1 byte")
         if self.default_max_tokens < 0:
             raise ValueError("default_max_tokens must be >= 0")
+        if self.max_pinned_tokens is not None and self.max_pinned_tokens < 0:
+            raise ValueError("max_pinned_tokens must be >= 0")
         if self.diagnosis_history < 0:
             raise ValueError("diagnosis_history must be >= 0")
         if self.log_level not in LOG_LEVELS:

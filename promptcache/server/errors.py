@@ -178,7 +178,8 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404 and request.url.path.startswith(NOT_SERVED):
         message = (f"{request.method} {request.url.path} is not supported by this server (it serves chat "
-                   "completions, completions, messages, count_tokens and models)")
+                   "completions, completions, responses, messages, count_tokens, models, and Gemini's "
+                   "generateContent, countTokens and cachedContents)")
     elif exc.status_code == 404:
         message = f"Invalid URL ({request.method} {request.url.path})"
     elif exc.status_code == 405:

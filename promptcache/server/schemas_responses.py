@@ -97,7 +97,7 @@ class ResponseCreateRequest(_Body):
     previous_response_id: str | None = Field(default=None, description="continue a stored response (per tenant)")
     store: bool | None = Field(default=True, description="keep the response for previous_response_id and GET")
     stream: bool | None = False
-    stream_options: ResponsesStreamOptions | None = None
+    stream_options: ResponsesStreamOptions | None = Field(default=None, description=ADVISORY)
     max_output_tokens: NonNegativeInt | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, le=1.0, json_schema_extra={"exclusiveMinimum": 0.0})
