@@ -60,3 +60,16 @@ def test_default_model_is_embedded_and_small():
     r = cli("generate", "hello", "--max-tokens", "5")
     assert r.returncode == 0, r.stderr
     assert "5 generated" in r.stderr
+
+
+def test_version(capsys) -> None:
+    import pytest as _pytest
+
+    from promptcache.cli import main as cli_main
+
+    with _pytest.raises(SystemExit) as e:
+        cli_main(["--version"])
+    assert e.value.code == 0
+    from importlib.metadata import version
+
+    assert capsys.readouterr().out.strip() == f"promptcache {version('promptcache')}"

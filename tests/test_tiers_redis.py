@@ -71,6 +71,16 @@ def test_two_servers_on_one_redis_share_prefixes(redis_server: RedisServer) -> N
         assert r.usage.cache_read_input_tokens is not None and r.usage.cache_read_input_tokens >= 10 * BS
         split = r.usage.model_extra["promptcache_cached_tokens_by_tier"]
         assert split["redis"] == r.usage.cache_read_input_tokens and split["memory"] == 0
+
+        # ... and Gemini's usageMetadata, with the split in its camelCase
+        body = {"contents": [{"role": "user", "parts": [{"text": "Once more: " + system}]}],
+                "generationConfig": {"maxOutputTokens": 2}}
+        httpx.post(f"{srv_a.url}/v1beta/models/{MODEL}:generateContent", json=body, timeout=60)
+        flush(a)
+        meta = httpx.post(f"{srv_b.url}/v1beta/models/{MODEL}:generateContent", json=body,
+                          timeout=60).json()["usageMetadata"]
+        assert meta["cachedContentTokenCount"] >= 10 * BS
+        assert meta["promptcacheCachedTokensByTier"] == {"memory": 0, "redis": meta["cachedContentTokenCount"]}
         srv_a.check_integrity()
         srv_b.check_integrity()
 

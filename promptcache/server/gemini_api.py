@@ -27,7 +27,7 @@ from promptcache.server.errors import ApiError, error_json, gemini_error_body
 from promptcache.server.gemini_models import list_models_json, model_json, served_model
 from promptcache.server.generation import EventStream, Generation, guarded_events
 from promptcache.server.openai_api import plan_tools
-from promptcache.server.openai_format import before_marker
+from promptcache.server.openai_format import before_marker, tier_split
 from promptcache.server.prompt import TemplateMessage, build_chat_prompt, check_prompt_chars
 from promptcache.server.schemas_gemini import (
     CachedContentCreate,
@@ -263,6 +263,9 @@ def usage_metadata(out: RequestOutput) -> dict[str, Any]:
     if u.cached_tokens:
         meta["cachedContentTokenCount"] = u.cached_tokens
         meta["cacheTokensDetails"] = [{"modality": "TEXT", "tokenCount": u.cached_tokens}]
+    split = tier_split(u).get("promptcache_cached_tokens_by_tier")
+    if split:  # the extension field, in this API's camelCase (the SDK drops fields it does not know)
+        meta["promptcacheCachedTokensByTier"] = split
     return meta
 
 
