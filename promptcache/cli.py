@@ -95,21 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="one-shot generation, streamed to the terminal")
     add_engine_flags(g)
-    g.add_argument("prompt", nargs="?", default="The quick brown fox")
+    g.add_argument("prompt", nargs="?", default="The quick brown fox",
+                   help="the text to continue (default: 'The quick brown fox')")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append")
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0: all (default: 0)")
+    g.add_argument("--seed", type=int, default=None, help="sampler seed (default: none)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
     g.set_defaults(func=_generate)
 
     m = sub.add_parser("make-model", help="write a random-weight Hugging Face checkpoint of a named shape")
-    m.add_argument("--shape", required=True)
-    m.add_argument("--out", required=True)
-    m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--shape", required=True, help="a named shape, e.g. tiny, smollm2-135m")
+    m.add_argument("--out", required=True, help="directory to write")
+    m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="weights' dtype (default: bfloat16)")
+    m.add_argument("--seed", type=int, default=0, help="weights' seed (default: 0)")
     m.set_defaults(func=_make_model)
 
     e = sub.add_parser("explain", help="where and why request B would miss the cache after request A (offline)",

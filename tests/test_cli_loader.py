@@ -73,3 +73,47 @@ def test_version(capsys) -> None:
     from importlib.metadata import version
 
     assert capsys.readouterr().out.strip() == f"promptcache {version('promptcache')}"
+
+
+def test_an_impossible_kv_budget_is_one_clear_line(capsys) -> None:
+    from promptcache.cli import main as cli_main
+
+    code = cli_main(["generate", "--model", "random:tiny", "--kv-cache-memory", "10TiB", "--max-tokens", "1", "hi"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("promptcache: error: --kv-cache-memory 10TiB asks for 10.0 TiB of KV cache;")
+    assert "of memory (" in err[0] and "available)" in err[0]
+    code = cli_main(["generate", "--model", "random:tiny", "--kv-cache-memory", "lots", "hi"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "invalid size 'lots'" in err[0]
+
+
+def test_a_port_in_use_is_one_line_and_no_banner() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "promptcache.cli", "serve", "--model", "random:tiny",
+                            "--kv-cache-memory", "8MiB", "--port", str(port)], capture_output=True, text=True,
+                           timeout=120)
+    assert r.returncode == 2 and "serving" not in r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert lines == [f"promptcache: error: cannot listen on 127.0.0.1:{port}: Address already in use (another "
+                     "server is using it; pick another --port)"], r.stderr
+
+
+def test_help_shows_every_default() -> None:
+    """Every option of generate and serve that takes a value and has a default says which."""
+    from promptcache.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices  # type: ignore[attr-defined]
+    for name in ("generate", "serve", "make-model"):
+        for action in subs[name]._actions:
+            if action.option_strings and action.nargs != 0 and action.default not in (None, "==SUPPRESS==") \
+                    and action.dest != "help":
+                assert "(default: " in (action.help or ""), (name, action.option_strings)

@@ -37,6 +37,43 @@ class SeqInput:
     params: SamplingParams
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n < 2**40 else f"{n / 2**40:,.1f} TiB"
+
+
+def machine_memory(device: torch.device) -> tuple[int, int] | None:
+    """(total, available) bytes of the memory the KV cache would live in; None if unknown."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total), int(free)
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    available = total
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total, available
+
+
+def check_memory_budget(kv_bytes: int, device: torch.device, asked: int | str) -> None:
+    """Refuse, in one line, a KV cache the machine cannot hold (the allocator's own failure is a
+    traceback, or on Linux a lazily touched allocation that dies later under the OOM killer)."""
+    memory = machine_memory(device)
+    if memory is None:
+        return
+    total, available = memory
+    if kv_bytes > available:
+        where = "the GPU" if device.type == "cuda" else "this machine"
+        raise ValueError(f"--kv-cache-memory {asked} asks for {_gib(kv_bytes)} of KV cache; {where} has "
+                         f"{_gib(total)} of memory ({_gib(available)} available). Lower --kv-cache-memory.")
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         if config.model.device in ("auto", "cpu") and not os.environ.get("OMP_NUM_THREADS"):
@@ -66,6 +103,7 @@ class ModelRunner:
             1, parse_bytes(config.cache.kv_cache_memory) // (self.kv_bytes_per_token * self.block_size)
         )
         num_slots = self.num_blocks * self.block_size
+        check_memory_budget(self.kv_cache_bytes, self.device, config.cache.kv_cache_memory)
         # per layer [2 (k, v), kv_heads, num_slots, head_dim]; torch.empty: pages are touched lazily
         self.kv_caches = [
             torch.empty(2, arch.num_kv_heads, num_slots, arch.head_dim, dtype=self.kv_dtype, device=self.device)

@@ -6,6 +6,8 @@ Imports stay inside the functions: ``promptcache --help`` must not load the mode
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 from typing import Any
 
@@ -46,6 +48,7 @@ def serve(args: argparse.Namespace) -> int:
     elif admin_keys and not api_keys:
         print("promptcache: note: --admin-keys without --api-keys: the server is open, /metrics too",
               file=sys.stderr)
+    sock = _bind(cfg.host, cfg.port)  # before the model loads: a port in use is one line, at once
     engine = LLMEngine(engine_config_from_args(args))
     aengine = AsyncEngine(engine, max_waiting=cfg.max_waiting)
     app = create_app(aengine, api_keys, cfg.served_model_name, cfg.max_request_bytes, admin_keys,
@@ -62,10 +65,29 @@ def serve(args: argparse.Namespace) -> int:
           f"{info.num_blocks} KV blocks of {info.block_size}{tiers}; {tenants}) at "
           f"http://{cfg.host}:{cfg.port}  (docs: http://{cfg.host}:{cfg.port}/docs)", flush=True)
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level))
+        server.run(sockets=[sock])
     finally:
         aengine.shutdown()
+        sock.close()
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything is printed or loaded (ValueError: one line)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}"
+                         + (" (another server is using it; pick another --port)" if e.errno == errno.EADDRINUSE
+                            else "")) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def _log_requests(level: str) -> None:
