@@ -217,3 +217,69 @@ def test_the_pin_budget_is_a_server_flag() -> None:
         assert e.value.code == 400 and e.value.status == "FAILED_PRECONDITION"
         assert "budget of 100 pinned tokens" in (e.value.message or "")
         assert srv.stats()["blocks_pinned"] == 0
+
+
+def test_pins_never_leave_a_request_unable_to_run() -> None:
+    """Review finding: a request that fit the pool but not its unpinned part waited for good (and
+    everything behind it); concurrent creates all passed the budget check."""
+    import concurrent.futures
+
+    with running(tiny_engine(num_blocks=64)) as aengine, serve(aengine) as srv:
+        client = gclient(srv.url)
+        client.caches.create(model=MODEL, config=types.CreateCachedContentConfig(
+            contents=[text_of_tokens(srv.engine.tokenizer, 460, nonce())], ttl="600s"))
+        pinned = srv.stats()["blocks_pinned"]
+        assert pinned >= 28
+        too_big = {"contents": [{"role": "user", "parts": [{"text": text_of_tokens(srv.engine.tokenizer, 300,
+                                                                                      nonce())}]}],
+                   "generationConfig": {"maxOutputTokens": 300}}
+        r = httpx.post(f"{srv.url}/v1beta/models/{MODEL}:generateContent", json=too_big, timeout=60)
+        assert r.status_code == 400 and "are not pinned by cached contents" in r.json()["error"]["message"]
+        small = client.models.generate_content(model=MODEL, contents="hi", config=types.GenerateContentConfig(
+            max_output_tokens=2))  # the queue is not stuck behind it
+        assert small.usage_metadata is not None
+
+    with running(tiny_engine(num_blocks=128)) as aengine, serve(aengine, max_pinned_tokens=1024) as srv:
+        client = gclient(srv.url)
+
+        def create(i: int) -> int:
+            try:
+                client.caches.create(model=MODEL, config=types.CreateCachedContentConfig(
+                    contents=[text_of_tokens(srv.engine.tokenizer, 400, nonce())], ttl="600s"))
+                return 200
+            except errors.ClientError as e:
+                return e.code
+
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            codes = list(pool.map(create, range(5)))
+        assert codes.count(200) == 2 and codes.count(400) == 3, codes  # 2 x ~420 tokens fit 1024
+        assert srv.stats()["blocks_pinned"] <= 1024 // BS
+        srv.check_integrity()
+
+
+def test_gemini_bodies_are_bounded_and_urls_keys_are_gemini_only() -> None:
+    with running(tiny_engine()) as aengine, serve(aengine, api_keys=KEYS, max_request_bytes=4000) as srv:
+        body = {"contents": [{"role": "user", "parts": [{"text": "x" * 20000}]}]}
+        r = httpx.post(f"{srv.url}/v1beta/models/{MODEL}:countTokens", json=body, params={"key": "sk-acme-0001"})
+        assert r.status_code == 413 and r.json()["error"]["status"] == "INVALID_ARGUMENT"
+        chat = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=chat, params={"key": "sk-acme-0001"})
+        assert r.status_code == 401  # a key in an OpenAI URL is not a key (it would end up in access logs)
+        r = httpx.get(f"{srv.url}/v1beta/cachedContents", params={"key": "sk-acme-0001", "pageToken": "LTU="})
+        assert r.status_code == 400 and "pageToken" in r.json()["error"]["message"]
+        r = httpx.post(f"{srv.url}/v1/responses", json={"model": MODEL, "input": []},
+                       headers={"Authorization": "Bearer sk-acme-0001"})
+        assert r.status_code == 400
+
+
+def test_count_tokens_reports_what_the_pin_holds(server: Server, client: genai.Client) -> None:
+    cache = _cache(client, server, 200)
+    r = httpx.post(f"{server.url}/v1beta/models/{MODEL}:countTokens", json={"generateContentRequest": {
+        "model": f"models/{MODEL}", "cachedContent": cache.name,
+        "contents": [{"role": "user", "parts": [{"text": "q"}]}]}}).json()
+    total = cache.usage_metadata.total_token_count or 0  # type: ignore[union-attr]
+    assert total // BS * BS - BS <= r["cachedContentTokenCount"] <= total  # whole blocks a request reuses
+    used = client.models.generate_content(model=MODEL, contents="q", config=types.GenerateContentConfig(
+        cached_content=cache.name, max_output_tokens=1)).usage_metadata
+    assert used is not None and (used.cached_content_token_count or 0) >= r["cachedContentTokenCount"]
+    client.caches.delete(name=cache.name)

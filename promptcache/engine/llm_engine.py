@@ -64,6 +64,7 @@ class LLMEngine:
         self._outputs: dict[str, OutputState] = {}
         self._requests: dict[str, Request] = {}
         self._pins: dict[str, float] = {}  # pin id -> when it expires (clock)
+        self._num_pinned = 0  # distinct blocks the pins hold
         self._clock = clock
 
     def _eos_ids(self) -> set[int]:
@@ -103,6 +104,13 @@ class LLMEngine:
             raise ValueError(
                 f"the request needs {need} KV blocks ({n} prompt + {params.max_tokens} max tokens) but "
                 f"the cache has only {self.kv.pool.num_blocks}; raise --kv-cache-memory or lower max_tokens"
+            )
+        pinned = self._num_pinned  # an int written by the engine thread: safe to read from any thread
+        if pinned and need > self.kv.pool.num_blocks - pinned:  # it could never run while the pins live
+            raise ValueError(
+                f"the request needs {need} KV blocks ({n} prompt + {params.max_tokens} max tokens) but only "
+                f"{self.kv.pool.num_blocks - pinned} of the cache's {self.kv.pool.num_blocks} are not pinned by "
+                "cached contents; lower max_tokens, or delete a cached content"
             )
 
     def add_request(self, spec: RequestSpec, matcher: Matcher | None = None) -> Request:
@@ -252,9 +260,18 @@ class LLMEngine:
         self.unpin(pin_id)
         hashes = hash_blocks(self.namespace.root(tenant), token_ids, self.block_size, seed=self.config.cache.hash_seed)
         hit = self.kv.match(pin_id, hashes, len(token_ids) + 1)  # every full block (no token must run)
+        held = {b.block_id for p in self._pins for b in self.kv.tables[p].blocks}
+        new = sum(1 for b in hit.blocks if b.block_id not in held)
+        if len(held) + new > self.kv.pool.num_blocks * 3 // 4:  # requests always keep a quarter to run in
+            raise ValueError(f"pinning {new} more blocks would hold {len(held) + new} of the cache's "
+                             f"{self.kv.pool.num_blocks} (at most three quarters may be pinned)")
         self.kv.allocate(pin_id, hit.num_tokens, hit)
         self._pins[pin_id] = self._clock() + ttl_s
+        self._num_pinned = self._pinned_blocks()
         return hit.num_tokens
+
+    def _pinned_blocks(self) -> int:
+        return len({b.block_id for p in self._pins for b in self.kv.tables[p].blocks})
 
     def repin(self, pin_id: str, ttl_s: float) -> bool:
         """A new lifetime for a pin, from now; False if it is gone."""
@@ -267,6 +284,7 @@ class LLMEngine:
         if self._pins.pop(pin_id, None) is None:
             return False
         self.kv.free(pin_id)  # the blocks stay cached (evictable) as any released blocks
+        self._num_pinned = self._pinned_blocks()
         return True
 
     def expire_pins(self) -> int:
@@ -324,6 +342,6 @@ class LLMEngine:
             "generated_tokens": c.generated_tokens,
             "cache_write_tokens": c.cache_write_tokens,
             "preemptions": self.scheduler.num_preemptions,
-            "blocks_pinned": len({b.block_id for p in self._pins for b in self.kv.tables[p].blocks}),
+            "blocks_pinned": self._pinned_blocks(),
             **self.kv.stats(),
         }

@@ -30,8 +30,8 @@ def load_api_keys(path: str | Path) -> dict[str, str]:
 def presented_key(request: Request) -> str | None:
     """The key a client sent: ``x-api-key`` (Anthropic SDK), ``x-goog-api-key`` or ``?key=``
     (Gemini), or ``Authorization: Bearer`` (OpenAI SDK)."""
-    for key in (request.headers.get("x-api-key"), request.headers.get("x-goog-api-key"),
-                request.query_params.get("key")):
+    url_key = request.query_params.get("key") if is_gemini(request) else None  # Gemini's ?key= only
+    for key in (request.headers.get("x-api-key"), request.headers.get("x-goog-api-key"), url_key):
         if key:
             return key
     auth = request.headers.get("authorization", "")

@@ -55,6 +55,8 @@ class CachedContent:
     tool_mode: Any  # the ToolConfig the request would have carried (schemas_gemini.ToolConfig | None)
     token_ids: list[int] = field(repr=False)
     pin_id: str = ""
+    pin_ids: list[int] = field(default_factory=list, repr=False)  # the part a request can reuse
+    pinned: int = 0  # tokens the engine holds (whole blocks of pin_ids)
 
     @property
     def name(self) -> str:
@@ -77,13 +79,33 @@ class CachedContents:
     def __init__(self, clock: Any = time.time) -> None:
         self.clock = clock
         self._by_tenant: dict[str | None, dict[str, CachedContent]] = {}
+        self._reserved: dict[str | None, int] = {}  # tokens of creates in progress
         self._lock = threading.Lock()
 
-    def pinned_tokens(self, tenant: str | None, all_tenants: bool = False) -> int:
+    def _held(self, groups: list[dict[str, CachedContent]]) -> int:
         now = self.clock()
+        return sum(len(c.pin_ids) for g in groups for c in g.values() if c.expires > now)
+
+    def reserve(self, tenant: str | None, tokens: int, budget: int, room: int) -> str | None:
+        """Count a create's tokens against the tenant's budget and the server's room before it runs
+        (concurrent creates see each other); the refusal's message, or None. ``release`` after."""
         with self._lock:
-            groups = list(self._by_tenant.values()) if all_tenants else [self._by_tenant.get(tenant, {})]
-            return sum(len(c.token_ids) for g in groups for c in g.values() if c.expires > now)
+            everyone = self._held(list(self._by_tenant.values())) + sum(self._reserved.values())
+            used = self._held([self._by_tenant.get(tenant, {})]) + self._reserved.get(tenant, 0)
+            if everyone + tokens > room:
+                return (f"this cached content is {tokens} tokens; the server's live cached contents hold "
+                        f"{everyone} of the {room} tokens pins may take (three quarters of the KV cache). "
+                        "Delete one, or wait for one to expire.")
+            if used + tokens > budget:
+                return (f"this cached content is {tokens} tokens; with the {used} tokens this tenant's live "
+                        f"cached contents hold, that exceeds the budget of {budget} pinned tokens per tenant "
+                        "(--max-pinned-tokens). Delete one, or wait for one to expire.")
+            self._reserved[tenant] = self._reserved.get(tenant, 0) + tokens
+            return None
+
+    def release(self, tenant: str | None, tokens: int) -> None:
+        with self._lock:
+            self._reserved[tenant] = self._reserved.get(tenant, 0) - tokens
 
     def add(self, tenant: str | None, content: CachedContent) -> None:
         with self._lock:
@@ -134,6 +156,8 @@ class CachedContents:
         with self._lock:
             live = sorted((c for c in self._by_tenant.get(tenant, {}).values() if c.expires > now),
                           key=lambda c: (c.created, c.id))
+        if start < 0:
+            raise ValueError("pageToken is not one this server issued")
         chunk = live[start : start + size]
         more = start + size < len(live)
         token = base64.urlsafe_b64encode(str(start + size).encode()).decode() if more else ""

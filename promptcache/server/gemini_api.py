@@ -19,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from promptcache.engine.api import NO_RETENTION, RequestOutput, RequestSpec, StructuredOutput
+from promptcache.sequences import common_prefix_len
 from promptcache.server import cached_contents as cc
 from promptcache.server import misses, openapi
 from promptcache.server.body import JsonBody
@@ -379,7 +380,7 @@ async def count_tokens(request: Request, tenant: str | None, model_path: str,
     out: dict[str, Any] = {"totalTokens": len(ids),
                            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": len(ids)}]}
     if cached is not None:
-        out["cachedContentTokenCount"] = len(cached.token_ids)
+        out["cachedContentTokenCount"] = cached.pinned
     return out
 
 
@@ -414,38 +415,49 @@ async def create_cache(request: Request, tenant: Tenant,
     tool_dicts, tools = _tools(body.tools)
     _plan(state, tools, body.toolConfig, False)  # a bad toolConfig is refused now, not at first use
 
-    def render() -> list[int]:
+    def render() -> tuple[list[int], list[int]]:
+        """The cached content's ids, and the part of them that is a token prefix of a request that
+        uses it (its render followed by a message): only that part can ever be a hit."""
         try:
             check_prompt_chars(sum(len(p) for m in messages for p in m.parts), state.max_prompt_chars)
-            return build_chat_prompt(state.tokenizer, messages, tool_dicts, (), state.max_prompt_chars,
-                                     state.max_model_len, add_generation_prompt=False).token_ids
+            ids = build_chat_prompt(state.tokenizer, messages, tool_dicts, (), state.max_prompt_chars,
+                                    state.max_model_len, add_generation_prompt=False).token_ids
+            probe = [*messages, TemplateMessage("user", ("?",))]
+            used = build_chat_prompt(state.tokenizer, probe, tool_dicts, (), state.max_prompt_chars,
+                                     state.max_model_len + 64).token_ids
         except ValueError as e:
             raise ApiError(400, str(e)) from None
+        return ids, ids[: common_prefix_len(ids, used)]
 
-    ids = await run_in_threadpool(render)
-    budget = state.max_pinned_tokens
-    used = state.cached_contents.pinned_tokens(tenant)
-    everyone = state.cached_contents.pinned_tokens(None, all_tenants=True)
-    room = state.kv_capacity_tokens * 3 // 4  # pins never take the memory requests need to run
-    if everyone + len(ids) > room:
-        raise ApiError(400, f"this cached content is {len(ids)} tokens; the server's live cached contents hold "
-                            f"{everyone} of the {room} tokens pins may take (three quarters of the KV cache). "
-                            "Delete one, or wait for one to expire.", code="FAILED_PRECONDITION")
-    if used + len(ids) > budget:
-        raise ApiError(400, f"this cached content is {len(ids)} tokens; with the {used} tokens this tenant's live "
-                            f"cached contents hold, that exceeds the budget of {budget} pinned tokens per tenant "
-                            "(--max-pinned-tokens). Delete one, or wait for one to expire.",
-                       code="FAILED_PRECONDITION")
+    ids, reusable = await run_in_threadpool(render)
+    store = state.cached_contents
+    refusal = store.reserve(tenant, len(reusable), state.max_pinned_tokens, state.kv_capacity_tokens * 3 // 4)
+    if refusal is not None:
+        raise ApiError(400, refusal, code="FAILED_PRECONDITION")
     cid = cc.new_cache_id()
-    # compute the prefix once (max_tokens 0: nothing generated), then hold its blocks
-    spec = RequestSpec(f"cache-{cid}", ids, sampling_params(max_tokens=0), tenant, NO_RETENTION)
-    gen = await Generation.start(state, request, "createCachedContent", spec)
-    await gen.final(request)
     pin_id = f"pin:{cid}"
-    await run_in_threadpool(state.aengine.pin, pin_id, tenant, ids, expires - now)
-    content = cc.CachedContent(cid, model, body.displayName, now, now, expires, tuple(messages), tool_dicts, tools,
-                               body.toolConfig, ids, pin_id)
-    state.cached_contents.add(tenant, content)
+    try:
+        pinned = 0
+        for _ in range(2):  # its blocks may be evicted between the pre-warm and the pin: once more then
+            # compute the prefix (max_tokens 0: nothing generated), then hold its blocks
+            spec = RequestSpec(f"cache-{cid}", ids, sampling_params(max_tokens=0), tenant, NO_RETENTION)
+            gen = await Generation.start(state, request, "createCachedContent", spec)
+            await gen.final(request)
+            try:
+                pinned = await run_in_threadpool(state.aengine.pin, pin_id, tenant, reusable, expires - now)
+            except ValueError as e:  # the engine's own cap on pinned memory
+                raise ApiError(400, f"{e}: the server's memory for cached contents is full", code=
+                               "FAILED_PRECONDITION") from None
+            if pinned >= len(reusable) // state.block_size * state.block_size:
+                break
+        content = cc.CachedContent(cid, model, body.displayName, now, now, expires, tuple(messages), tool_dicts,
+                                   tools, body.toolConfig, ids, pin_id, reusable, pinned)
+        store.add(tenant, content)
+    except BaseException:
+        await run_in_threadpool(state.aengine.unpin, pin_id)
+        raise
+    finally:
+        store.release(tenant, len(reusable))
     return content.resource()
 
 
@@ -484,7 +496,9 @@ async def update_cache(cache_id: str, request: Request, tenant: Tenant,
         raise ApiError(400, "only ttl or expireTime can be updated, and one of them is required")
     now = state.cached_contents.clock()
     expires = _lifetime(body.ttl, body.expireTime, now)
-    await run_in_threadpool(state.aengine.repin, content.pin_id, expires - now)
+    if not await run_in_threadpool(state.aengine.repin, content.pin_id, expires - now):
+        # the engine dropped it (its clock ran out first): hold the blocks again if they are still cached
+        await run_in_threadpool(state.aengine.pin, content.pin_id, tenant, content.pin_ids, expires - now)
     updated = state.cached_contents.update(tenant, cache_id, expires)
     if updated is None:
         raise ApiError(404, f"CachedContent not found (or expired): cachedContents/{cache_id}")

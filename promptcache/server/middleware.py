@@ -30,7 +30,7 @@ class ApiGuard:
         self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not str(scope.get("path", "")).startswith("/v1/"):
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith(("/v1/", "/v1beta/")):
             await self.app(scope, receive, send)
             return
         request = Request(scope)

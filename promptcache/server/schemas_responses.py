@@ -8,7 +8,7 @@ are refused by the handler with a 400 naming them; advisory ones are accepted.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -92,7 +92,8 @@ class ResponsesStreamOptions(_Body):
 class ResponseCreateRequest(_Body):
     model_config = ConfigDict(extra="forbid")
     model: str
-    input: NonEmptyStr | list[InputItem] = Field(description="text, or a list of messages and function-call items")
+    input: NonEmptyStr | Annotated[list[InputItem], Field(min_length=1)] = Field(
+        description="text, or a list of messages and function-call items")
     instructions: str | None = None
     previous_response_id: str | None = Field(default=None, description="continue a stored response (per tenant)")
     store: bool | None = Field(default=True, description="keep the response for previous_response_id and GET")
