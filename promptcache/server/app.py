@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from promptcache.engine.api import AsyncEngine
-from promptcache.server import anthropic_api, gemini_api, openai_api, openapi, responses_api
+from promptcache.server import anthropic_api, gemini_api, gemini_caches, openai_api, openapi, responses_api
 from promptcache.server.auth import is_operator
 from promptcache.server.config import (
     DEFAULT_BODY_TIMEOUT_S,
@@ -77,6 +77,7 @@ def create_app(
     app.include_router(anthropic_api.router)
     app.include_router(responses_api.router)
     app.include_router(gemini_api.router)
+    app.include_router(gemini_caches.router)
 
     @app.get("/health", tags=["Server"], summary="Liveness: 200 while the engine loop runs",
              responses=openapi.HEALTH)
