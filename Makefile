@@ -30,7 +30,7 @@ lint: install-dev
 	$(BIN)/ruff check promptcache tests scripts
 
 types: install-dev
-	$(BIN)/mypy promptcache/cache promptcache/engine promptcache/server promptcache/model promptcache/bench
+	$(BIN)/mypy promptcache/cache promptcache/engine promptcache/server promptcache/model promptcache/bench promptcache/cluster
 
 # Debian packages the tests start for real (a redis-server per test that needs one)
 unit: install-dev

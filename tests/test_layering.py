@@ -34,6 +34,12 @@ def test_cache_is_torch_free_and_knows_no_engine():
     assert offenders("cache", ("torch", "promptcache.engine", "promptcache.model", "promptcache.server")) == []
 
 
+def test_the_routing_policy_is_pure():
+    """cluster/policy.py decides from hashes and loads: no torch, no engine, no server, no Ray."""
+    assert offenders("cluster", ("torch", "promptcache.engine", "promptcache.model", "promptcache.server",
+                                 "ray")) == []
+
+
 def test_model_never_sees_requests():
     assert offenders("model", ("promptcache.engine", "promptcache.server", "promptcache.cache")) == []
 

@@ -1,0 +1,120 @@
+"""The cache-aware routing policy without Ray: exact choices for given replica states."""
+
+from __future__ import annotations
+
+import random
+
+from promptcache.cache.hashing import hash_blocks, namespace_hash
+from promptcache.cluster.policy import Costs, HotPrefixes, Replica, ReplicaIndex, rank
+
+BS = 16
+
+
+def chain(tenant: str, tokens: list[int]) -> list:
+    return hash_blocks(namespace_hash("m", tenant), tokens, BS)
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 4000) for _ in range(n)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_tenants_prefix_goes_to_the_replica_that_holds_it() -> None:
+    index = ReplicaIndex()
+    c = chain("acme", tokens(512, 1))
+    index.added("b", c[:24])
+    replicas = [Replica("a", 0), Replica("b", 0), Replica("c", 0)]
+    best = rank(c, None, replicas, index, BS)[0]
+    assert (best.name, best.matched_blocks, best.reason) == ("b", 24, "affinity")
+    # another tenant's identical text holds nothing anywhere: plain least cost
+    other = rank(chain("globex", tokens(512, 1)), None, replicas, index, BS)[0]
+    assert other.matched_blocks == 0 and other.reason == "least_cost"
+
+
+def test_distinct_prefixes_spread_with_load() -> None:
+    index = ReplicaIndex()
+    load = {"a": 0, "b": 0}
+    for i in range(40):
+        c = chain("t", tokens(256, 100 + i))
+        best = rank(c, None, [Replica(n, load[n]) for n in load], index, BS)[0]
+        load[best.name] += 256
+        index.added(best.name, c)
+    assert abs(load["a"] - load["b"]) <= 256  # alternates: nothing to reuse, load decides
+
+
+def test_a_replica_past_the_load_bound_is_passed_over() -> None:
+    index = ReplicaIndex()
+    c = chain("t", tokens(512, 2))
+    index.added("a", c)  # a holds the whole prefix ...
+    # ... and is still the cheapest by cost (1800 queued tokens cost less than computing 32 blocks),
+    # but it is above 1.25x the mean load
+    replicas = [Replica("a", 1_800), Replica("b", 1_000), Replica("c", 1_000)]
+    assert rank(c, None, replicas, index, BS, costs=Costs(max_load_ratio=100))[0].name == "a"
+    best = rank(c, None, replicas, index, BS)[0]
+    assert best.name != "a" and best.reason == "load_bound"
+    # within the bound, affinity wins over a little load
+    assert rank(c, None, [Replica("a", 1_200), Replica("b", 1_000)], index, BS)[0].name == "a"
+
+
+def test_a_system_prompt_every_tenant_shares_does_not_concentrate_tenants() -> None:
+    index = ReplicaIndex()
+    system = tokens(256, 3)
+    index.added("a", chain("t0", system))  # tenant t0's requests warmed replica a
+    replicas = [Replica("a", 0), Replica("b", 0)]
+    others = [rank(chain(f"t{i}", system + tokens(64, i)), None, replicas, index, BS)[0] for i in range(1, 9)]
+    assert all(o.matched_blocks == 0 for o in others)  # the namespace differs from block 0
+
+
+def test_a_dead_replica_is_never_chosen_and_its_entries_vanish() -> None:
+    index = ReplicaIndex()
+    c = chain("t", tokens(256, 4))
+    index.added("a", c)
+    assert rank(c, None, [Replica("a", 0, alive=False), Replica("b", 0)], index, BS)[0].name == "b"
+    index.drop("a")  # it restarted: nothing it held is credited
+    assert index.matched("a", c) == 0 and index.size("a") == 0
+    assert rank(c, None, [Replica("a", 0, alive=False)], index, BS) == []
+
+
+def test_entries_expire_and_evictions_count() -> None:
+    clock = Clock()
+    index = ReplicaIndex(ttl_s=10, clock=clock)
+    c = chain("t", tokens(256, 5))
+    index.added("a", c)
+    index.evicted("a", c[8:])
+    assert index.matched("a", c) == 8
+    clock.t = 11
+    assert index.matched("a", c) == 0
+
+
+def test_the_shared_tier_makes_any_replica_cheap() -> None:
+    index = ReplicaIndex()
+    c = chain("t", tokens(512, 6))
+    held_in_redis = set(c)
+    choices = rank(c, None, [Replica("a", 0), Replica("b", 0)], index, BS,
+                   shared=lambda rest: next((i for i, h in enumerate(rest) if h not in held_in_redis), len(rest)))
+    assert all(ch.cost == len(c) * Costs().fetch_per_block for ch in choices)  # fetch, do not compute
+
+
+def test_a_hot_prefix_spreads_to_a_second_replica() -> None:
+    clock = Clock()
+    hot = HotPrefixes(clock=clock)
+    index = ReplicaIndex(clock=clock)
+    c = chain("t", tokens(512, 7))
+    index.added("a", c)
+    seen = []
+    for i in range(30):
+        clock.t = i
+        replicas = [Replica("a", 1_500), Replica("b", 1_000)]  # within the load bound
+        seen.append(rank(c, "k", replicas, index, BS, hot=hot)[0])
+    assert all(s.name == "a" for s in seen[:15])  # affinity while it is not hot
+    assert all(s.name == "b" and s.reason == "hot_spread" for s in seen[15:])  # then it spreads
+    clock.t = 200  # a quiet minute later: back to affinity
+    assert rank(c, "k", [Replica("a", 1_500), Replica("b", 1_000)], index, BS, hot=hot)[0].name == "a"
