@@ -144,3 +144,27 @@ def test_stored_responses_belong_to_their_tenant() -> None:
         with pytest.raises(NotFoundError):
             globex.responses.create(model=MODEL, input="next", previous_response_id=r.id)
         assert acme.responses.retrieve(r.id).id == r.id
+
+
+def test_a_miss_is_explained_in_responses_and_gemini(server: Server) -> None:
+    """x-promptcache-diagnose names the part that changed, in each dialect's own names."""
+    text = text_of_tokens(server.engine.tokenizer, 200, nonce())
+    diag = {"x-promptcache-diagnose": "true"}
+
+    def responses(instructions: str) -> dict[str, Any]:
+        body = {"model": MODEL, "input": text, "instructions": instructions, "max_output_tokens": 1, "store": False}
+        return httpx.post(f"{server.url}/v1/responses", json=body, headers=diag, timeout=60).json()
+
+    responses("Answer briefly, please.")
+    d = responses("Answer at length, please.")["promptcache_diagnosis"]
+    assert d["reason"] == "diverged" and d["divergence"]["path"] == "instructions"
+
+    def gemini(system: str) -> dict[str, Any]:
+        body = {"contents": [{"role": "user", "parts": [{"text": text}]}],
+                "systemInstruction": {"parts": [{"text": system}]}, "generationConfig": {"maxOutputTokens": 1}}
+        return httpx.post(f"{server.url}/v1beta/models/{MODEL}:generateContent", json=body, headers=diag,
+                          timeout=60).json()
+
+    gemini("You are terse.")
+    d = gemini("You are verbose.")["promptcache_diagnosis"]
+    assert d["reason"] == "diverged" and d["divergence"]["path"] == "contents[0].system"

@@ -12,6 +12,7 @@ import pytest
 
 from promptcache.cache.disk_tier import DiskTier
 from promptcache.cache.hashing import BlockHash, hash_block, namespace_hash
+from promptcache.cache.redis_tier import CircuitBreaker
 from promptcache.cache.tier_format import (
     HEADER_SIZE,
     CorruptObject,
@@ -21,7 +22,7 @@ from promptcache.cache.tier_format import (
     layout_digest,
     verify,
 )
-from promptcache.cache.tiers import CircuitBreaker, TierStack, contains, get, should_load
+from promptcache.cache.tiers import TierStack, contains, get, should_load
 
 NS = digest("model-a|bfloat16")
 LAYOUT = layout_digest("bfloat16", 2, 2, 16, 16, "kv-head-major-v1")
@@ -119,7 +120,7 @@ def test_disk_capacity_evicts_least_recently_used_and_keeps_retained_longest(tmp
         now[0] += 1
         disk.put(hs[i], *obj(hs[i], i), ttl_s=0)
     now[0] += 1
-    disk.get_many([hs[1]])  # used again: hs[2] is now the least recently used unretained object
+    disk.touch(hs[1], 0.0)  # used again (the stack touches what it loaded): hs[2] is now the least recent
     now[0] += 1
     disk.put(hs[3], *obj(hs[3], 3), ttl_s=0)
     assert set(disk.stored_hashes()) == {hs[0], hs[1], hs[3]} and disk.evicted == 1
@@ -233,6 +234,8 @@ def test_the_stack_loads_the_longest_verified_run_across_tiers(tmp_path: Path) -
     assert stack.counters["slow"].corrupt == 1 and not p.exists()  # discarded, never served
     assert stack.counters["fast"].hit_blocks == 2 and stack.counters["slow"].hit_blocks == 2
     assert stack.counters["slow"].miss_blocks == 2
+    stack.load(hs[:1])  # a verified load refreshes recency (through the writer's touch)
+    assert stack.flush() and fast.stored_hashes()[-1] == hs[0]
     stack.close()
 
 

@@ -147,22 +147,17 @@ class DiskTier:
         return n
 
     def get_many(self, hashes: Sequence[BlockHash]) -> list[bytes | None]:
+        """Reads only: recency is refreshed by the ``touch`` the stack sends once an object verified
+        (a corrupt object must not look recently used)."""
         out: list[bytes | None] = []
-        now = self.clock()
         for h in hashes:
-            path = self._path(h)
             try:
-                data = path.read_bytes()
+                out.append(self._path(h).read_bytes())
             except FileNotFoundError:
                 self._forget(h)
                 out.append(None)
-                continue
             except OSError as e:
                 raise TierError(f"disk cache read failed: {e}") from e
-            self._used(h, now)
-            with contextlib.suppress(OSError):
-                os.utime(path, (now, now))
-            out.append(data)
         return out
 
     def put(self, block_hash: BlockHash, header: bytes, payload: memoryview, ttl_s: float) -> None:
@@ -229,13 +224,6 @@ class DiskTier:
         pass
 
     # ---- internals -----------------------------------------------------------------------------
-
-    def _used(self, h: BlockHash, now: float) -> None:
-        with self._lock:
-            entry = self._index.get(h)
-            if entry is not None:
-                entry.last_used = now
-                self._index.move_to_end(h)
 
     def _forget(self, h: BlockHash) -> None:
         with self._lock:

@@ -12,23 +12,60 @@ breaker: a slow or dead Redis costs misses and counters, never a stalled or fail
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
 
 from promptcache.cache.hashing import BlockHash
-from promptcache.cache.tiers import CircuitBreaker, TierError
+from promptcache.cache.tiers import TierError
 
 T = TypeVar("T")
 KEY_PREFIX = "promptcache:kv:"
+
+
+class CircuitBreaker:
+    """After ``failures`` consecutive failures the circuit opens: calls fail at once for
+    ``cooldown_s``; then one call is let through, and its success closes the circuit again."""
+
+    def __init__(self, failures: int = 3, cooldown_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.failures, self.cooldown_s, self.clock = failures, cooldown_s, clock
+        self._consecutive = 0
+        self._opened_at: float | None = None
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if self.clock() - self._opened_at >= self.cooldown_s:
+                self._opened_at = self.clock()  # half-open: this caller probes, the others wait
+                return True
+            return False
+
+    def success(self) -> None:
+        with self._lock:
+            self._consecutive = 0
+            self._opened_at = None
+
+    def failure(self) -> None:
+        with self._lock:
+            self._consecutive += 1
+            if self._consecutive >= self.failures:
+                self._opened_at = self.clock()
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened_at is not None
 
 
 class RedisTier:
     name = "redis"
 
     def __init__(self, url: str, default_ttl_s: float = 3600.0, timeout_s: float = 0.25,
-                 key_prefix: str = KEY_PREFIX, breaker: CircuitBreaker | None = None) -> None:
+                 key_prefix: str = KEY_PREFIX, cooldown_s: float = 5.0) -> None:
         if not default_ttl_s > 0:
             raise ValueError("the Redis ttl must be > 0 seconds")
         try:
@@ -39,7 +76,7 @@ class RedisTier:
         self.url = url
         self.default_ttl_s = default_ttl_s
         self.prefix = key_prefix
-        self.breaker = breaker or CircuitBreaker()
+        self.breaker = CircuitBreaker(failures=3, cooldown_s=cooldown_s)
 
     def key(self, h: BlockHash) -> str:
         return self.prefix + h.hex()

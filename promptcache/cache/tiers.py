@@ -96,41 +96,6 @@ _COUNTER_LOCK = threading.Lock()
 PROBE_EVERY = 16  # a tier skipped as slower is loaded anyway once in this many runs: its rate is re-measured
 
 
-class CircuitBreaker:
-    """After ``failures`` consecutive failures the circuit opens: calls fail at once for
-    ``cooldown_s``; then one call is let through, and its success closes the circuit again."""
-
-    def __init__(self, failures: int = 3, cooldown_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
-        self.failures, self.cooldown_s, self.clock = failures, cooldown_s, clock
-        self._consecutive = 0
-        self._opened_at: float | None = None
-        self._lock = threading.Lock()
-
-    def allow(self) -> bool:
-        with self._lock:
-            if self._opened_at is None:
-                return True
-            if self.clock() - self._opened_at >= self.cooldown_s:
-                self._opened_at = self.clock()  # half-open: this caller probes, the others wait
-                return True
-            return False
-
-    def success(self) -> None:
-        with self._lock:
-            self._consecutive = 0
-            self._opened_at = None
-
-    def failure(self) -> None:
-        with self._lock:
-            self._consecutive += 1
-            if self._consecutive >= self.failures:
-                self._opened_at = self.clock()
-
-    @property
-    def is_open(self) -> bool:
-        return self._opened_at is not None
-
-
 @dataclass
 class _Write:
     block_hash: BlockHash
@@ -222,12 +187,12 @@ class _Writer:
 
 @dataclass
 class LoadedRun:
-    """What ``TierStack.load`` found: payloads for ``hashes[:len(payloads)]``, each block's tier."""
+    """What ``TierStack.load`` found: payloads for ``hashes[:len(payloads)]``, each block's tier and
+    retention."""
 
     payloads: list[memoryview] = field(default_factory=list)
     tiers: list[str] = field(default_factory=list)
     ttls: list[float] = field(default_factory=list)  # each block's retention, from its header
-    seconds: float = 0.0
     skipped: str | None = None  # the tier whose run was not loaded because recomputing is faster
 
 
@@ -282,7 +247,6 @@ class TierStack:
     def load(self, hashes: Sequence[BlockHash], recompute_s_per_block: float | None = None) -> LoadedRun:
         """The longest run of ``hashes`` (from the first) the tiers hold, verified."""
         run = LoadedRun()
-        started = time.perf_counter()
         i = 0
         while i < len(hashes):
             got = 0
@@ -297,7 +261,6 @@ class TierStack:
             i += got
         if i < len(hashes) and self.tiers and run.skipped is None:
             self.counters[self.tiers[-1].name].add(miss_blocks=len(hashes) - i)
-        run.seconds = time.perf_counter() - started
         return run
 
     def _load_from(self, tier: Tier, hashes: Sequence[BlockHash], run: LoadedRun,
@@ -352,9 +315,6 @@ class TierStack:
         rate = num_bytes / max(seconds, 1e-9)
         old = self._rate.get(name)
         self._rate[name] = rate if old is None else 0.7 * old + 0.3 * rate
-
-    def load_rate(self, name: str) -> float | None:
-        return self._rate.get(name)
 
     # ---- inspection ----------------------------------------------------------------------------
 

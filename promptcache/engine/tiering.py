@@ -32,7 +32,7 @@ from promptcache.cache import BELOW_ONE_BLOCK, IN_FLIGHT, REUSED_ALL, BlockHash,
 from promptcache.cache.disk_tier import DiskTier
 from promptcache.cache.namespace import KV_LAYOUT, Namespace
 from promptcache.cache.tier_format import digest, layout_digest
-from promptcache.cache.tiers import CircuitBreaker, LoadedRun, Tier, TierStack
+from promptcache.cache.tiers import LoadedRun, Tier, TierStack
 from promptcache.engine.config import TierConfig
 from promptcache.engine.model_runner import ModelRunner
 from promptcache.engine.precision import dtype_name
@@ -65,7 +65,7 @@ def build_tiers(config: TierConfig) -> list[Tier]:
         from promptcache.cache.redis_tier import RedisTier  # the redis client only when asked for
 
         tiers.append(RedisTier(config.redis_url, config.redis_ttl, config.redis_timeout,
-                               breaker=CircuitBreaker(failures=3, cooldown_s=config.redis_cooldown)))
+                               cooldown_s=config.redis_cooldown))
     return tiers
 
 

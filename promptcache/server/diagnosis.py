@@ -23,10 +23,13 @@ from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from promptcache.engine.api import EVICTED, EXPIRED, NOT_CACHED, RESET, REUSED_ALL, Usage
 from promptcache.sequences import common_prefix_len
+
+if TYPE_CHECKING:
+    from promptcache.server.prompt import TemplateMessage
 
 WINDOW = 40  # characters of each version shown around a divergence
 TOOLS, SYSTEM, MESSAGES = "tools", "system", "messages"
@@ -318,3 +321,17 @@ def anthropic_diagnostics(diag: Diagnosis) -> dict[str, Any] | None:
     else:
         return {"cache_miss_reason": {"type": "unavailable"}}
     return {"cache_miss_reason": {"type": kind, "cache_missed_input_tokens": diag.missed_tokens}}
+
+
+def conversation_parts(tool_dicts: Sequence[dict[str, Any]] | None, messages: Sequence[TemplateMessage], where: str,
+                       head: Sequence[Part] = ()) -> list[Part]:
+    """A rendered conversation as a diagnosis names it: each tool, then ``head`` (e.g. the
+    instructions), then each message's text parts and tool calls, as ``{where}[i].{role}``."""
+    parts = [Part(f"tools[{k}]", TOOLS, json.dumps(t, ensure_ascii=False)) for k, t in enumerate(tool_dicts or [])]
+    parts += head
+    for i, m in enumerate(messages):
+        kind = SYSTEM if m.role == "system" else MESSAGES
+        parts += [Part(f"{where}[{i}].{m.role}", kind, p) for p in m.parts]
+        if m.extra:
+            parts.append(Part(f"{where}[{i}].calls", kind, json.dumps(m.extra, ensure_ascii=False)))
+    return parts

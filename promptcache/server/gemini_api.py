@@ -21,7 +21,7 @@ from promptcache.engine.api import NO_RETENTION, RequestOutput, RequestSpec
 from promptcache.server import cached_contents as cc
 from promptcache.server import misses, openapi
 from promptcache.server.body import JsonBody
-from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Part
+from promptcache.server.diagnosis import conversation_parts
 from promptcache.server.errors import ApiError, error_json, gemini_error_body
 from promptcache.server.gemini_contents import (
     add_routes,
@@ -45,7 +45,6 @@ from promptcache.server.tools import Tool, ToolCall, ToolPlan
 
 router = APIRouter(tags=["Gemini"])
 Tenant = Annotated[str | None, Depends(tenant_of)]
-PREFIXES = ("/v1beta", "/v1")
 
 
 # ---- models ----------------------------------------------------------------------------------------
@@ -95,16 +94,6 @@ def _prompt(state: ServerState, body: GenerateContentRequest, cached: cc.CachedC
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     return prompt.token_ids, messages, tool_dicts, tools, config
-
-
-def _parts(messages: list[TemplateMessage], tool_dicts: list[dict[str, Any]] | None) -> list[Part]:
-    parts = [Part(f"tools[{k}]", TOOLS, json.dumps(t, ensure_ascii=False)) for k, t in enumerate(tool_dicts or [])]
-    for i, m in enumerate(messages):
-        kind = SYSTEM if m.role == "system" else MESSAGES
-        parts += [Part(f"contents[{i}].{m.role}", kind, p) for p in m.parts]
-        if m.extra:
-            parts.append(Part(f"contents[{i}].calls", kind, json.dumps(m.extra, ensure_ascii=False)))
-    return parts
 
 
 def usage_metadata(out: RequestOutput) -> dict[str, Any]:
@@ -188,7 +177,8 @@ async def generate(request: Request, tenant: str | None, model_path: str, body: 
     endpoint = "generateContent"
     gen = await Generation.start(state, request, endpoint, RequestSpec(rid, prompt_ids, params, tenant, NO_RETENTION))
     try:
-        extra = await misses.response_fields(state, request, tenant, rid, lambda: _parts(messages, tool_dicts),
+        extra = await misses.response_fields(state, request, tenant, rid,
+                                             lambda: conversation_parts(tool_dicts, messages, "contents"),
                                              prompt_ids, gen.first, None, "", lambda d: None)
         gen.on_finish(misses.on_finish(state, tenant, endpoint, gen.ttft_s))
     except BaseException:

@@ -22,7 +22,7 @@ from promptcache.engine.api import RequestOutput, RequestSpec, Retention, Struct
 from promptcache.server import misses, openapi
 from promptcache.server import responses_format as rfmt
 from promptcache.server.body import JsonBody
-from promptcache.server.diagnosis import MESSAGES, SYSTEM, TOOLS, Part, openai_diagnostics
+from promptcache.server.diagnosis import SYSTEM, Part, conversation_parts, openai_diagnostics
 from promptcache.server.errors import ApiError
 from promptcache.server.generation import EventStream, Generation
 from promptcache.server.openai_api import plan_tools, retention_ttl
@@ -163,16 +163,8 @@ def _build(state: ServerState, body: ResponseCreateRequest,
 
 
 def _parts(body: ResponseCreateRequest, conversation: list[TemplateMessage]) -> list[Part]:
-    tools = _tool_dicts(body) or []
-    parts = [Part(f"tools[{k}]", TOOLS, json.dumps(t, ensure_ascii=False)) for k, t in enumerate(tools)]
-    if body.instructions:
-        parts.append(Part("instructions", SYSTEM, body.instructions))
-    for i, m in enumerate(conversation):
-        kind = SYSTEM if m.role == "system" else MESSAGES
-        parts += [Part(f"conversation[{i}].{m.role}", kind, p) for p in m.parts]
-        if m.extra:
-            parts.append(Part(f"conversation[{i}].calls", kind, json.dumps(m.extra, ensure_ascii=False)))
-    return parts
+    head = [Part("instructions", SYSTEM, body.instructions)] if body.instructions else []
+    return conversation_parts(_tool_dicts(body), conversation, "conversation", head)
 
 
 def _echo(body: ResponseCreateRequest) -> dict[str, Any]:
