@@ -32,9 +32,9 @@ lint: install-dev
 types: install-dev
 	$(BIN)/mypy promptcache/cache promptcache/engine promptcache/server promptcache/model promptcache/bench promptcache/cluster
 
-# Debian packages the tests start for real (a redis-server per test that needs one)
+# Debian packages the tests start for real (a redis-server per test that needs one; chromium for the dashboard)
 unit: install-dev
-	scripts/ensure-debian-packages.sh redis-server=redis-server
+	scripts/ensure-debian-packages.sh redis-server=redis-server chromium=chromium
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test: lint types unit

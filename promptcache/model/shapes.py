@@ -154,8 +154,11 @@ def _token_ids() -> dict[str, int]:
     return {t["content"]: t["id"] for t in vocab["added_tokens"]}
 
 
-def write_checkpoint(shape: str, out: str | Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """Write a random-weight checkpoint of ``shape`` into directory ``out`` and return it."""
+def write_checkpoint(
+    shape: str, out: str | Path, dtype: str = "bfloat16", seed: int = 0, tensors: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write a checkpoint of ``shape`` into directory ``out`` and return it: random weights from
+    ``seed``, or ``tensors`` (transformers' names, e.g. a trained model's state dict)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
     if dtype not in ("bfloat16", "float16", "float32"):
@@ -175,7 +178,11 @@ def write_checkpoint(shape: str, out: str | Path, dtype: str = "bfloat16", seed:
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(TOKENIZER_DIR / name, out / name)
-    save_file(_hf_tensors(cfg, seed, torch_dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+    if tensors is None:
+        tensors = _hf_tensors(cfg, seed, torch_dtype)
+    else:
+        tensors = {k: v.detach().to(torch_dtype).contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 

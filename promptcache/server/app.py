@@ -1,4 +1,4 @@
-"""The FastAPI application: both dialects on one async engine, plus /health, /metrics and /docs."""
+"""The FastAPI application: every dialect on one async engine, plus /health, /metrics, /docs and /dashboard."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from promptcache.engine.api import AsyncEngine
@@ -19,6 +20,7 @@ from promptcache.server.config import (
     DEFAULT_OUTPUT_CAP,
 )
 from promptcache.server.costs import PriceTable
+from promptcache.server.dashboard import add_dashboard
 from promptcache.server.diagnosis import History
 from promptcache.server.errors import install_error_handlers
 from promptcache.server.metrics import ServerMetrics, StatusCounterMiddleware
@@ -64,7 +66,8 @@ def create_app(
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     if not 0 < body_timeout_s < float("inf"):
         raise ValueError(f"body_timeout_s must be a positive number of seconds, got {body_timeout_s}")
-    app = FastAPI(title="promptcache", description=DESCRIPTION, version="0.1.0")
+    # /docs and /redoc load Swagger UI and ReDoc from the installed package, not a CDN
+    app = FastAPIOffline(title="promptcache", description=DESCRIPTION, version="0.1.0")
     metrics = ServerMetrics(aengine)
     max_prompt_chars = prompt_char_limit(aengine.info.tokenizer, aengine.info.max_model_len)
     price_table = prices if isinstance(prices, PriceTable) else PriceTable.load(prices, names)
@@ -78,6 +81,7 @@ def create_app(
     app.include_router(responses_api.router)
     app.include_router(gemini_api.router)
     app.include_router(gemini_caches.router)
+    add_dashboard(app, api_keys, operators)
 
     @app.get("/health", tags=["Server"], summary="Liveness: 200 while the engine loop runs",
              responses=openapi.HEALTH)

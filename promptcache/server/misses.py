@@ -14,6 +14,7 @@ computed tokens, where reuse ended and the engine's reason, time to first token.
 from __future__ import annotations
 
 import logging
+import time
 from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
 from promptcache.engine.api import RequestOutput
+from promptcache.server.activity import OPEN_TENANT, RequestEvent
 from promptcache.server.diagnosis import Diagnosis, Part, PromptRecord, diagnose, lint
 from promptcache.server.state import ServerState
 
@@ -44,13 +46,26 @@ def explain(state: ServerState, request: Request, tenant: str | None, rid: str, 
     worker thread: finding the closest earlier prompt compares token ids."""
     model = state.model_names[0]  # the served model: aliases of it share one cache
     diag = None
-    if named is not None or ours:
+    asked = named is not None or ours
+    computed = first.usage.prompt_tokens - first.usage.cached_tokens
+    if asked or (state.history.enabled and state.activity.should_diagnose(computed, state.block_size)):
         prev = state.history.get(tenant, named) if named is not None else state.history.closest(tenant, token_ids, rid)
         diag = diagnose(prev, parts, model, token_ids, first.usage, state.block_size, named)
-        lint(state.history, tenant, diag)
+        if asked:  # lint counts the divergences clients are told about
+            lint(state.history, tenant, diag)
+        if not _new_question(prev, diag):
+            state.activity.note_diagnosis(tenant, rid, diag.as_dict())
     if state.history.enabled and request.headers.get(HISTORY_HEADER, "").strip().lower() != "off":
         state.history.add(tenant, PromptRecord(rid, model, tuple(parts), array("i", token_ids)))
     return diag
+
+
+def _new_question(prev: PromptRecord | None, diag: Diagnosis) -> bool:
+    """Only the earlier prompt's last part differs (the same system prompt and history, another
+    question): the expected case of a conversation, not reuse the dashboard should call lost."""
+    d = diag.divergence
+    return (diag.reason == "diverged" and d is not None and prev is not None and bool(prev.parts)
+            and d["path"] == prev.parts[-1].path)
 
 
 async def response_fields(state: ServerState, request: Request, tenant: str | None, rid: str,
@@ -100,6 +115,12 @@ def on_finish(state: ServerState, tenant: str | None, endpoint: str, ttft_s: flo
         cost = state.prices.cost(state.model_names[0], out.usage)
         state.metrics.observe_cost(tenant, cost.total, cost.without_cache)
         log_request(tenant, endpoint, out, ttft_s)
+        u = out.usage
+        state.activity.record(RequestEvent(
+            t=time.time(), id=out.request_id, tenant=tenant or OPEN_TENANT, endpoint=endpoint,
+            prompt=u.prompt_tokens, cached=u.cached_tokens, generated=u.completion_tokens,
+            ttft_ms=round(ttft_s * 1000, 1), reason=u.reuse_stop.reason if u.reuse_stop is not None else "-",
+            cost_usd=cost.total, saved_usd=cost.saved, by_tier=dict(u.cached_tokens_by_tier)))
 
     return done
 

@@ -77,6 +77,24 @@ METRICS: dict[int | str, dict[str, Any]] = {
     401: {"description": "an operator key is needed (--admin-keys) on a server with API keys",
           "content": {"application/json": {"schema": _OPENAI_ERROR}}},
 }
+DASHBOARD_STATE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "totals, hit rate over time, recent requests, tenants, misses; with `engine` (KV blocks, "
+                         "evictions, tiers) for operators",
+          "content": {"application/json": {"schema": {
+              "type": "object", "required": ["version", "totals", "series", "requests", "tenants", "misses", "scope"],
+              "properties": {"version": {"type": "integer"}, "totals": {"type": "object"}, "series": {"type": "array"},
+                             "requests": {"type": "array"}, "tenants": {"type": "object"}, "misses": {"type": "array"},
+                             "scope": {"type": "string", "enum": ["all", "tenant"]}, "engine": {"type": "object"}}}}}},
+    401: {"description": "a key is needed on a server with API keys (an operator key sees every tenant)",
+          "content": {"application/json": {"schema": _OPENAI_ERROR}}},
+}
+DASHBOARD_EVENTS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "`event: state` with the JSON of /dashboard/api/state, on every change",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    401: DASHBOARD_STATE[401],
+    429: {"description": "too many dashboard streams are open",
+          "content": {"application/json": {"schema": _OPENAI_ERROR}}},
+}
 HEALTH: dict[int | str, dict[str, Any]] = {
     503: {"description": "the engine loop died or is not running",
           "content": {"application/json": {"schema": {"type": "object"}}}},

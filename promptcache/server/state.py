@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request
 
 from promptcache.engine.api import AsyncEngine, SamplingParams
+from promptcache.server.activity import ActivityLog
 from promptcache.server.auth import resolve_tenant
 from promptcache.server.cached_contents import CachedContents
 from promptcache.server.costs import PriceTable
@@ -46,6 +47,7 @@ class ServerState:
     responses: ResponseStore = field(default_factory=ResponseStore)  # stored Responses-API responses
     cached_contents: CachedContents = field(default_factory=CachedContents)  # Gemini's explicit caches
     pin_budget: int | None = None  # pinned tokens per tenant (--max-pinned-tokens; None: half the KV cache)
+    activity: ActivityLog = field(default_factory=ActivityLog)  # what the dashboard shows (server/dashboard.py)
 
     @property
     def max_pinned_tokens(self) -> int:
