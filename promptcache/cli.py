@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="one-shot generation, streamed to the terminal")
     add_engine_flags(g)
-    g.add_argument("prompt", nargs="?", default="The quick brown fox",
-                   help="the text to continue (default: 'The quick brown fox')")
+    g.add_argument("prompt", nargs="?", default="def fibonacci(n):",
+                   help="the text to continue (default: 'def fibonacci(n):', which the demo model completes)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0.0)")

@@ -1,4 +1,4 @@
-"""Rebuild the shipped assets: the byte-level BPE tokenizer and the embedded demo model.
+"""Rebuild the shipped byte-level BPE tokenizer (then ``scripts/train_demo_model.py`` trains the demo model).
 
 Run once by a developer (`.venv/bin/python scripts/build_assets.py`); the outputs are committed under
 promptcache/assets/. The tokenizer is trained on the Python standard library's sources (English
@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from promptcache.model.shapes import DEFAULT_MODEL_DIR, TOKENIZER_DIR, TOKENIZER_VOCAB, write_checkpoint  # noqa: E402
+from promptcache.model.shapes import TOKENIZER_DIR, TOKENIZER_VOCAB  # noqa: E402
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -88,5 +88,4 @@ def train_tokenizer() -> None:
 
 if __name__ == "__main__":
     train_tokenizer()
-    write_checkpoint("demo", DEFAULT_MODEL_DIR, dtype="bfloat16", seed=0)
-    print("tokenizer:", TOKENIZER_DIR, "default model:", DEFAULT_MODEL_DIR)
+    print("tokenizer:", TOKENIZER_DIR, "- now retrain the demo model for it: scripts/train_demo_model.py")
