@@ -36,8 +36,23 @@ def test_cache_is_torch_free_and_knows_no_engine():
 
 def test_the_routing_policy_is_pure():
     """cluster/policy.py decides from hashes and loads: no torch, no engine, no server, no Ray."""
-    assert offenders("cluster", ("torch", "promptcache.engine", "promptcache.model", "promptcache.server",
-                                 "ray")) == []
+    banned = ("torch", "promptcache.engine", "promptcache.model", "promptcache.server", "ray")
+    assert [o for o in offenders("cluster", banned) if o.startswith("cluster/policy.py")] == []
+    assert any(f == "cluster/policy.py" for f in imports_of("cluster"))
+
+
+def test_the_cluster_uses_the_engine_api_and_only_its_deployments_build_engines():
+    """cluster/ composes engine and server: the engine through engine/api.py (serve_app.py builds
+    the engines, as server/cli.py does), never the model; Ray stays in cluster/, an optional extra."""
+    assert [o for o in offenders("cluster", ("promptcache.model",)) if "serve_app.py" not in o] == []
+    engine_imports = [f"{file}: {name}" for file, names in imports_of("cluster").items()
+                      if file != "cluster/serve_app.py" for name in names
+                      if name.startswith("promptcache.engine") and name != "promptcache.engine.api"]
+    assert engine_imports == []
+    for package in ("cache", "engine", "model"):
+        assert offenders(package, ("ray", "promptcache.cluster")) == []
+    # the server runs without Ray: only its CLI (the composition root) reaches cluster/, for --replicas
+    assert [o for o in offenders("server", ("ray", "promptcache.cluster")) if not o.startswith("server/cli.py")] == []
 
 
 def test_model_never_sees_requests():

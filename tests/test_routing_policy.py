@@ -50,6 +50,18 @@ def test_distinct_prefixes_spread_with_load() -> None:
     assert abs(load["a"] - load["b"]) <= 256  # alternates: nothing to reuse, load decides
 
 
+def test_distinct_prefixes_spread_when_loads_are_equal() -> None:
+    # requests one after another: every replica is idle at each decision, so no load tells them
+    # apart; the prefix does (rendezvous hashing), and the same prefix keeps its replica
+    index = ReplicaIndex()
+    picks = [rank(chain("t", tokens(64, 500 + i)), None, [Replica("a", 0), Replica("b", 0)], index, BS)[0].name
+             for i in range(40)]
+    assert 10 <= picks.count("a") <= 30
+    again = [rank(chain("t", tokens(64, 500 + i)), None, [Replica("a", 0), Replica("b", 0)], index, BS)[0].name
+             for i in range(40)]
+    assert again == picks
+
+
 def test_a_replica_past_the_load_bound_is_passed_over() -> None:
     index = ReplicaIndex()
     c = chain("t", tokens(512, 2))

@@ -94,6 +94,12 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| deterministic mode: {label} | {_fmt(report['deterministic'][key], spec)} |")
     for key, value in report.get("tenant_probe", {}).items():
         lines.append(f"| tenant probe: {key.replace('_', ' ')} | {value} |")
+    multi = report.get("multi_replica")
+    if multi:
+        for mode, row in multi["modes"].items():
+            lines.append(f"| multi-replica, {mode.replace('_', '-')}: total | {row['total_s']} s; token hit rate "
+                         f"{row['token_hit_rate']:.3f}; resends fully hit {row['resend_full_hit_rate']:.2f}; "
+                         f"max replica load {row['max_load_vs_mean'] or 0:.2f}x mean |")
     tier = report.get("tier")
     if tier:
         for arm, ms in tier["median_ttft_ms"].items():

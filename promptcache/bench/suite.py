@@ -12,6 +12,7 @@ import torch
 
 from promptcache.bench.backends import Backend, EngineBackend
 from promptcache.bench.baselines import TransformersBaseline
+from promptcache.bench.cluster_bench import MultiReplica, multi_replica_targets
 from promptcache.bench.machine import (
     describe_host,
     gemm_flops_per_s,
@@ -26,11 +27,11 @@ from promptcache.bench.tier_bench import TierBench, tier_targets
 from promptcache.bench.workloads import LongDoc, MultiTurn, SharedPrefix, TokenSource, Workload
 from promptcache.engine.precision import dtype_name
 
-WORKLOADS = ("prefix-pair", "shared-prefix", "multi-turn", "long-doc", "tenant-probe", "tier")
+WORKLOADS = ("prefix-pair", "shared-prefix", "multi-turn", "long-doc", "tenant-probe", "tier", "multi-replica")
 
 WORKLOAD_CLASSES: dict[str, type] = {"prefix-pair": PrefixPair, "shared-prefix": SharedPrefix,
                                      "multi-turn": MultiTurn, "long-doc": LongDoc, "tenant-probe": TenantProbe,
-                                     "tier": TierBench}
+                                     "tier": TierBench, "multi-replica": MultiReplica}
 
 
 def _shape_defaults(cls: type) -> dict[str, Any]:
@@ -48,8 +49,11 @@ def _opt(args: argparse.Namespace, name: str) -> Any:
     return DEFAULTS[args.workload][name] if value is None else value
 
 
-def build_workload(args: argparse.Namespace) -> Workload | PrefixPair | TenantProbe | TierBench:
+def build_workload(args: argparse.Namespace) -> Workload | PrefixPair | TenantProbe | TierBench | MultiReplica:
     w, o = args.workload, lambda name: _opt(args, name)
+    if w == "multi-replica":
+        return MultiReplica(o("tenants"), o("users"), o("rounds"), o("prefix_tokens"), o("question_tokens"),
+                            o("output_tokens"), o("replicas"), args.seed)
     if w == "tier":
         return TierBench(o("prompt_tokens"), o("suffix_tokens"), args.repeats, args.seed)
     if w == "tenant-probe":
@@ -103,6 +107,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         return _tenant_probe(args, workload)
     if isinstance(workload, TierBench):
         return _tier(args, workload)
+    if isinstance(workload, MultiReplica):
+        return _multi_replica(args, workload, progress)
     arms = build_arms(args, both=not isinstance(workload, PrefixPair))
     reference = arms.get("no-cache", arms["cache"])
     baseline = _baseline(args, reference)
@@ -152,6 +158,18 @@ def _tier(args: argparse.Namespace, workload: TierBench) -> dict[str, Any]:
     result = workload.run(engine_config_from_args(args))
     return {"workload": "tier", "params": workload.params(), "tier": result, "engine": result.pop("engine"),
             "host": describe_host(), "targets": tier_targets(result)}
+
+
+def _multi_replica(args: argparse.Namespace, workload: MultiReplica, progress: bool) -> dict[str, Any]:
+    if args.url:
+        raise ValueError("multi-replica starts its own replicas on Ray Serve, a deployment per routing mode "
+                         "(no --url)")
+    from promptcache.engine.config import engine_config_from_args
+
+    cpus = args.threads or os.cpu_count() or 1
+    result = workload.run(engine_config_from_args(args).replace(enable_prefix_caching=True), cpus, progress)
+    return {"workload": "multi-replica", "params": workload.params(), "multi_replica": result,
+            "host": describe_host(), "targets": multi_replica_targets(result)}
 
 
 def _throughput(args: argparse.Namespace, report: dict[str, Any], workload: Workload | PrefixPair,

@@ -22,10 +22,12 @@ shares does not pull all tenants to one replica. Torch-free and Ray-free: tested
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from promptcache.cache.hashing import BlockHash
 
@@ -53,6 +55,12 @@ class Choice:
     cost: float
     matched_blocks: int  # of the chain, held by this replica
     reason: str  # "affinity" | "least_cost" | "load_bound" | "hot_spread" | "fallback"
+
+
+class Holdings(Protocol):
+    def matched(self, replica: str, chain: Sequence[BlockHash]) -> int:
+        """Blocks of ``chain``, from the first on, that ``replica`` holds."""
+        ...
 
 
 class ReplicaIndex:
@@ -109,7 +117,14 @@ class HotPrefixes:
         return len(times)
 
 
-def rank(chain: Sequence[BlockHash], cache_key: str | None, replicas: Sequence[Replica], index: ReplicaIndex,
+def _tiebreak(chain: Sequence[BlockHash], replica: str) -> bytes:
+    """Equal costs (nothing held, equal load) are broken by a hash of the prefix's first block and
+    the replica (rendezvous hashing): distinct prefixes spread evenly, the same one picks the same."""
+    head = bytes(chain[0]) if chain else b""
+    return hashlib.blake2b(head + replica.encode(), digest_size=8).digest()
+
+
+def rank(chain: Sequence[BlockHash], cache_key: str | None, replicas: Sequence[Replica], index: Holdings,
          block_size: int, shared: Callable[[Sequence[BlockHash]], int] | None = None,
          costs: Costs = Costs(), hot: HotPrefixes | None = None) -> list[Choice]:
     """Live replicas, best first. ``shared(chain_rest)`` says how many blocks from the start of the
@@ -126,7 +141,7 @@ def rank(chain: Sequence[BlockHash], cache_key: str | None, replicas: Sequence[R
         cost = (compute * costs.compute_per_block + fetchable * costs.fetch_per_block
                 + r.load_tokens / block_size * costs.load_per_block)
         scored.append((cost, r.name, matched, r))
-    scored.sort(key=lambda s: (s[0], s[1]))
+    scored.sort(key=lambda s: (s[0], _tiebreak(chain, s[1])))
     mean = sum(r.load_tokens for r in live) / len(live)
     bound = costs.max_load_ratio * mean
 

@@ -35,3 +35,8 @@ class EngineStats:
     reuse_stops: dict[str, int]  # admitted requests by why prefix reuse ended (cache.ReuseStop.reason)
     tiers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per lower tier (LLMEngine.tier_stats)
     cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # cached tokens loaded from each
+    # a cluster's ingress (cluster/remote.py) also reports, from its routers: each replica's counters,
+    # requests routed by (replica, reason), and replicas dropped from the routing index by why
+    replicas: dict[str, dict[str, int]] = field(default_factory=dict)
+    routing: dict[tuple[str, str], int] = field(default_factory=dict)
+    dropped_replicas: dict[str, int] = field(default_factory=dict)

@@ -5,6 +5,7 @@ One step is: schedule -> run the model -> commit newly full blocks and process o
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable
 from typing import Any
@@ -312,6 +313,17 @@ class LLMEngine:
         c = self.usage.counters
         return EngineStats(self.stats(), dict(c.finished), dict(c.reuse_stops), self.tier_stats(),
                            dict(c.cached_tokens_by_tier))
+
+    def routing_summary(self, max_hashes: int = 4096, prefix_bytes: int = 8) -> dict[str, Any]:
+        """What a cluster router needs (cluster/): tokens of work queued and running (prompt tokens
+        still to compute plus tokens still to generate), and the hashes (first ``prefix_bytes``) of
+        the ``max_hashes`` most recently used cached blocks."""
+        load = 0
+        for req in (*self.scheduler.waiting, *self.scheduler.running):
+            load += max(0, req.num_prompt_tokens - req.num_computed_tokens)
+            load += max(0, req.params.max_tokens - len(req.output_token_ids))
+        recent = heapq.nlargest(max_hashes, self.kv.index.entries(), key=lambda e: e[1].last_used)
+        return {"load_tokens": load, "held": [h[:prefix_bytes] for h, _ in recent]}
 
     def tier_stats(self) -> dict[str, dict[str, Any]]:
         """Per lower tier: hits, misses, bytes read and written, load time, errors, corrupt objects

@@ -39,6 +39,7 @@ class RequestOutput:
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    served_by: str | None = None  # the replica that ran it (set by cluster/; None on a single server)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class RequestSpec:
     params: SamplingParams
     tenant: str | None = None
     retention: Retention = NO_RETENTION
+    cache_key: str | None = None  # the client's prompt_cache_key: a routing hint for cluster/, unused here
 
 
 class Request:

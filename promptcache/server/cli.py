@@ -48,6 +48,8 @@ def serve(args: argparse.Namespace) -> int:
     elif admin_keys and not api_keys:
         print("promptcache: note: --admin-keys without --api-keys: the server is open, /metrics too",
               file=sys.stderr)
+    if cfg.replicas > 0:
+        return _serve_cluster(cfg, args, api_keys, admin_keys)
     sock = _bind(cfg.host, cfg.port)  # before the model loads: a port in use is one line, at once
     engine = LLMEngine(engine_config_from_args(args))
     aengine = AsyncEngine(engine, max_waiting=cfg.max_waiting)
@@ -70,6 +72,41 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         aengine.shutdown()
         sock.close()
+    return 0
+
+
+def _serve_cluster(cfg: Any, args: argparse.Namespace, api_keys: dict[str, str] | None,
+                   admin_keys: tuple[str, ...]) -> int:
+    """``--replicas N``: Ray on this machine, N engine replicas behind cache-aware routing, the same
+    app as the ingress (cluster/serve_app.py); blocks until interrupted."""
+    import signal
+    import threading
+
+    from promptcache.engine.config import engine_config_from_args
+
+    try:
+        from promptcache.cluster import serve_app
+    except ImportError as e:
+        raise ValueError(f"--replicas needs Ray Serve: pip install 'promptcache[cluster]' ({e})") from None
+    _bind(cfg.host, cfg.port).close()  # a port in use is one line, before Ray starts
+    engine_config = engine_config_from_args(args)
+    app_options = {"api_keys": api_keys, "model_names": cfg.served_model_name, "admin_keys": admin_keys,
+                   "max_request_bytes": cfg.max_request_bytes, "body_timeout_s": cfg.body_timeout_s,
+                   "diagnosis_history": cfg.diagnosis_history, "prices": cfg.prices,
+                   "default_max_tokens": cfg.default_max_tokens, "max_pinned_tokens": cfg.max_pinned_tokens}
+    app = serve_app.build(engine_config, cfg.replicas, app_options, routing=cfg.routing, max_waiting=cfg.max_waiting,
+                          cpus_per_replica=cfg.cpus_per_replica)
+    _log_requests(cfg.log_level)
+    stop = threading.Event()
+    try:
+        serve_app.start_local(app, cfg.host, cfg.port)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"promptcache: serving {cfg.replicas} replica(s) on Ray Serve, routing: {cfg.routing}, at "
+              f"http://{cfg.host}:{cfg.port}  (dashboard: http://{cfg.host}:{cfg.port}/dashboard)", flush=True)
+        stop.wait()
+    finally:
+        serve_app.stop_local()
     return 0
 
 

@@ -11,6 +11,7 @@ DEFAULT_BODY_TIMEOUT_S = 60.0
 DEFAULT_DIAGNOSIS_HISTORY = 64
 DEFAULT_OUTPUT_CAP = 4096  # a request without max_tokens once generated 600 s to the end of the context
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+ROUTING_MODES = ("policy", "round_robin", "prefix_hash")  # cluster/router.py MODES
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,12 @@ class ServerConfig:
                                         "memory (default: half the KV cache)", metavar="N")
     prices: str | None = opt(None, "JSON file of prices per million tokens for the cost fields (default: "
                              "provider-like ratios, docs/server.md)", metavar="FILE")
+    replicas: int = opt(0, "engine replicas on Ray Serve behind cache-aware routing (pip install "
+                        "'promptcache[cluster]'; with --redis-url they share prefixes); 0: one engine in this "
+                        "process, no Ray", metavar="N")
+    routing: str = opt("policy", "how --replicas routes requests: policy (cache- and load-aware), or the "
+                       "baselines round_robin and prefix_hash", choices=ROUTING_MODES)
+    cpus_per_replica: float = opt(1.0, "CPUs Ray reserves for each engine replica (with --replicas)", metavar="N")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -58,5 +65,11 @@ class ServerConfig:
             raise ValueError("max_pinned_tokens must be >= 0")
         if self.diagnosis_history < 0:
             raise ValueError("diagnosis_history must be >= 0")
+        if self.replicas < 0:
+            raise ValueError("replicas must be >= 0")
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {', '.join(ROUTING_MODES)}")
+        if not self.cpus_per_replica >= 0:
+            raise ValueError("cpus_per_replica must be >= 0")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from promptcache.engine.api import EngineDead, EngineOverloaded, RequestOutput, RequestSpec
 from promptcache.server.errors import ENGINE_FAILED, ApiError
+from promptcache.server.metrics import REPLICA_STATE
 from promptcache.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class Generation:
         except Exception as e:
             raise _engine_failed(spec.request_id, e) from None
         state.metrics.observe_ttft(endpoint, started)
+        if first.served_by is not None:  # a cluster replica ran it: the response names it (metrics.py)
+            request.scope.setdefault("state", {})[REPLICA_STATE] = first.served_by
         return cls(stream, first, time.monotonic() - started)
 
     async def next(self) -> RequestOutput:

@@ -20,6 +20,8 @@ from promptcache.engine.api import AsyncEngine
 # Paths counted by name; anything else is "other", so a scanner cannot blow up label cardinality.
 API_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
              "/v1/models", "/health", "/metrics")
+REPLICA_STATE = "promptcache_replica"  # scope["state"] key: the replica that served the request
+REPLICA_HEADER = b"x-promptcache-replica"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 _COUNTERS = {  # engine stats key -> (metric name without _total, help)
@@ -116,6 +118,36 @@ class EngineCollector(Collector):
             stops.add_metric([reason], count)
         yield stops
         yield from _tier_metrics(snap.tiers, snap.cached_tokens_by_tier)
+        yield from _cluster_metrics(snap.replicas, snap.routing, snap.dropped_replicas)
+
+
+def _cluster_metrics(replicas: dict[str, dict[str, int]], routing: dict[tuple[str, str], int],
+                     dropped: dict[str, int]) -> Iterable[Metric]:
+    """A cluster ingress' view (cluster/remote.py): per replica, and the routers' decisions."""
+    if not replicas and not routing:
+        return
+    prompt = CounterMetricFamily("promptcache_replica_prompt_tokens", "Prompt tokens per replica", labels=["replica"])
+    cached = CounterMetricFamily("promptcache_replica_cached_tokens", "Cached prompt tokens per replica",
+                                 labels=["replica"])
+    rate = GaugeMetricFamily("promptcache_replica_hit_rate", "cached_tokens / prompt_tokens per replica",
+                             labels=["replica"])
+    for name, row in sorted(replicas.items()):
+        p, c = row.get("prompt_tokens", 0), row.get("cached_tokens", 0)
+        prompt.add_metric([name], p)
+        cached.add_metric([name], c)
+        rate.add_metric([name], c / p if p else 0.0)
+    yield from (prompt, cached, rate)
+    decisions = CounterMetricFamily("promptcache_routing_decisions", "Requests routed, by replica and reason "
+                                    "(affinity, least_cost, load_bound, hot_spread, fallback, round_robin, "
+                                    "prefix_hash)", labels=["replica", "reason"])
+    for (name, reason), count in sorted(routing.items()):
+        decisions.add_metric([name, reason], count)
+    yield decisions
+    gone = CounterMetricFamily("promptcache_routing_replicas_dropped", "Replicas dropped from the routing index "
+                               "(died: a call failed; removed: Serve replaced it)", labels=["reason"])
+    for reason, count in sorted(dropped.items()):
+        gone.add_metric([reason], count)
+    yield gone
 
 
 class ServerMetrics:
@@ -133,10 +165,18 @@ class ServerMetrics:
         self.cost_without_cache = Counter("promptcache_cost_without_cache_usd",
                                           "What they would have cost with nothing cached (minus cost_usd: saved)",
                                           ["tenant"], registry=self.registry)
+        self.tenant_prompt = Counter("promptcache_tenant_prompt_tokens", "Prompt tokens of finished requests "
+                                     "per tenant", ["tenant"], registry=self.registry)
+        self.tenant_cached = Counter("promptcache_tenant_cached_tokens", "... of which reused from the cache "
+                                     "(per-tenant hit rate: the ratio of the two)", ["tenant"], registry=self.registry)
 
-    def observe_cost(self, tenant: str | None, total_usd: float, without_cache_usd: float) -> None:
-        self.cost.labels(tenant=tenant or "-").inc(total_usd)
-        self.cost_without_cache.labels(tenant=tenant or "-").inc(without_cache_usd)
+    def observe_finish(self, tenant: str | None, prompt_tokens: int, cached_tokens: int, total_usd: float,
+                       without_cache_usd: float) -> None:
+        name = tenant or "-"
+        self.tenant_prompt.labels(tenant=name).inc(prompt_tokens)
+        self.tenant_cached.labels(tenant=name).inc(cached_tokens)
+        self.cost.labels(tenant=name).inc(total_usd)
+        self.cost_without_cache.labels(tenant=name).inc(without_cache_usd)
 
     def observe_ttft(self, endpoint: str, started: float) -> None:
         self.ttft.labels(endpoint=endpoint).observe(time.monotonic() - started)
@@ -165,6 +205,9 @@ class StatusCounterMiddleware:
             if message["type"] == "http.response.start" and not counted:
                 counted = True
                 self.metrics.http_requests.labels(endpoint=endpoint, status=str(message["status"])).inc()
+                replica = (scope.get("state") or {}).get(REPLICA_STATE)
+                if replica is not None:
+                    message["headers"] = [*message.get("headers", []), (REPLICA_HEADER, str(replica).encode())]
             await send(message)
 
         try:

@@ -113,7 +113,8 @@ def on_finish(state: ServerState, tenant: str | None, endpoint: str, ttft_s: flo
     def done(out: RequestOutput) -> None:
         remember_output(state, tenant, out)
         cost = state.prices.cost(state.model_names[0], out.usage)
-        state.metrics.observe_cost(tenant, cost.total, cost.without_cache)
+        state.metrics.observe_finish(tenant, out.usage.prompt_tokens, out.usage.cached_tokens, cost.total,
+                                     cost.without_cache)
         log_request(tenant, endpoint, out, ttft_s)
         u = out.usage
         state.activity.record(RequestEvent(

@@ -1,0 +1,38 @@
+"""What a process' routers (cluster/router.py) share with its ingress (cluster/remote.py).
+
+Ray Serve pickles the router's module by value into each process holding a handle, so these live
+here, imported by reference: one ``Route`` type, one ``CLUSTER`` per process.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the router reads from a call (the ``route`` keyword of ``generate``)."""
+
+    chain: tuple[bytes, ...]  # the prompt's block hashes, truncated (replica.HASH_PREFIX_BYTES)
+    cache_key: str | None
+    tokens: int  # prompt + max new tokens: the work it adds to a replica
+
+
+@dataclass
+class ClusterState:
+    """What the routers of this process saw, for the ingress' metrics and snapshot (thread-safe)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # replica -> its latest routing stats
+    decisions: Counter[tuple[str, str]] = field(default_factory=Counter)  # (replica, reason) -> requests
+    dropped: Counter[str] = field(default_factory=Counter)  # reason -> replicas dropped from the index
+
+    def snapshot(self) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], int], dict[str, int]]:
+        with self.lock:
+            return dict(self.stats), dict(self.decisions), dict(self.dropped)
+
+
+CLUSTER = ClusterState()
