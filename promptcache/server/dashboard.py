@@ -49,7 +49,23 @@ def engine_view(aengine: AsyncEngine) -> dict[str, Any]:
                   for name, row in snap.tiers.items()},
         "cached_tokens_by_tier": dict(snap.cached_tokens_by_tier),
         "block_size": aengine.info.block_size,
+        "replicas": replicas_view(snap.replicas, snap.routing),
     }
+
+
+def replicas_view(replicas: dict[str, dict[str, int]], routing: dict[tuple[str, str], int]) -> list[dict[str, Any]]:
+    """Engine replicas behind the ingress (``--replicas``) with their hit rates and the routing
+    decisions that sent them requests; a single server is one local engine."""
+    if not replicas:
+        return [{"name": "local", "role": "single server"}]
+    out = []
+    for name, c in sorted(replicas.items()):
+        prompt, cached = c.get("prompt_tokens", 0), c.get("cached_tokens", 0)
+        routed = {reason: n for (replica, reason), n in routing.items() if replica == name}
+        out.append({"name": name, "role": "engine replica", "prompt_tokens": prompt, "cached_tokens": cached,
+                    "hit_rate": cached / prompt if prompt else 0.0, "routed": routed,
+                    "running": c.get("requests_running", 0), "waiting": c.get("requests_waiting", 0)})
+    return out
 
 
 def add_dashboard(app: FastAPI, api_keys: dict[str, str] | None, admin_keys: Sequence[str]) -> None:
@@ -70,9 +86,13 @@ def add_dashboard(app: FastAPI, api_keys: dict[str, str] | None, admin_keys: Seq
         view["model"] = state.model_names[0]
         view["scope"] = "all" if operator else "tenant"
         view["tenant"] = tenant
-        view["replicas"] = [{"name": "local", "role": "single replica"}]  # scale-out adds the others
         if operator:
             view["engine"] = await run_in_threadpool(engine_view, state.aengine)
+            view["replicas"] = view["engine"]["replicas"]
+        else:  # which replicas exist, not what they serve (that is every tenant's traffic)
+            names = (await run_in_threadpool(state.aengine.snapshot)).replicas
+            view["replicas"] = [{"name": n, "role": "engine replica"} for n in sorted(names)] or [
+                {"name": "local", "role": "single server"}]
         return view
 
     @router.get("/dashboard/api/state", summary="The dashboard's data, once (JSON)",

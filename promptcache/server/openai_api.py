@@ -229,7 +229,7 @@ async def chat_completions(request: Request, tenant: Tenant,
                      (body.top_logprobs or 0) if want_logprobs else None, forced)
     rid = new_id("chatcmpl-")
     endpoint = "/v1/chat/completions"
-    spec = RequestSpec(rid, prompt_ids, params, tenant, retention)
+    spec = RequestSpec(rid, prompt_ids, params, tenant, retention, cache_key=body.prompt_cache_key)
     gens = await choices.start(state, request, endpoint, spec, body.n or 1)
     gen = gens[0]
     try:
@@ -314,8 +314,8 @@ async def completions(request: Request, tenant: Tenant,
     retention = Retention(_ttl(body, False))
     rid = new_id("cmpl-")
     endpoint = "/v1/completions"
-    gens = await choices.start(state, request, endpoint, RequestSpec(rid, prompt_ids, params, tenant, retention),
-                               body.n or 1)
+    spec = RequestSpec(rid, prompt_ids, params, tenant, retention, cache_key=body.prompt_cache_key)
+    gens = await choices.start(state, request, endpoint, spec, body.n or 1)
     gen = gens[0]
     text = body.prompt if isinstance(body.prompt, str) else json.dumps(body.prompt)
     try:

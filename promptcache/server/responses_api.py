@@ -204,7 +204,8 @@ async def create_response(request: Request, tenant: Tenant,
                              seed=body.seed, ignore_eos=body.ignore_eos, structured=structured)
     rid = new_id("resp_")
     endpoint = "/v1/responses"
-    spec = RequestSpec(rid, prompt_ids, params, tenant, Retention(retention_ttl(opts, body.prompt_cache_retention)))
+    spec = RequestSpec(rid, prompt_ids, params, tenant, Retention(retention_ttl(opts, body.prompt_cache_retention)),
+                       cache_key=body.prompt_cache_key)
     gen = await Generation.start(state, request, endpoint, spec)
     try:
         named = opts.comparison_response_id if opts is not None else None

@@ -106,7 +106,8 @@ class OpenAIRequestBase(_Body):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0,
                                            json_schema_extra={"minimum": 0.0, "maximum": 0.0})
     ignore_eos: bool = Field(default=False, description="extension (vLLM): generate past end-of-sequence")
-    prompt_cache_key: str | None = Field(default=None, description="accepted; routing key (one replica here)")
+    prompt_cache_key: str | None = Field(default=None, description="routing key: with --replicas, a hot prefix + "
+                                         "key spreads to a second replica")
     user: str | None = Field(default=None, description=ADVISORY + " (tenants come from API keys)")
     safety_identifier: str | None = Field(default=None, description=ADVISORY)
     metadata: dict[str, Any] | None = Field(default=None, description=ADVISORY)

@@ -115,7 +115,8 @@ class ResponseCreateRequest(_Body):
     background: bool | None = Field(default=None, description="false only", json_schema_extra={"enum": [False, None]})
     include: list[str] | None = Field(default=None, description=ADVISORY)
     max_tool_calls: NonNegativeInt | None = Field(default=None, description=ADVISORY)
-    prompt_cache_key: str | None = Field(default=None, description="accepted; routing key (one replica here)")
+    prompt_cache_key: str | None = Field(default=None, description="routing key: with --replicas, a hot prefix + "
+                                         "key spreads to a second replica")
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: PromptCacheOptions | None = None
     user: str | None = Field(default=None, description=ADVISORY + " (tenants come from API keys)")

@@ -157,7 +157,8 @@ function render(v) {
   $("cost").textContent = usd(t.cost_usd);
   $("saved").textContent = `${usd(t.saved_usd)} saved by the cache`;
   $("replicas").textContent = v.replicas.length;
-  $("replica-detail").textContent = v.replicas.map((r) => `${r.name} (${r.role})`).join(", ");
+  $("replica-detail").textContent = v.replicas.map((r) => r.hit_rate === undefined ? `${r.name} (${r.role})`
+    : `${r.name}: ${pct(r.hit_rate)} hit, ${int(Object.values(r.routed).reduce((a, b) => a + b, 0))} routed`).join("; ");
   $("bucket").textContent = v.bucket_s;
   drawChart(v.series, v.bucket_s, v.now);
   drawMemory(v.engine);
