@@ -64,16 +64,27 @@ def test_distinct_prefixes_spread_when_loads_are_equal() -> None:
 
 def test_a_replica_past_the_load_bound_is_passed_over() -> None:
     index = ReplicaIndex()
-    c = chain("t", tokens(512, 2))
+    c = chain("t", tokens(8192, 2))
     index.added("a", c)  # a holds the whole prefix ...
-    # ... and is still the cheapest by cost (1800 queued tokens cost less than computing 32 blocks),
+    # ... and is still the cheapest by cost (18k queued tokens cost less than computing 512 blocks),
     # but it is above 1.25x the mean load
-    replicas = [Replica("a", 1_800), Replica("b", 1_000), Replica("c", 1_000)]
+    replicas = [Replica("a", 18_000), Replica("b", 10_000), Replica("c", 10_000)]
     assert rank(c, None, replicas, index, BS, costs=Costs(max_load_ratio=100))[0].name == "a"
     best = rank(c, None, replicas, index, BS)[0]
     assert best.name != "a" and best.reason == "load_bound"
     # within the bound, affinity wins over a little load
-    assert rank(c, None, [Replica("a", 1_200), Replica("b", 1_000)], index, BS)[0].name == "a"
+    assert rank(c, None, [Replica("a", 12_000), Replica("b", 10_000)], index, BS)[0].name == "a"
+
+
+def test_small_imbalances_never_break_affinity() -> None:
+    # 1.8x the mean, but only a few hundred tokens: a lightly loaded fleet keeps its affinity (an
+    # immediate resend must hit where its prefix is)
+    index = ReplicaIndex()
+    c = chain("t", tokens(512, 3))
+    index.added("a", c)
+    assert rank(c, None, [Replica("a", 900), Replica("b", 100)], index, BS)[0].name == "a"
+    assert rank(c, None, [Replica("a", 900), Replica("b", 100)], index, BS,
+                costs=Costs(load_slack_tokens=0))[0].reason == "load_bound"
 
 
 def test_a_system_prompt_every_tenant_shares_does_not_concentrate_tenants() -> None:

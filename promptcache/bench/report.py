@@ -113,7 +113,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| GEMM GFLOP/s in {dtype} | {_fmt(rate, 'gflops')} |")
     for target in report.get("targets", []):
         mark = "met" if target["met"] else "NOT met"
-        lines.append(f"| target: {target['name']} | {target['value']:.3f} ≤ {target['limit']} ({mark}) |")
+        op = target.get("op", "≤")
+        lines.append(f"| target: {target['name']} | {target['value']:.3f} {op} {target['limit']} ({mark}) |")
     return "\n".join(lines) + "\n"
 
 

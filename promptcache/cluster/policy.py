@@ -10,8 +10,8 @@ load (queued + running tokens). Every live replica gets a cost:
 
 and the ranking is by cost, with two rules on top, never a fleet-wide on/off switch:
 
-- **bounded load**: a replica above ``max_load_ratio`` x the mean load is passed over while another
-  is not (so no replica stays above ~1.25x the mean for long);
+- **bounded load**: a replica above ``max_load_ratio`` x the mean load (and ``load_slack_tokens``
+  above it) is passed over while another is not (so no replica stays above ~1.25x the mean for long);
 - **hot prefixes spread**: a prefix + key seen more than ``hot_per_minute`` times in the last
   minute may go to its second-best replica too (the cheaper of the two by load), instead of melting
   the first.
@@ -38,6 +38,9 @@ class Costs:
     fetch_per_block: float = 0.15  # ... to load it from the shared tier instead (measured: ~0.15x)
     load_per_block: float = 0.5  # weight of one block of queued / running work already on a replica
     max_load_ratio: float = 1.25
+    # ... and a replica is over that bound only when it is also this many tokens above the mean: a
+    # lightly loaded fleet's fluctuations (a few requests in flight) never break affinity
+    load_slack_tokens: int = 2048
     hot_per_minute: int = 15  # above this, a prefix + key spreads to a second replica
     hot_prefix_blocks: int = 16  # how much of the chain identifies "a prefix" (256 tokens of 16)
 
@@ -146,7 +149,7 @@ def rank(chain: Sequence[BlockHash], cache_key: str | None, replicas: Sequence[R
     bound = costs.max_load_ratio * mean
 
     def over(r: Replica) -> bool:
-        return len(live) > 1 and mean > 0 and r.load_tokens > bound
+        return len(live) > 1 and mean > 0 and r.load_tokens > bound and r.load_tokens - mean > costs.load_slack_tokens
 
     ordered = [s for s in scored if not over(s[3])] + [s for s in scored if over(s[3])]
     best = ordered[0]

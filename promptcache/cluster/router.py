@@ -129,10 +129,13 @@ class CacheAwareRouter(RequestRouter):
         if not isinstance(route, shared.Route):
             return
         name, rid = name_of(replica_id), pending_request.metadata.internal_request_id
+        chain = [BlockHash(h) for h in route.chain]
         with self.lock:
-            self.inflight.setdefault(name, {})[rid] = route.tokens
+            # the work it brings there: what that replica does not hold yet, and what it will generate
+            held = _Either(self.held, self.optimistic).matched(name, chain) * self.block_size
+            self.inflight.setdefault(name, {})[rid] = max(0, route.tokens - held)
             self.routed[rid] = (name, route)
-            self.optimistic.added(name, [BlockHash(h) for h in route.chain])
+            self.optimistic.added(name, chain)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         with self.lock:
