@@ -19,18 +19,18 @@ ANTHROPIC_REFUSED = {"thinking": {"type": "enabled", "budget_tokens": 1024}, "mc
                      "context_management": {}, "no_such_field": 1}
 # every field here is honoured: the probes below change the response with most of them; the rest
 # (messages, tools, tool_choice, prompt_cache_*, stream_options, echo/suffix/best_of, diagnostics,
-# penalties) are tested where their behaviour lives (caching, tools, retention, diagnosis, error
+# penalties, return_token_ids: test_stream_tokens.py) are tested where their behaviour lives (caching, tools, retention, diagnosis, error
 # tests). This list also makes an unclassified new field fail here.
 HONOURED = {
     "ChatCompletionRequest": {"model", "messages", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
                               "stream_options", "frequency_penalty", "presence_penalty", "ignore_eos",
                               "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "logit_bias",
                               "response_format", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs",
-                              "tools", "tool_choice"},
+                              "tools", "tool_choice", "return_token_ids", "return_tokens"},
     "CompletionRequest": {"model", "prompt", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
                           "stream_options", "frequency_penalty", "presence_penalty", "ignore_eos", "prompt_cache_key",
                           "prompt_cache_retention", "prompt_cache_options", "logit_bias", "response_format",
-                          "max_tokens", "logprobs", "echo", "suffix", "best_of"},
+                          "max_tokens", "logprobs", "echo", "suffix", "best_of", "return_token_ids", "return_tokens"},
     "MessagesRequest": {"model", "messages", "system", "tools", "tool_choice", "cache_control", "max_tokens",
                         "temperature", "top_p", "top_k", "stop_sequences", "ignore_eos", "stream", "diagnostics"},
     "CountTokensRequest": {"model", "messages", "system", "tools", "tool_choice", "cache_control"},

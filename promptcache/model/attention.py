@@ -8,8 +8,9 @@ slot ``block_id * block_size + offset`` holds the token at ``offset`` in block `
 Head-major means a run of consecutive slots is a strided *view* ``[kv_heads, run, head_dim]`` that
 attention reads in place: a decode token's context is its first run, read in place (one call for
 all decode tokens that share it: cascade attention), plus a short tail gathered with everyone
-else's, the two merged by their log-sum-exp. Only prefill chunks over a fragmented context gather
-it whole (they are compute-bound anyway, so the copy is noise).
+else's, the two merged by their log-sum-exp. A prefill chunk over a cached context reads each
+cached run in place too, and merges it with the chunk's causal attention over its fresh K/V: on
+CPU nothing is gathered (the portable path GPUs take still gathers a fragmented context whole).
 """
 
 from __future__ import annotations
@@ -194,6 +195,41 @@ def slots_after(runs: list[Run], skip: int) -> list[int]:
     return out
 
 
+def runs_before(runs: list[Run], count: int) -> list[Run]:
+    """The runs covering the first ``count`` slots of a context given as runs."""
+    out: list[Run] = []
+    for start, length in runs:
+        if count <= 0:
+            break
+        out.append((start, min(length, count)))
+        count -= length
+    return out
+
+
+def _prefill_in_place(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, kv_cache: torch.Tensor,
+                      cached: list[Run], scale: float) -> torch.Tensor:
+    """A prefill chunk over a cached context, with nothing gathered: each cached run is read in
+    place by the flash kernel (the queries folded by KV head: no mask, every cached key precedes
+    every query), the chunk attends causally over its own fresh K/V, and the parts are merged by
+    their log-sum-exps. q: [n, H, d]; k_new, v_new: [n, kvh, d]; returns [n, H, d]."""
+    n, num_heads, d = q.shape
+    kvh = kv_cache.shape[1]
+    g = num_heads // kvh
+    folded = q.reshape(n, kvh, g, d).transpose(0, 1).reshape(1, kvh, n * g, d)
+    acc: tuple[torch.Tensor, torch.Tensor] | None = None
+    for run in cached:
+        acc = _merge(acc, _flash(folded, kv_cache, run, scale))
+    assert acc is not None
+    out_c = acc[0].reshape(kvh, n, g, d).transpose(1, 2).reshape(1, num_heads, n, d)
+    lse_c = acc[1].reshape(kvh, n, g).transpose(1, 2).reshape(1, num_heads, n)
+    kf = _as_stored(k_new, kv_cache).transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)  # [1, H, n, d]
+    vf = _as_stored(v_new, kv_cache).transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
+    qh = q.transpose(0, 1).unsqueeze(0).contiguous()
+    fresh = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kf, vf, is_causal=True, scale=scale)[:2]
+    out, _ = _merge((out_c, lse_c), (fresh[0], fresh[1]))
+    return out[0].transpose(0, 1)
+
+
 def _gather(kv_cache: torch.Tensor, runs: list[Run], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     if len(runs) == 1:
         start, length = runs[0]
@@ -221,7 +257,8 @@ def paged_attention(
     """
     write_kv(kv_cache, k, v, attn.slot_mapping)
     decodes: dict[int, torch.Tensor] = {}
-    if q.device.type == "cpu" if cpu_kernels is None else cpu_kernels:
+    in_place = q.device.type == "cpu" if cpu_kernels is None else cpu_kernels
+    if in_place:
         rows = decode_rows(attn)
         decodes = _decode_cascade(q, kv_cache, attn, rows, scale) if rows else {}
     outs = []
@@ -234,6 +271,10 @@ def paged_attention(
             # nothing cached before this chunk: the fresh K/V are the whole context, skip the read
             k_ctx = _as_stored(k[start:end], kv_cache).transpose(0, 1)
             v_ctx = _as_stored(v[start:end], kv_cache).transpose(0, 1)
+        elif in_place:
+            cached = runs_before(attn.context_runs[i], attn.seq_lens[i] - (end - start))
+            outs.append(_prefill_in_place(q[start:end], k[start:end], v[start:end], kv_cache, cached, scale))
+            continue
         else:
             k_ctx, v_ctx = _gather(kv_cache, attn.context_runs[i], q.dtype)
         outs.append(_attend_contiguous(q[start:end], k_ctx, v_ctx, scale))

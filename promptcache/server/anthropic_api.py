@@ -140,6 +140,10 @@ async def _message_events(gen: Generation, rid: str, model: str, extra: dict[str
             yield _event("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                  "delta": {"type": "text_delta", "text": out.text[sent:safe]}})
             sent = safe
+        elif out.new_token_ids and marker is None and not out.finished:
+            # a token with no text yet (an incomplete UTF-8 sequence, one that decodes to nothing):
+            # an event all the same, so the client sees every token when it is made
+            yield _event("ping", {"type": "ping"})
         if out.finished:
             break
         out = await gen.next()

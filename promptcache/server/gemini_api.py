@@ -141,7 +141,7 @@ def _stream(gen: Generation, rid: str, model: str, plan: ToolPlan | None,
         out, sent = gen.first, 0
         while not out.finished:
             safe = len(out.text) if marker is None else before_marker(out.text, marker)
-            if safe > sent:
+            if safe > sent or (out.new_token_ids and marker is None):  # one chunk per token, "" too
                 yield chunk([{"text": out.text[sent:safe]}], out, False)
                 sent = safe
             out = await gen.next()

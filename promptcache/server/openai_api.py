@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from promptcache.engine.api import RequestSpec, Retention, SamplingParams, StructuredOutput
+from promptcache.engine.api import RequestOutput, RequestSpec, Retention, SamplingParams, StructuredOutput
 from promptcache.server import choices, misses, openapi
 from promptcache.server import openai_format as fmt
 from promptcache.server.body import JsonBody
@@ -240,14 +240,30 @@ async def chat_completions(request: Request, tenant: Tenant,
         raise
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
+        ids = _wants_ids(body)
         return EventStream(fmt.chat_stream(gens, state.tokenizer, rid, model, include_usage, want_logprobs,
-                                           extra, lambda out: misses.cost_field(state, out), plan))
+                                           _with_prompt_ids(extra, prompt_ids, ids),
+                                           lambda out: misses.cost_field(state, out), plan, ids))
     outs = await choices.finals(request, gens)
     total = choices.summed(outs)
     response = fmt.chat_response(rid, model, total, state.tokenizer, want_logprobs, plan)
     response["choices"] = [{**fmt.chat_response(rid, model, o, state.tokenizer, want_logprobs, plan)["choices"][0],
-                            "index": i} for i, o in enumerate(outs)]
-    return JSONResponse({**response, **extra, **misses.cost_field(state, total)})
+                            "index": i, **_choice_ids(o, body)} for i, o in enumerate(outs)]
+    return JSONResponse({**response, **_with_prompt_ids(extra, prompt_ids, _wants_ids(body)),
+                         **misses.cost_field(state, total)})
+
+
+def _wants_ids(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(body.return_token_ids or body.return_tokens)
+
+
+def _with_prompt_ids(extra: dict[str, Any], prompt_ids: list[int], wanted: bool) -> dict[str, Any]:
+    """``prompt_token_ids`` on the response (streams: its first chunk), as vLLM returns them."""
+    return {**extra, "prompt_token_ids": list(prompt_ids)} if wanted else extra
+
+
+def _choice_ids(out: RequestOutput, body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    return {"token_ids": list(out.token_ids)} if _wants_ids(body) else {}
 
 
 def tool_dicts(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
@@ -328,11 +344,14 @@ async def completions(request: Request, tenant: Tenant,
     want_logprobs = body.logprobs is not None
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventStream(fmt.completion_stream(gen, state.tokenizer, rid, model, include_usage,
-                                                 want_logprobs, extra, lambda out: misses.cost_field(state, out)))
+        ids = _wants_ids(body)
+        return EventStream(fmt.completion_stream(gen, state.tokenizer, rid, model, include_usage, want_logprobs,
+                                                 _with_prompt_ids(extra, prompt_ids, ids),
+                                                 lambda out: misses.cost_field(state, out), ids))
     outs = await choices.finals(request, gens)
     total = choices.summed(outs)
     response = fmt.completion_response(rid, model, total, state.tokenizer, want_logprobs)
     response["choices"] = [{**fmt.completion_response(rid, model, o, state.tokenizer, want_logprobs)["choices"][0],
-                            "index": i} for i, o in enumerate(outs)]
-    return JSONResponse({**response, **extra, **misses.cost_field(state, total)})
+                            "index": i, **_choice_ids(o, body)} for i, o in enumerate(outs)]
+    return JSONResponse({**response, **_with_prompt_ids(extra, prompt_ids, _wants_ids(body)),
+                         **misses.cost_field(state, total)})

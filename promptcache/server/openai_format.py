@@ -217,13 +217,16 @@ def _error_event(e: ApiError) -> str:
 def chat_stream(gens: Generation | list[Generation], tok: Tokenizer, rid: str, model: str, include_usage: bool,
                 logprobs: bool, first_extra: dict[str, Any] | None = None,
                 usage_extra: Callable[[RequestOutput], dict[str, Any]] | None = None,
-                tools: ToolPlan | None = None) -> AsyncGenerator[str, None]:
+                tools: ToolPlan | None = None, token_ids: bool = False) -> AsyncGenerator[str, None]:
     """``chat.completion.chunk`` events: the role, content deltas, the finish reason, usage, [DONE].
 
     ``n`` generations (choices) stream interleaved, each chunk naming its choice's index; the usage
     chunk comes once, after every choice finished (the prompt once, completions summed). With
     tools, text from the first place a tool call could begin is held back; at the end it is either
-    tool-call deltas (one per call: id, name and the whole arguments) or content after all."""
+    tool-call deltas (one per call: id, name and the whole arguments) or content after all.
+    Every generated token is a chunk (its content may be "": an incomplete UTF-8 sequence, a token
+    that decodes to nothing), so a client sees the first token when it is made; ``token_ids``
+    (``return_token_ids``) adds each chunk's ids."""
     group = gens if isinstance(gens, list) else [gens]
     chunks = _Chunks(rid, "chat.completion.chunk", model, include_usage, first_extra, usage_extra)
     marker = tools.format.start if tools is not None and tools.parse else None
@@ -240,10 +243,13 @@ def chat_stream(gens: Generation | list[Generation], tok: Tokenizer, rid: str, m
                                                 finish_reason=None))
                 return [*events, chunks.choice(i, delta={}, logprobs=None, finish_reason="tool_calls")]
             safe = len(out.text)
-        if safe > sent[i] or lp is not None:
+        ids = {"token_ids": list(out.new_token_ids)} if token_ids else {}
+        if safe > sent[i] or lp is not None or (out.new_token_ids and marker is None):
             events.append(chunks.choice(i, delta={"content": out.text[sent[i]:safe]}, logprobs=lp,
-                                        finish_reason=None))
+                                        finish_reason=None, **ids))
             sent[i] = max(sent[i], safe)
+        elif ids and out.new_token_ids:  # text held back for a possible tool call: the ids still go
+            events.append(chunks.choice(i, delta={}, logprobs=None, finish_reason=None, **ids))
         if out.finished:
             events.append(chunks.choice(i, delta={}, logprobs=None, finish_reason=finish_reason(out)))
         return events
@@ -325,8 +331,9 @@ async def _merged(gens: list[Generation], logprobs: bool,
 def completion_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, include_usage: bool,
                       logprobs: bool, first_extra: dict[str, Any] | None = None,
                       usage_extra: Callable[[RequestOutput], dict[str, Any]] | None = None,
-                      ) -> AsyncGenerator[str, None]:
-    """``text_completion`` events: text deltas (the last one with the finish reason), usage, [DONE]."""
+                      token_ids: bool = False) -> AsyncGenerator[str, None]:
+    """``text_completion`` events: one per generated token (its text may be ""; the last one has
+    the finish reason; ``token_ids`` adds its ids), usage, [DONE]."""
     chunks = _Chunks(rid, "text_completion", model, include_usage, first_extra, usage_extra)
 
     async def events() -> AsyncGenerator[str, None]:
@@ -334,8 +341,9 @@ def completion_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, inc
         async for out, new_logprobs in _steps(gen, logprobs):
             lp = completion_logprobs(tok, new_logprobs, num_sent_chars) if new_logprobs else None
             finish = finish_reason(out) if out.finished else None
-            if out.new_text or lp is not None or finish:
-                yield chunks.choice(text=out.new_text, logprobs=lp, finish_reason=finish)
+            if out.new_token_ids or out.new_text or lp is not None or finish:
+                ids = {"token_ids": list(out.new_token_ids)} if token_ids else {}
+                yield chunks.choice(text=out.new_text, logprobs=lp, finish_reason=finish, **ids)
             num_sent_chars += len(out.new_text)
             if out.finished and include_usage:
                 yield chunks.usage(out)

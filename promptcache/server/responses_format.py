@@ -114,7 +114,7 @@ def stream(gen: Generation, shell: ResponseShell, plan: ToolPlan | None, extra: 
             safe = len(out.text) if marker is None else before_marker(out.text, marker)
             if out.finished and marker is None:
                 safe = len(out.text)
-            if safe > sent:
+            if safe > sent or (out.new_token_ids and marker is None and not out.finished):  # every token
                 if not opened:
                     for e in open_message():
                         yield e

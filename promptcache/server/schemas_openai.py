@@ -106,6 +106,11 @@ class OpenAIRequestBase(_Body):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0,
                                            json_schema_extra={"minimum": 0.0, "maximum": 0.0})
     ignore_eos: bool = Field(default=False, description="extension (vLLM): generate past end-of-sequence")
+    return_token_ids: bool | None = Field(default=None, description="extension (vLLM): the prompt's ids "
+                                          "(prompt_token_ids) and each choice's generated ids (token_ids; "
+                                          "streams: each chunk's)")
+    return_tokens: bool | None = Field(default=None, description="extension (llama.cpp): the same as "
+                                       "return_token_ids")
     prompt_cache_key: str | None = Field(default=None, description="routing key: with --replicas, a hot prefix + "
                                          "key spreads to a second replica")
     user: str | None = Field(default=None, description=ADVISORY + " (tenants come from API keys)")
