@@ -187,3 +187,43 @@ def test_index_links_dashboard_and_docs(open_server: Server) -> None:
     for link in ('href="/dashboard"', 'href="/docs"', 'href="/redoc"', 'href="/metrics"'):
         assert link in r.text
     assert httpx.get(f"{open_server.url}/dashboard/nothing.js").status_code == 404
+
+
+def test_a_tenants_stream_budget_is_its_own_and_slots_come_back(keyed_server: Server) -> None:
+    from contextlib import ExitStack
+
+    url = f"{keyed_server.url}/dashboard/api/events"
+    acme = {"Authorization": "Bearer sk-acme-0001"}
+    with ExitStack() as stack:
+        for _ in range(16):
+            r = stack.enter_context(httpx.stream("GET", url, headers=acme, timeout=10))
+            assert r.status_code == 200
+        refused = httpx.get(url, headers=acme, timeout=10)
+        assert refused.status_code == 429 and refused.headers["retry-after"]
+        with httpx.stream("GET", url, headers={"Authorization": f"Bearer {OPS}"}, timeout=10) as ops:
+            assert ops.status_code == 200  # one tenant's streams never lock operators out
+    # every slot is given back when its client leaves
+    with httpx.stream("GET", url, headers=acme, timeout=10) as again:
+        assert again.status_code == 200
+
+
+def test_a_tenant_sees_nothing_of_other_tenants_pace(keyed_server: Server) -> None:
+    url = f"{keyed_server.url}/dashboard/api/state"
+    acme = {"Authorization": "Bearer sk-acme-0001"}
+    before = httpx.get(url, headers=acme).json()["version"]
+    chat(keyed_server, "globex again " + nonce(), "hi", key="sk-globex-0002")
+    assert httpx.get(url, headers=acme).json()["version"] == before
+    chat(keyed_server, "acme again " + nonce(), "hi", key="sk-acme-0001")
+    assert httpx.get(url, headers=acme).json()["version"] > before
+
+
+def test_a_prompt_kept_out_of_history_is_kept_off_the_dashboard(open_server: Server) -> None:
+    srv = open_server
+    system = text_of_tokens(srv.aengine.info.tokenizer, 200, "Private dashboard prompt.")
+    chat(srv, system, "one")
+    client = OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+    client.chat.completions.create(model=MODEL, max_tokens=2, messages=[
+        {"role": "system", "content": "SECRET 2026-12-01. " + system}, {"role": "user", "content": "two"}],
+        extra_headers={"x-promptcache-history": "off"})
+    state = httpx.get(f"{srv.url}/dashboard/api/state").json()
+    assert "SECRET" not in json.dumps(state["misses"])

@@ -19,8 +19,8 @@ ANTHROPIC_REFUSED = {"thinking": {"type": "enabled", "budget_tokens": 1024}, "mc
                      "context_management": {}, "no_such_field": 1}
 # every field here is honoured: the probes below change the response with most of them; the rest
 # (messages, tools, tool_choice, prompt_cache_*, stream_options, echo/suffix/best_of, diagnostics,
-# penalties, return_token_ids: test_stream_tokens.py) are tested where their behaviour lives (caching, tools, retention, diagnosis, error
-# tests). This list also makes an unclassified new field fail here.
+# penalties; return_token_ids in test_stream_tokens.py) are tested where their behaviour lives
+# (caching, tools, retention, diagnosis, error tests). This list also makes an unclassified new field fail here.
 HONOURED = {
     "ChatCompletionRequest": {"model", "messages", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
                               "stream_options", "frequency_penalty", "presence_penalty", "ignore_eos",

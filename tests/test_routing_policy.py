@@ -141,3 +141,19 @@ def test_a_hot_prefix_spreads_to_a_second_replica() -> None:
     assert all(s.name == "b" and s.reason == "hot_spread" for s in seen[15:])  # then it spreads
     clock.t = 200  # a quiet minute later: back to affinity
     assert rank(c, "k", [Replica("a", 1_500), Replica("b", 1_000)], index, BS, hot=hot)[0].name == "a"
+
+
+def test_the_index_and_the_hot_prefix_counts_stay_bounded() -> None:
+    clock = Clock()
+    index = ReplicaIndex(ttl_s=30, clock=clock, max_per_replica=1000)
+    hot = HotPrefixes(clock=clock)
+    for i in range(2000):
+        clock.t = i  # one distinct prompt a second
+        c = chain("t", tokens(32, 10_000 + i))
+        index.added("a", c)
+        hot.hit(c[-1], None)
+    assert index.size("a") <= 60  # two blocks a second, 30 s of them
+    assert len(hot._seen) <= 61
+    burst = ReplicaIndex(ttl_s=3600, max_per_replica=100)
+    burst.added("a", chain("t", tokens(16 * 500, 3)))
+    assert burst.size("a") == 100

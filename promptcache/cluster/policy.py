@@ -70,15 +70,25 @@ class ReplicaIndex:
     """Which replica holds which block hash, until when. Fed by events; a replica that dies or
     restarts is dropped at once."""
 
-    def __init__(self, ttl_s: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl_s, self.clock = ttl_s, clock
+    def __init__(self, ttl_s: float = 3600.0, clock: Callable[[], float] = time.monotonic,
+                 max_per_replica: int = 1 << 16) -> None:
+        self.ttl_s, self.clock, self.max_per_replica = ttl_s, clock, max_per_replica
         self._held: dict[str, dict[BlockHash, float]] = {}
 
     def added(self, replica: str, hashes: Sequence[BlockHash], ttl_s: float | None = None) -> None:
-        until = self.clock() + (self.ttl_s if ttl_s is None else ttl_s)
+        """Entries are kept in the order they expire (each add moves its hashes to the end), so
+        expired ones and, past ``max_per_replica``, the oldest are dropped from the front."""
+        now = self.clock()
+        until = now + (self.ttl_s if ttl_s is None else ttl_s)
         mine = self._held.setdefault(replica, {})
         for h in hashes:
+            mine.pop(h, None)
             mine[h] = until
+        while mine:
+            first = next(iter(mine))
+            if mine[first] > now and len(mine) <= self.max_per_replica:
+                break
+            del mine[first]
 
     def evicted(self, replica: str, hashes: Sequence[BlockHash]) -> None:
         mine = self._held.get(replica, {})
@@ -113,10 +123,16 @@ class HotPrefixes:
 
     def hit(self, prefix: BlockHash | None, key: str | None) -> int:
         now = self.clock()
-        times = self._seen.setdefault((prefix, key), deque())
+        times = self._seen.pop((prefix, key), None) or deque()
         times.append(now)
         while times and times[0] <= now - 60.0:
             times.popleft()
+        self._seen[(prefix, key)] = times  # most recently seen last
+        while self._seen:  # forget pairs quiet for a minute (bounded by the last minute's traffic)
+            oldest = next(iter(self._seen))
+            if self._seen[oldest][-1] > now - 60.0:
+                break
+            del self._seen[oldest]
         return len(times)
 
 

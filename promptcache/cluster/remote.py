@@ -18,6 +18,7 @@ from promptcache.engine.api import EngineDead, EngineInfo, EngineStats, RequestO
 from promptcache.tokenizer import Tokenizer
 
 SUMMED_STATS = ("counters", "finished", "reuse_stops", "cached_tokens_by_tier")
+SHARED_GAUGES = frozenset({"objects", "bytes_stored", "circuit_open"})
 
 
 class RemoteEngine:
@@ -61,8 +62,8 @@ class RemoteEngine:
     def snapshot(self) -> EngineStats:
         """Every replica's counters summed, as they last reported them (``router.STATS_PERIOD_S``
         old at most), with the per-replica rows and the routing decisions of this process."""
-        stats, decisions, dropped = CLUSTER.snapshot()
-        summed: dict[str, dict[str, Any]] = {k: {} for k in SUMMED_STATS}
+        stats, decisions, dropped, retired = CLUSTER.snapshot()
+        summed: dict[str, dict[str, Any]] = {k: dict(retired.get(k, {})) for k in SUMMED_STATS}
         tiers: dict[str, dict[str, Any]] = {}
         for row in stats.values():
             for key in SUMMED_STATS:
@@ -71,8 +72,11 @@ class RemoteEngine:
             for tier, values in (row.get("tiers") or {}).items():
                 mine = tiers.setdefault(tier, {})
                 for name, value in values.items():
-                    if isinstance(value, int | float):
-                        mine[name] = mine.get(name, 0) + value
+                    if not isinstance(value, int | float):
+                        continue
+                    # what a shared store holds (every replica's disk tier is the same directory) is
+                    # seen alike by each: not a sum
+                    mine[name] = max(mine.get(name, 0), value) if name in SHARED_GAUGES else mine.get(name, 0) + value
         counters = {k: int(summed["counters"].get(k, 0)) for k in _COUNTER_KEYS} | summed["counters"]
         replicas = {name: dict(row.get("counters") or {}) for name, row in stats.items()}
         return EngineStats(counters, summed["finished"], summed["reuse_stops"], tiers, summed["cached_tokens_by_tier"],

@@ -52,7 +52,9 @@ class CacheAwareRouter(RequestRouter):
         self.hot = HotPrefixes()
         self.turn = itertools.count()
         self.inflight: dict[str, dict[str, int]] = {}  # replica -> internal request id -> tokens
-        self.routed: dict[str, tuple[str, shared.Route]] = {}  # internal request id -> (replica, route)
+        # internal request id -> why it was ranked so, until it is routed (Serve may ask again:
+        # backoff rounds, a replica that refused it; only the routing that happened is counted)
+        self.reasons: dict[str, str] = {}
         self.lock = threading.Lock()
 
     # ---- what replicas hold -------------------------------------------------------------------
@@ -81,8 +83,10 @@ class CacheAwareRouter(RequestRouter):
         self.held.drop(name)
         self.optimistic.drop(name)
         self.inflight.pop(name, None)
-        if shared.CLUSTER.stats.pop(name, None) is not None:
+        stats = shared.CLUSTER.stats.pop(name, None)
+        if stats is not None:
             shared.CLUSTER.dropped[why] += 1
+            shared.CLUSTER.retire(stats)
 
     # ---- choosing -----------------------------------------------------------------------------
 
@@ -94,13 +98,17 @@ class CacheAwareRouter(RequestRouter):
         if not isinstance(route, shared.Route) or not candidate_replicas:
             return [candidate_replicas]
         by_name = {name_of(r.replica_id): r for r in candidate_replicas}
+        rid = pending_request.metadata.internal_request_id if pending_request is not None else ""
         with self.lock:
-            order, reason = self._order(route, by_name)
-        with shared.CLUSTER.lock:
-            shared.CLUSTER.decisions[(order[0], reason)] += 1
+            again = rid in self.reasons
+            order, reason = self._order(route, by_name, count_hot=not again)
+            self.reasons[rid] = reason
+            while len(self.reasons) > 100_000:  # requests Serve never routed (cancelled while waiting)
+                del self.reasons[next(iter(self.reasons))]
         return [[by_name[n]] for n in order]
 
-    def _order(self, route: shared.Route, by_name: dict[str, RunningReplica]) -> tuple[list[str], str]:
+    def _order(self, route: shared.Route, by_name: dict[str, RunningReplica],
+               count_hot: bool = True) -> tuple[list[str], str]:
         names = sorted(by_name)
         if self.mode == "round_robin":
             start = next(self.turn) % len(names)
@@ -113,7 +121,8 @@ class CacheAwareRouter(RequestRouter):
         chain = [BlockHash(h) for h in route.chain]
         index = _Either(self.held, self.optimistic)
         replicas = [Replica(n, self._load(n, by_name[n])) for n in names]
-        choices = rank(chain, route.cache_key, replicas, index, self.block_size, costs=self.costs, hot=self.hot)
+        choices = rank(chain, route.cache_key, replicas, index, self.block_size, costs=self.costs,
+                       hot=self.hot if count_hot else None)
         return [c.name for c in choices], choices[0].reason
 
     def _load(self, name: str, replica: RunningReplica) -> int:
@@ -134,12 +143,13 @@ class CacheAwareRouter(RequestRouter):
             # the work it brings there: what that replica does not hold yet, and what it will generate
             held = _Either(self.held, self.optimistic).matched(name, chain) * self.block_size
             self.inflight.setdefault(name, {})[rid] = max(0, route.tokens - held)
-            self.routed[rid] = (name, route)
             self.optimistic.added(name, chain)
+            reason = self.reasons.pop(rid, "fallback")
+        with shared.CLUSTER.lock:
+            shared.CLUSTER.decisions[(name, reason)] += 1  # the replica it went to, not the one ranked first
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         with self.lock:
-            self.routed.pop(internal_request_id, None)
             self.inflight.get(name_of(replica_id), {}).pop(internal_request_id, None)
 
 

@@ -31,6 +31,9 @@ class EngineOverloaded(RuntimeError):
         super().__init__(f"the server is overloaded; retry after {retry_after_s} s")
         self.retry_after_s = retry_after_s
 
+    def __reduce__(self) -> tuple[type, tuple[int]]:  # crosses processes intact (cluster replicas)
+        return (EngineOverloaded, (self.retry_after_s,))
+
 
 class EngineDead(RuntimeError):
     """The engine loop stopped (a bug or a broken device); requests in flight cannot finish."""

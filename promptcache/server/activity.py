@@ -78,6 +78,7 @@ class ActivityLog:
         self._buckets: OrderedDict[int, dict[str, list[int]]] = OrderedDict()  # bucket -> tenant -> [prompt, cached]
         self._tenants: OrderedDict[str, TenantTotals] = OrderedDict()
         self.version = 0  # bumped on every change: the event stream sends a state only when it moved
+        self._versions: dict[str, int] = {}  # ... and per tenant (a tenant never learns others' pace)
         self._lock = threading.Lock()
 
     def record(self, e: RequestEvent) -> None:
@@ -93,7 +94,18 @@ class ActivityLog:
             row[0] += e.prompt
             row[1] += e.cached
             self._prune(e.t)
-            self.version += 1
+            self._bump(e.tenant)
+
+    def _bump(self, tenant: str) -> None:  # with the lock held
+        self.version += 1
+        self._versions[tenant] = self._versions.get(tenant, 0) + 1
+        while len(self._versions) > MAX_TENANTS:
+            del self._versions[next(iter(self._versions))]
+
+    def version_of(self, tenant: str | None) -> int:
+        """What changed: everything (None), or one tenant's part."""
+        with self._lock:
+            return self.version if tenant is None else self._versions.get(tenant, 0)
 
     def _prune(self, now: float) -> None:  # with the lock held
         oldest = int((now - self.window_s) // self.bucket_s)
@@ -125,7 +137,7 @@ class ActivityLog:
         with self._lock:
             self._misses.append({"t": time.time(), "id": request_id, "tenant": tenant or OPEN_TENANT,
                                  **diagnosis})
-            self.version += 1
+            self._bump(tenant or OPEN_TENANT)
 
     def view(self, tenant: str | None = None) -> dict[str, Any]:
         """Everything, or (``tenant`` given) only that tenant's requests, totals and misses."""
@@ -141,7 +153,7 @@ class ActivityLog:
                 cached = sum(r[1] for name, r in rows.items() if tenant is None or name == tenant)
                 if prompt:
                     series.append({"t": bucket * self.bucket_s, "prompt_tokens": prompt, "cached_tokens": cached})
-            version = self.version
+            version = self.version if tenant is None else self._versions.get(tenant, 0)
         prompt = sum(t["prompt_tokens"] for t in tenants.values())
         cached = sum(t["cached_tokens"] for t in tenants.values())
         return {

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,24 @@ from promptcache.server.state import get_state
 
 STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
-MAX_STREAMS = 32  # concurrent event streams; more get a 429
+MAX_STREAMS = 16  # concurrent event streams per key scope (operators, each tenant); more get a 429
 EVENT_INTERVAL_S = 1.0  # how often a stream looks for a change
 HEARTBEAT_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
+
+
+class _Stream(StreamingResponse):
+    """Releases its stream slot when the response ends, also when its body never started (the
+    client left before the headers went out)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 def engine_view(aengine: AsyncEngine) -> dict[str, Any]:
@@ -71,7 +86,7 @@ def replicas_view(replicas: dict[str, dict[str, int]], routing: dict[tuple[str, 
 def add_dashboard(app: FastAPI, api_keys: dict[str, str] | None, admin_keys: Sequence[str]) -> None:
     operators = tuple(admin_keys)
     router = APIRouter(tags=["Dashboard"])
-    streams = {"open": 0}
+    streams: dict[str, int] = {}  # open event streams per key scope
 
     def scope(request: Request) -> tuple[bool, str | None]:
         """(operator, tenant filter): an operator sees all (filter None)."""
@@ -105,17 +120,29 @@ def add_dashboard(app: FastAPI, api_keys: dict[str, str] | None, admin_keys: Seq
                 response_class=StreamingResponse, responses=openapi.DASHBOARD_EVENTS)
     async def dashboard_events(request: Request) -> StreamingResponse:
         operator, tenant = scope(request)
-        if streams["open"] >= MAX_STREAMS:
-            raise ApiError(429, f"too many dashboard streams open (at most {MAX_STREAMS})",
+        who = "operator" if operator else f"tenant:{tenant}"  # each its own budget: no tenant locks others out
+        if streams.get(who, 0) >= MAX_STREAMS:
+            raise ApiError(429, f"too many dashboard streams open for this key (at most {MAX_STREAMS})",
                            headers={"Retry-After": "5"})
-        streams["open"] += 1
+        streams[who] = streams.get(who, 0) + 1
+        released = False
+
+        def release() -> None:  # exactly once, whether or not the body ever started
+            nonlocal released
+            if not released:
+                released = True
+                streams[who] -= 1
+                if not streams[who]:
+                    del streams[who]
+
         activity = get_state(request).activity
 
         async def events() -> AsyncIterator[str]:
             try:
                 last_version, quiet = -1, 0.0
                 while not await request.is_disconnected():
-                    if operator or activity.version != last_version:  # operators also see blocks move
+                    # operators also see blocks move; a tenant's stream moves with its own requests only
+                    if operator or activity.version_of(tenant) != last_version:
                         view = await state_for(request, operator, tenant)
                         last_version, quiet = view["version"], 0.0
                         yield f"event: state\ndata: {json.dumps(view)}\n\n"
@@ -125,10 +152,10 @@ def add_dashboard(app: FastAPI, api_keys: dict[str, str] | None, admin_keys: Seq
                     await asyncio.sleep(EVENT_INTERVAL_S)
                     quiet += EVENT_INTERVAL_S
             finally:
-                streams["open"] -= 1
+                release()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _Stream(events(), release, media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @router.get("/dashboard", include_in_schema=False)
     async def dashboard_page() -> FileResponse:

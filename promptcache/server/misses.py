@@ -48,14 +48,15 @@ def explain(state: ServerState, request: Request, tenant: str | None, rid: str, 
     diag = None
     asked = named is not None or ours
     computed = first.usage.prompt_tokens - first.usage.cached_tokens
-    if asked or (state.history.enabled and state.activity.should_diagnose(computed, state.block_size)):
+    keep = request.headers.get(HISTORY_HEADER, "").strip().lower() != "off"  # off: nothing of it is kept
+    if asked or (keep and state.history.enabled and state.activity.should_diagnose(computed, state.block_size)):
         prev = state.history.get(tenant, named) if named is not None else state.history.closest(tenant, token_ids, rid)
         diag = diagnose(prev, parts, model, token_ids, first.usage, state.block_size, named)
         if asked:  # lint counts the divergences clients are told about
             lint(state.history, tenant, diag)
-        if not _new_question(prev, diag):
+        if keep and not _new_question(prev, diag):
             state.activity.note_diagnosis(tenant, rid, diag.as_dict())
-    if state.history.enabled and request.headers.get(HISTORY_HEADER, "").strip().lower() != "off":
+    if state.history.enabled and keep:
         state.history.add(tenant, PromptRecord(rid, model, tuple(parts), array("i", token_ids)))
     return diag
 

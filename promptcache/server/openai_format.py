@@ -243,7 +243,7 @@ def chat_stream(gens: Generation | list[Generation], tok: Tokenizer, rid: str, m
                                                 finish_reason=None))
                 return [*events, chunks.choice(i, delta={}, logprobs=None, finish_reason="tool_calls")]
             safe = len(out.text)
-        ids = {"token_ids": list(out.new_token_ids)} if token_ids else {}
+        ids: dict[str, Any] = {"token_ids": list(out.new_token_ids)} if token_ids else {}
         if safe > sent[i] or lp is not None or (out.new_token_ids and marker is None):
             events.append(chunks.choice(i, delta={"content": out.text[sent[i]:safe]}, logprobs=lp,
                                         finish_reason=None, **ids))
@@ -342,8 +342,8 @@ def completion_stream(gen: Generation, tok: Tokenizer, rid: str, model: str, inc
             lp = completion_logprobs(tok, new_logprobs, num_sent_chars) if new_logprobs else None
             finish = finish_reason(out) if out.finished else None
             if out.new_token_ids or out.new_text or lp is not None or finish:
-                ids = {"token_ids": list(out.new_token_ids)} if token_ids else {}
-                yield chunks.choice(text=out.new_text, logprobs=lp, finish_reason=finish, **ids)
+                ids: dict[str, Any] = {"token_ids": list(out.new_token_ids)} if token_ids else {}
+                yield chunks.choice(0, text=out.new_text, logprobs=lp, finish_reason=finish, **ids)
             num_sent_chars += len(out.new_text)
             if out.finished and include_usage:
                 yield chunks.usage(out)
