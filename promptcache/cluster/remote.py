@@ -22,6 +22,8 @@ SHARED_GAUGES = frozenset({"objects", "bytes_stored", "circuit_open"})
 
 
 class RemoteEngine:
+    supports_pins = False  # a pin would hold one replica's blocks while requests go to any
+
     def __init__(self, handle: Any, facts: ReplicaFacts) -> None:
         self.handle = handle
         self.facts = facts

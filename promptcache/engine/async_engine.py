@@ -54,6 +54,8 @@ class _Died:
 
 
 class AsyncEngine:
+    supports_pins = True  # LLMEngine.pin (a cluster's RemoteEngine cannot: cluster/remote.py)
+
     def __init__(self, engine: LLMEngine, max_waiting: int = 256) -> None:
         self.engine = engine
         self.info: EngineInfo = engine.info()

@@ -46,6 +46,9 @@ async def create_cache(request: Request, tenant: Tenant,
                        body: Annotated[CachedContentCreate, JsonBody(CachedContentCreate)]) -> dict[str, Any]:
     state = get_state(request)
     model = served_model(state, body.model, "createCachedContent")
+    if not state.aengine.supports_pins:  # --replicas: refused before anything runs
+        raise ApiError(501, "cached contents are not available with --replicas yet: a pin would hold the blocks "
+                            "of one replica while requests go to any")
     now = state.cached_contents.clock()
     expires = _lifetime(body.ttl, body.expireTime, now)
     if not body.contents and body.systemInstruction is None:
