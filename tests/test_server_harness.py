@@ -238,6 +238,7 @@ def test_serve_cli_end_to_end(tmp_path: Path) -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
     assert f"http://127.0.0.1:{port}" in out
+    assert proc.returncode == 0, out  # SIGTERM: HTTP (its own thread) drains, then the engine loop stops
 
 
 def test_openapi_spec_lists_what_the_server_answers(server: Server) -> None:

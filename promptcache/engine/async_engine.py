@@ -63,6 +63,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
+        self._running = False  # the loop is running (in its own thread, or in run_here's caller)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._commands: queue_mod.SimpleQueue[tuple[str, Any]] = queue_mod.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="promptcache-engine", daemon=True)
@@ -70,14 +71,24 @@ class AsyncEngine:
         engine.set_wakeup(self._wake.set)  # a load from disk / Redis landed: step now
 
     def start(self) -> None:
+        """Run the engine loop on a thread of its own."""
+        self._running = True  # alive from now on (the thread may not have begun yet)
         self._thread.start()
+
+    def run_here(self, until: Callable[[], bool]) -> None:
+        """Run the engine loop in the calling thread until ``until()`` is true or ``shutdown()``
+        (``promptcache serve`` calls it from the main thread and serves HTTP from another one: the
+        main thread's OpenMP team is the one PyTorch keeps hot, and steps there ran 1.7x faster —
+        batch-1 decode of smollm2-135m bf16 on 2 cores, 16 -> 28 tokens/s through the async engine)."""
+        self._thread = threading.current_thread()
+        self._loop(until)
 
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
-        if self._thread.is_alive():
+        if self._thread is not threading.current_thread() and self._thread.is_alive():
             self._thread.join(timeout=10)
-        if not self._thread.is_alive():
+        if not self._running:
             self.engine.close()  # queued tier writes finish, their threads stop
 
     def call(self, fn: Callable[[LLMEngine], T]) -> T:
@@ -106,7 +117,7 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._error is None and self._thread.is_alive()
+        return self._error is None and self._running
 
     @property
     def num_waiting(self) -> int:
@@ -176,18 +187,22 @@ class AsyncEngine:
         if self._error is not None:
             raise EngineDead("the engine loop stopped; see the server log")
 
-    def _loop(self) -> None:
-        while not self._stop:
-            try:
-                self._one_iteration()
-            except Exception as e:  # a bug must neither hang callers nor take the server down
-                log.exception("engine step failed; failing the requests in flight")
-                for target in list(self._queues.values()):
-                    _deliver(target, _Died(e))
-                self._queues.clear()
-                if not self._recover():
-                    self._error = e
-                    return
+    def _loop(self, until: Callable[[], bool] = lambda: False) -> None:
+        self._running = True
+        try:
+            while not self._stop and not until():
+                try:
+                    self._one_iteration()
+                except Exception as e:  # a bug must neither hang callers nor take the server down
+                    log.exception("engine step failed; failing the requests in flight")
+                    for target in list(self._queues.values()):
+                        _deliver(target, _Died(e))
+                    self._queues.clear()
+                    if not self._recover():
+                        self._error = e
+                        return
+        finally:
+            self._running = False
 
     def _recover(self) -> bool:
         """Abort everything the engine holds; keep serving only if its bookkeeping is still sound."""

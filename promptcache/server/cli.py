@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import socket
 import sys
+import threading
 from typing import Any
 
 
@@ -57,7 +59,6 @@ def serve(args: argparse.Namespace) -> int:
                      cfg.body_timeout_s, cfg.diagnosis_history, cfg.prices, cfg.default_max_tokens,
                      cfg.max_pinned_tokens)
     _log_requests(cfg.log_level)
-    aengine.start()
     info = aengine.info
     tiers = f"; below memory: {', '.join(info.tiers)}" if info.tiers else ""
     tenants = "open, single tenant"
@@ -66,10 +67,24 @@ def serve(args: argparse.Namespace) -> int:
     print(f"promptcache: serving {info.model_name} ({info.precision}; {info.max_model_len} tokens context, "
           f"{info.num_blocks} KV blocks of {info.block_size}{tiers}; {tenants}) at "
           f"http://{cfg.host}:{cfg.port}  (docs: http://{cfg.host}:{cfg.port}/docs)", flush=True)
+    # HTTP on a thread, the engine loop on this one: steps run 1.7x faster on the main thread
+    # (AsyncEngine.run_here). uvicorn installs no signal handlers off the main thread: these stop it
+    # gracefully (in-flight requests finish; the engine runs until the HTTP thread is done).
+    server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level))
+    web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="promptcache-http", daemon=True)
+
+    def stop(signum: int, frame: Any) -> None:
+        server.force_exit = server.should_exit  # a second signal: do not wait for connections
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    web.start()
     try:
-        server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level))
-        server.run(sockets=[sock])
+        aengine.run_here(until=lambda: not web.is_alive())
     finally:
+        server.should_exit = True
+        web.join(timeout=30)
         aengine.shutdown()
         sock.close()
     return 0
@@ -79,9 +94,6 @@ def _serve_cluster(cfg: Any, args: argparse.Namespace, api_keys: dict[str, str] 
                    admin_keys: tuple[str, ...]) -> int:
     """``--replicas N``: Ray on this machine, N engine replicas behind cache-aware routing, the same
     app as the ingress (cluster/serve_app.py); blocks until interrupted."""
-    import signal
-    import threading
-
     from promptcache.engine.config import engine_config_from_args
 
     try:
