@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from promptcache.bench.machine import free_port
 from promptcache.bench.workloads import TokenSource
 
 MODES = ("policy", "round_robin", "prefix_hash")
@@ -59,7 +60,7 @@ class MultiReplica:
         ray.init(num_cpus=max(cpus, self.replicas), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         results: dict[str, Any] = {}
-        port = _free_port()  # Serve's HTTP proxy starts once, on this port, for every mode
+        port = free_port()  # Serve's HTTP proxy starts once, on this port, for every mode
         try:
             for mode in MODES:
                 keys = {f"sk-{mode}-{t}": f"{mode}-tenant{t}" for t in range(self.tenants)}
@@ -134,14 +135,6 @@ class MultiReplica:
             "computed_tokens_by_replica": load,
             "max_load_vs_mean": max(load.values()) / mean if mean else None,
         }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_ready(url: str, key: str, timeout_s: float = 120.0) -> str:

@@ -85,3 +85,12 @@ def percentile(values: list[float], q: int) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server the bench starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from promptcache.bench.backends import EngineBackend
+from promptcache.bench.machine import free_port
 from promptcache.engine.config import EngineConfig
 from promptcache.engine.llm_engine import LLMEngine
 from promptcache.engine.request import RequestSpec
@@ -80,9 +80,7 @@ class _Redis:
 
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="promptcache-bench-redis-")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         binary = shutil.which("redis-server")
         if binary is None:
             raise ValueError("the tier workload needs --redis-url or a redis-server binary on PATH")

@@ -87,8 +87,6 @@ async def create_cache(request: Request, tenant: Tenant,
             await gen.final(request)
             try:
                 pinned = await run_in_threadpool(state.aengine.pin, pin_id, tenant, reusable, expires - now)
-            except NotImplementedError as e:  # engines that cannot pin (--replicas: cluster/remote.py)
-                raise ApiError(501, str(e)) from None
             except ValueError as e:  # the engine's own cap on pinned memory
                 raise ApiError(400, f"{e}: the server's memory for cached contents is full", code=
                                "FAILED_PRECONDITION") from None

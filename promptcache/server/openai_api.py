@@ -238,32 +238,30 @@ async def chat_completions(request: Request, tenant: Tenant,
     except BaseException:
         await choices.close(gens)
         raise
+    ids = _wants_ids(body)
+    extra = {**extra, "prompt_token_ids": list(prompt_ids)} if ids else extra  # as vLLM returns them
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        ids = _wants_ids(body)
-        return EventStream(fmt.chat_stream(gens, state.tokenizer, rid, model, include_usage, want_logprobs,
-                                           _with_prompt_ids(extra, prompt_ids, ids),
+        return EventStream(fmt.chat_stream(gens, state.tokenizer, rid, model, include_usage, want_logprobs, extra,
                                            lambda out: misses.cost_field(state, out), plan, ids))
-    outs = await choices.finals(request, gens)
-    total = choices.summed(outs)
-    response = fmt.chat_response(rid, model, total, state.tokenizer, want_logprobs, plan)
-    response["choices"] = [{**fmt.chat_response(rid, model, o, state.tokenizer, want_logprobs, plan)["choices"][0],
-                            "index": i, **_choice_ids(o, body)} for i, o in enumerate(outs)]
-    return JSONResponse({**response, **_with_prompt_ids(extra, prompt_ids, _wants_ids(body)),
-                         **misses.cost_field(state, total)})
+    return await _plain(request, state, gens, extra, ids,
+                        lambda o: fmt.chat_response(rid, model, o, state.tokenizer, want_logprobs, plan))
 
 
 def _wants_ids(body: ChatCompletionRequest | CompletionRequest) -> bool:
     return bool(body.return_token_ids or body.return_tokens)
 
 
-def _with_prompt_ids(extra: dict[str, Any], prompt_ids: list[int], wanted: bool) -> dict[str, Any]:
-    """``prompt_token_ids`` on the response (streams: its first chunk), as vLLM returns them."""
-    return {**extra, "prompt_token_ids": list(prompt_ids)} if wanted else extra
-
-
-def _choice_ids(out: RequestOutput, body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
-    return {"token_ids": list(out.token_ids)} if _wants_ids(body) else {}
+async def _plain(request: Request, state: ServerState, gens: list[Generation], extra: dict[str, Any], ids: bool,
+                 render: Callable[[RequestOutput], dict[str, Any]]) -> JSONResponse:
+    """A non-streamed response: usage summed over the choices, each choice rendered with its index
+    (and its generated ``token_ids`` when asked), the extension fields, the cost."""
+    outs = await choices.finals(request, gens)
+    total = choices.summed(outs)
+    response = render(total)
+    response["choices"] = [{**render(o)["choices"][0], "index": i, **({"token_ids": list(o.token_ids)} if ids else {})}
+                           for i, o in enumerate(outs)]
+    return JSONResponse({**response, **extra, **misses.cost_field(state, total)})
 
 
 def tool_dicts(req: ChatCompletionRequest) -> list[dict[str, Any]] | None:
@@ -342,16 +340,11 @@ async def completions(request: Request, tenant: Tenant,
         await choices.close(gens)
         raise
     want_logprobs = body.logprobs is not None
+    ids = _wants_ids(body)
+    extra = {**extra, "prompt_token_ids": list(prompt_ids)} if ids else extra
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        ids = _wants_ids(body)
         return EventStream(fmt.completion_stream(gen, state.tokenizer, rid, model, include_usage, want_logprobs,
-                                                 _with_prompt_ids(extra, prompt_ids, ids),
-                                                 lambda out: misses.cost_field(state, out), ids))
-    outs = await choices.finals(request, gens)
-    total = choices.summed(outs)
-    response = fmt.completion_response(rid, model, total, state.tokenizer, want_logprobs)
-    response["choices"] = [{**fmt.completion_response(rid, model, o, state.tokenizer, want_logprobs)["choices"][0],
-                            "index": i, **_choice_ids(o, body)} for i, o in enumerate(outs)]
-    return JSONResponse({**response, **_with_prompt_ids(extra, prompt_ids, _wants_ids(body)),
-                         **misses.cost_field(state, total)})
+                                                 extra, lambda out: misses.cost_field(state, out), ids))
+    return await _plain(request, state, gens, extra, ids,
+                        lambda o: fmt.completion_response(rid, model, o, state.tokenizer, want_logprobs))
