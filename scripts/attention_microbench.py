@@ -1,5 +1,9 @@
-"""Per-layer cost of a prefill chunk over a cached context: in place (``paged_attention`` on CPU)
-vs the whole-context gather it replaced, on this machine, with their largest difference.
+"""Per-layer attention cost on this machine: the step plan of ``model/cascade.py`` (contexts read in
+place, shared prefixes once) against gathering each sequence's whole context (what the portable path
+did before), with their largest difference.
+
+Cases: a prefill chunk over a cached context (one run, or a fragmented block table), and a decode
+step of 32 sequences in 4 groups sharing 2,048-token prefixes whose blocks are fragmented.
 
     .venv/bin/python scripts/attention_microbench.py [--threads 2]
 """
@@ -12,16 +16,19 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from promptcache.model import attention as A  # noqa: E402
+from promptcache.model import cascade as C  # noqa: E402
 
 H, KVH, D = 9, 3, 64  # smollm2-135m's heads
+BLOCK = 16
 
 
-def timed(fn, *args, repeats: int = 20) -> tuple[float, torch.Tensor]:  # type: ignore[no-untyped-def]
-    for _ in range(3):
+def timed(fn, *args, repeats: int = 10) -> tuple[float, torch.Tensor]:  # type: ignore[no-untyped-def]
+    for _ in range(2):
         fn(*args)
     t = time.perf_counter()
     for _ in range(repeats):
@@ -29,34 +36,83 @@ def timed(fn, *args, repeats: int = 20) -> tuple[float, torch.Tensor]:  # type: 
     return (time.perf_counter() - t) / repeats * 1000, out
 
 
-def in_place(q, k, v, kv, attn, runs, slots) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    return A.paged_attention(q, k, v, kv, attn, D**-0.5)
+def planned(q, k, v, kv, attn) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    attn.cascade_plan = C.plan_cascade(attn, q.dtype, q.device)  # once per step: counted here too
+    return C.paged_attention(q, k, v, kv, attn, D**-0.5)
 
 
-def gather(q, k, v, kv, attn, runs, slots) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    A.write_kv(kv, k, v, slots)
-    kc, vc = A._gather(kv, runs, q.dtype)
-    return A._attend_contiguous(q, kc, vc, D**-0.5)
+def gathered(q, k, v, kv, attn) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    A.write_kv(kv, k, v, attn.slot_mapping)
+    outs = []
+    for i in range(attn.num_seqs):
+        lo, hi, ctx = attn.query_start_loc[i], attn.query_start_loc[i + 1], attn.seq_lens[i]
+        idx = torch.tensor(A.slots_after(attn.context_runs[i], 0))
+        kc, vc = kv[0].index_select(1, idx).unsqueeze(0), kv[1].index_select(1, idx).unsqueeze(0)
+        mask = torch.zeros(hi - lo, ctx, dtype=q.dtype)
+        mask.masked_fill_(torch.arange(ctx).unsqueeze(0) > torch.arange(ctx - (hi - lo), ctx).unsqueeze(1), -torch.inf)
+        out = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1).unsqueeze(0), kc, vc, attn_mask=mask,
+                                             scale=D**-0.5, enable_gqa=True)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def runs_of(blocks: list[int], num_tokens: int) -> list[A.Run]:
+    runs: list[A.Run] = []
+    for b in blocks[: -(-num_tokens // BLOCK)]:
+        if runs and runs[-1][0] + runs[-1][1] == b * BLOCK:
+            runs[-1] = (runs[-1][0], runs[-1][1] + BLOCK)
+        else:
+            runs.append((b * BLOCK, BLOCK))
+    if num_tokens % BLOCK:
+        runs[-1] = (runs[-1][0], runs[-1][1] - (BLOCK - num_tokens % BLOCK))
+    return runs
+
+
+def step(tables: list[tuple[list[int], int, int]], dt: torch.dtype):  # type: ignore[no-untyped-def]
+    """AttentionMetadata and inputs for sequences (block table, cached tokens, new tokens)."""
+    starts, lens, ctx_runs, slots = [0], [], [], []
+    for blocks, cached, n in tables:
+        runs = runs_of(blocks, cached + n)
+        ctx_runs.append(runs)
+        slots += A.slots_after(runs, cached)
+        lens.append(cached + n)
+        starts.append(starts[-1] + n)
+    t = starts[-1]
+    q, k, v = torch.randn(t, H, D).to(dt), torch.randn(t, KVH, D).to(dt), torch.randn(t, KVH, D).to(dt)
+    return q, k, v, A.AttentionMetadata(torch.tensor(slots), starts, lens, ctx_runs)
+
+
+def cases() -> list[tuple[str, list[tuple[list[int], int, int]]]]:
+    prefix = 2048 // BLOCK
+    out = []
+    for cached, n in ((1920, 128), (1920, 512)):
+        nb = -(-(cached + n) // BLOCK)
+        out.append((f"prefill {n} over {cached}, one run", [(list(range(nb)), cached, n)]))
+        out.append((f"prefill {n} over {cached}, fragmented", [(list(range(nb))[::-1], cached, n)]))
+    groups = []
+    for g in range(4):  # each group's prefix in descending block ids (as LRU eviction hands them out)
+        shared = list(range((g + 1) * prefix - 1, g * prefix - 1, -1))
+        for j in range(8):
+            own = [4 * prefix + 8 * (8 * g + j) + b for b in range(8)]
+            groups.append((shared + own, 2048 + 64 + 5, 1))
+    out.append(("32 decodes, 4 groups, fragmented prefixes", groups))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     torch.set_num_threads(ap.parse_args().threads)
-    print("| dtype | cached | chunk | context runs | in place (ms) | gather (ms) | max diff |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    print("| dtype | case | planned (ms) | gathered (ms) | max diff |")
+    print("| --- | --- | ---: | ---: | ---: |")
     for dt in (torch.bfloat16, torch.float32):
-        kv = torch.randn(2, KVH, 4096, D).to(dt)
-        for cached, n in ((1920, 128), (1920, 512), (512, 128)):
-            q, k, v = torch.randn(n, H, D).to(dt), torch.randn(n, KVH, D).to(dt), torch.randn(n, KVH, D).to(dt)
-            for name, runs in (("one", [(0, cached + n)]), ("two", [(0, cached), (2048, n)])):
-                slots = torch.tensor([s for start, length in runs for s in range(start, start + length)][cached:])
-                attn = A.AttentionMetadata(slots, [0, n], [cached + n], [runs])
-                new_ms, new = timed(in_place, q, k, v, kv, attn, runs, slots)
-                old_ms, old = timed(gather, q, k, v, kv, attn, runs, slots)
-                diff = (new.float() - old.float()).abs().max().item()
-                print(f"| {str(dt).removeprefix('torch.')} | {cached} | {n} | {name} | {new_ms:.2f} | {old_ms:.2f} "
-                      f"| {diff:.1e} |")
+        kv = torch.randn(2, KVH, 8 * 2048 // BLOCK * BLOCK + 4096, D).to(dt)
+        for name, tables in cases():
+            q, k, v, attn = step(tables, dt)
+            new_ms, new = timed(planned, q, k, v, kv, attn)
+            old_ms, old = timed(gathered, q, k, v, kv, attn)
+            diff = (new.float() - old.float()).abs().max().item()
+            print(f"| {str(dt).removeprefix('torch.')} | {name} | {new_ms:.2f} | {old_ms:.2f} | {diff:.1e} |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptcache.model.attention import AttentionMetadata, paged_attention
+from promptcache.model.attention import AttentionMetadata
+from promptcache.model.cascade import paged_attention, plan_cascade
 from promptcache.model.deterministic import deterministic_attention
 
 BLOCK = 4
@@ -25,7 +26,16 @@ PATHS = {
     "batched-decode": [([0, 1, 2], 9, 1), ([4, 5, 9, 10], 13, 1), ([12], 2, 1)],
     "cascade-decode": [([0, 1, 2, 3, 8], 17, 1), ([0, 1, 2, 3, 9, 10], 21, 1), ([0, 1, 2, 11], 13, 1)],
     "mixed": [([0, 1, 2, 3, 8], 17, 1), ([0, 1, 2, 12, 13], 12, 6), ([14, 15], 0, 7)],
+    # chunks and a decode over one shared prefix (blocks 0-2); the first chunk has cached keys of
+    # its own past it (block 4's first half), the decode a tail (blocks 3 and 11)
+    "shared-chunks": [([0, 1, 2, 4, 8], 14, 4), ([0, 1, 2, 9, 10], 12, 7), ([0, 1, 2, 3, 11], 17, 1)],
+    # two groups (blocks 0-3 and block 5) and a cold chunk in one step
+    "two-groups": [([0, 1, 2, 3, 8], 17, 1), ([0, 1, 2, 3, 9], 18, 1), ([5, 7, 15], 4, 5), ([5, 6, 12], 9, 1),
+                   ([13, 14], 0, 6)],
 }
+# runs of at least MIN_RUN slots are read in place, shorter ones gathered: 1 = every run in place,
+# a huge value = every cached key gathered (blocks here are 4 slots, runs up to 16)
+MIN_RUNS = {"in-place": 1, "gathered": 10**6, "mixed-runs": 8}
 # (query dtype = compute dtype, KV cache dtype); the last is a float32-compute CPU with a bf16 cache
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
           (torch.float32, torch.bfloat16)]
@@ -91,14 +101,15 @@ def _reference(q, kv_cache, attn, scale) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-kernels", "portable"])
-@pytest.mark.parametrize("kernel", ["paged", "deterministic"])
+@pytest.mark.parametrize("kernel", ["paged-in-place", "paged-gathered", "paged-mixed-runs", "deterministic"])
 @pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("path", list(PATHS))
 def test_attention_path_matches_float64(path, q_dtype, kv_dtype, kernel, cpu_kernels):
-    """``portable`` is the code GPUs run (no CPU flash kernel, no cascade), forced here on CPU."""
+    """``portable`` is the kernel GPUs run (plain matmuls, not the CPU flash kernel), forced here on CPU."""
     q, k, v, kv_cache, attn = _setup(path, q_dtype, kv_dtype)
     scale = D**-0.5
-    if kernel == "paged":
+    if kernel.startswith("paged"):
+        attn.cascade_plan = plan_cascade(attn, q_dtype, q.device, min_run=MIN_RUNS[kernel.removeprefix("paged-")])
         out = paged_attention(q, k, v, kv_cache, attn, scale, cpu_kernels=cpu_kernels)
     else:  # 8-key pieces: contexts here span up to three, so the merge runs
         out = deterministic_attention(q, k, v, kv_cache, attn, scale, piece_tokens=8, cpu_kernels=cpu_kernels)

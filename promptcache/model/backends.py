@@ -1,10 +1,10 @@
 """Attention backends. The runner picks one per engine (by device and mode) and, once per step,
 lets it build its plan into the step's ``AttentionMetadata``; every layer then reuses that plan.
 
-| backend        | where                     | decode                                                  |
+| backend        | where                     | attention                                               |
 | -------------- | ------------------------- | ------------------------------------------------------- |
-| ``cpu-cascade``| CPU                       | heads read in place, shared prefixes once (cascade)     |
-| ``portable``   | any device (GPUs today)   | each context gathered, one SDPA call per sequence       |
+| ``cpu-cascade``| CPU                       | model/cascade.py's plan, the CPU flash kernel            |
+| ``portable``   | any device (GPUs today)   | the same plan (contexts read in place), plain matmuls   |
 | ``deterministic`` | any device, opt-in     | fixed 256-key pieces merged in order (model/deterministic.py) |
 """
 
@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from promptcache.model import attention as _attention
+from promptcache.model import cascade as _cascade
 from promptcache.model import deterministic as _deterministic
 from promptcache.model.attention import AttentionMetadata
 
@@ -36,21 +36,20 @@ class CascadeCPU:
     name = "cpu-cascade"
 
     def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
-        rows = _attention.decode_rows(attn)
-        attn.decode_plan = _attention._plan_decode(attn, rows, dtype, device) if rows else None
+        attn.cascade_plan = _cascade.plan_cascade(attn, dtype, device)
 
     def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
-        return _attention.paged_attention(q, k, v, kv_cache, attn, scale, cpu_kernels=True)
+        return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _cascade.cpu_flash)
 
 
 class Portable:
     name = "portable"
 
     def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
-        pass  # nothing shared between layers: each sequence's context is gathered per layer
+        attn.cascade_plan = _cascade.plan_cascade(attn, dtype, device)
 
     def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
-        return _attention.paged_attention(q, k, v, kv_cache, attn, scale, cpu_kernels=False)
+        return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _cascade.math_attention)
 
 
 class Deterministic:

@@ -1,0 +1,278 @@
+"""Attention over paged contexts read where they lie: one plan per step, a few calls per layer.
+
+Sequences of a step whose contexts start at the same slot share a cached prefix (a block is shared
+only by requests with the same content before it). Each such *group* attends to the part its
+members have in common — every run of it, not only the first — in one call per run with all its
+members' queries stacked (cascade attention: the shared K/V are read once per layer, not once per
+sequence; no mask: every shared key precedes every query). What is left of each context:
+
+- a decode token's *tail* (its own recent blocks and itself): every decode of the step in one
+  padded call;
+- a prefill chunk's cached keys past the shared part, then its causal attention over its own fresh
+  K/V (read from the projections, not the cache);
+
+all merged exactly, per query, by their log-sum-exps, in float32. Runs shorter than
+``MIN_RUN_IN_PLACE`` slots are gathered together into one call instead of many tiny ones (a
+fragmented block table must not cost a kernel call per block). Nothing is gathered whole.
+
+The same plan runs on every device; only the kernel differs: the CPU flash kernel (which returns
+the log-sum-exp) or, elsewhere, plain matmuls (``math_attention``) — both read the runs as strided
+views, in place. Tests force each on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from promptcache.model.attention import (
+    AttentionMetadata,
+    Run,
+    as_stored,
+    attend_causal,
+    runs_before,
+    slots_after,
+    write_kv,
+)
+
+MIN_RUN_IN_PLACE = 128  # slots; shorter runs are gathered together (a copy is cheaper than a call)
+
+# (q [B, h, m, d], k [B, h, n, d], v, scale, additive mask or None, causal) -> (out [B, h, m, d], lse [B, h, m])
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, "torch.Tensor | None", bool],
+                  tuple[torch.Tensor, torch.Tensor]]
+
+
+def cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+              causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, is_causal=causal, attn_mask=mask, scale=scale)[:2]
+    return out, lse
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+                   causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with its log-sum-exp in plain ops (any device): scores and softmax in float32."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, h, m, n]
+    if mask is not None:
+        scores = scores + mask
+    if causal:
+        m, n = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(m, n, dtype=torch.bool, device=q.device).triu(n - m + 1),
+                                    float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype), v), lse
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys of one call: a run of consecutive slots read in place, or short runs gathered."""
+
+    run: Run | None = None
+    slots: torch.Tensor | None = None  # [n] when gathered
+
+
+@dataclass(frozen=True)
+class Group:
+    """Sequences sharing a cached prefix: their queries are rows [lo, hi) of the permuted batch."""
+
+    lo: int
+    hi: int
+    num_seqs: int
+    shared: list[Keys]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A prefill chunk over a cached context."""
+
+    lo: int  # its queries' rows in the permuted batch
+    hi: int
+    start: int  # ... and in the step's batch (where its fresh K/V are)
+    end: int
+    private: list[Keys]  # cached keys past its group's shared part
+
+
+@dataclass(frozen=True)
+class CascadePlan:
+    cold: list[tuple[int, int]]  # batch rows of chunks with nothing cached: plain causal attention
+    perm: torch.Tensor | None  # [M] the batch row of each permuted row (queries over a cached context)
+    groups: list[Group]
+    chunks: list[Chunk]
+    tail_rows: torch.Tensor | None  # [R] permuted rows of the step's decodes
+    tail_idx: torch.Tensor | None  # [R, L] slots of each decode's tail, zero-padded
+    tail_mask: torch.Tensor | None  # [R, 1, 1, L] additive: 0 on real slots, -inf on padding
+
+
+def _keys(runs: list[Run], min_run: int, device: torch.device) -> list[Keys]:
+    keys = [Keys(run=r) for r in runs if r[1] >= min_run]
+    short = [s for start, n in runs if n < min_run for s in range(start, start + n)]
+    if short:
+        keys.append(Keys(slots=torch.tensor(short, dtype=torch.long, device=device)))
+    return keys
+
+
+def _common_runs(run_lists: list[list[Run]]) -> list[Run]:
+    """The runs every context starts with (the last one cut where they part)."""
+    out: list[Run] = []
+    for parts in zip(*run_lists, strict=False):
+        start, length = parts[0][0], min(p[1] for p in parts)
+        if any(p[0] != start for p in parts):
+            break
+        out.append((start, length))
+        if any(p[1] != length for p in parts):
+            break
+    return out
+
+
+def _runs_between(runs: list[Run], lo: int, hi: int) -> list[Run]:
+    """The runs covering positions [lo, hi) of a context given as runs."""
+    out: list[Run] = []
+    pos = 0
+    for start, length in runs_before(runs, hi):
+        a, b = max(lo, pos), pos + length
+        if a < b:
+            out.append((start + a - pos, b - a))
+        pos += length
+    return out
+
+
+def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.device,
+                 min_run: int = MIN_RUN_IN_PLACE) -> CascadePlan:
+    qsl, lens, ctx_runs = attn.query_start_loc, attn.seq_lens, attn.context_runs
+    cold: list[tuple[int, int]] = []
+    by_first: dict[int, list[int]] = {}
+    for i in range(attn.num_seqs):
+        if qsl[i + 1] - qsl[i] == lens[i]:
+            cold.append((qsl[i], qsl[i + 1]))
+        else:
+            by_first.setdefault(ctx_runs[i][0][0], []).append(i)
+    perm: list[int] = []
+    groups: list[Group] = []
+    chunks: list[Chunk] = []
+    tail_rows: list[int] = []
+    tails: list[list[int]] = []
+    for members in by_first.values():
+        members.sort(key=lambda i: qsl[i + 1] - qsl[i] > 1)  # decodes first (stable)
+        # what every member has cached (a decode's own token stays in its tail)
+        shared_len = min(sum(n for _, n in _common_runs([ctx_runs[i] for i in members])),
+                         min(lens[i] - (qsl[i + 1] - qsl[i]) for i in members))
+        lo = len(perm)
+        for i in members:
+            row, n = len(perm), qsl[i + 1] - qsl[i]
+            perm.extend(range(qsl[i], qsl[i + 1]))
+            if n == 1:
+                tail_rows.append(row)
+                tails.append(slots_after(ctx_runs[i], shared_len))
+            else:
+                private = _keys(_runs_between(ctx_runs[i], shared_len, lens[i] - n), min_run, device)
+                chunks.append(Chunk(row, row + n, qsl[i], qsl[i + 1], private))
+        groups.append(Group(lo, len(perm), len(members), _keys(runs_before(ctx_runs[members[0]], shared_len),
+                                                              min_run, device)))
+    tail_idx = tail_mask = None
+    if tails:
+        longest = max(len(t) for t in tails)
+        idx = torch.zeros(len(tails), longest, dtype=torch.long)
+        mask = torch.full((len(tails), 1, 1, longest), float("-inf"), dtype=dtype)
+        for j, t in enumerate(tails):
+            idx[j, : len(t)] = torch.tensor(t, dtype=torch.long)
+            mask[j, 0, 0, : len(t)] = 0.0
+        tail_idx, tail_mask = idx.to(device), mask.to(device)
+    return CascadePlan(
+        cold=cold,
+        perm=torch.tensor(perm, dtype=torch.long, device=device) if perm else None,
+        groups=groups,
+        chunks=chunks,
+        tail_rows=torch.tensor(tail_rows, dtype=torch.long, device=device) if tail_rows else None,
+        tail_idx=tail_idx,
+        tail_mask=tail_mask,
+    )
+
+
+def _read(kv_cache: torch.Tensor, keys: Keys, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V of one call as [1, kvh, n, d] (a view of the cache for a run; a copy if gathered or cast)."""
+    if keys.run is not None:
+        start, n = keys.run
+        k, v = kv_cache[0, :, start : start + n], kv_cache[1, :, start : start + n]
+    else:
+        assert keys.slots is not None
+        k, v = kv_cache[0].index_select(1, keys.slots), kv_cache[1].index_select(1, keys.slots)
+    return k.to(dtype).unsqueeze(0), v.to(dtype).unsqueeze(0)
+
+
+def _merge_into(acc_o: torch.Tensor, acc_l: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
+    """Fold a part (o, lse) over other keys into the float32 accumulators, in place (exact)."""
+    total = torch.logaddexp(acc_l, lse)
+    acc_o.mul_(torch.exp(acc_l - total).unsqueeze(-1)).add_(o.float() * torch.exp(lse - total).unsqueeze(-1))
+    acc_l.copy_(total)
+
+
+def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                      attn: AttentionMetadata, scale: float, kernel: Kernel) -> torch.Tensor:
+    """Store this step's K/V, then attend every query over its context by the step's plan.
+
+    q: [T, H, d]; k, v: [T, kvh, d]; returns [T, H, d] in q's dtype.
+    """
+    write_kv(kv_cache, k, v, attn.slot_mapping)
+    plan = attn.cascade_plan
+    if not isinstance(plan, CascadePlan):
+        plan = attn.cascade_plan = plan_cascade(attn, q.dtype, q.device)
+    out = torch.empty_like(q)
+    for lo, hi in plan.cold:  # nothing cached: the fresh K/V are the whole context
+        out[lo:hi] = attend_causal(q[lo:hi], as_stored(k[lo:hi], kv_cache).transpose(0, 1),
+                                  as_stored(v[lo:hi], kv_cache).transpose(0, 1), scale)
+    if plan.perm is None:
+        return out
+    num_heads, d = q.shape[1:]
+    kvh = kv_cache.shape[1]
+    g = num_heads // kvh
+    m_all = plan.perm.numel()
+    # queries over a cached context, folded by KV head: [kvh, M, G, d]; accumulators alike, float32
+    qf = q.index_select(0, plan.perm).view(m_all, kvh, g, d).transpose(0, 1).contiguous()
+    acc_o = q.new_empty(kvh, m_all, g, d, dtype=torch.float32)
+    acc_l = q.new_empty(kvh, m_all, g, dtype=torch.float32)
+    for grp in plan.groups:
+        m = grp.hi - grp.lo
+        qg = qf[:, grp.lo : grp.hi].reshape(1, kvh, m * g, d)
+        for j, keys in enumerate(grp.shared):
+            o, lse = kernel(qg, *_read(kv_cache, keys, q.dtype), scale, None, False)
+            o, lse = o.view(kvh, m, g, d), lse.view(kvh, m, g)
+            if j == 0:  # every permuted row is in exactly one group: its first part initialises it
+                acc_o[:, grp.lo : grp.hi].copy_(o)
+                acc_l[:, grp.lo : grp.hi].copy_(lse)
+            else:
+                _merge_into(acc_o[:, grp.lo : grp.hi], acc_l[:, grp.lo : grp.hi], o, lse)
+    for c in plan.chunks:
+        n = c.hi - c.lo
+        ao, al = acc_o[:, c.lo : c.hi], acc_l[:, c.lo : c.hi]
+        qc = qf[:, c.lo : c.hi].reshape(1, kvh, n * g, d)
+        for keys in c.private:
+            o, lse = kernel(qc, *_read(kv_cache, keys, q.dtype), scale, None, False)
+            _merge_into(ao, al, o.view(kvh, n, g, d), lse.view(kvh, n, g))
+        # causal over its own fresh K/V, heads unfolded ([1, H, n, d], K/V repeated per query head)
+        kf = as_stored(k[c.start : c.end], kv_cache).transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
+        vf = as_stored(v[c.start : c.end], kv_cache).transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
+        qh = q[c.start : c.end].transpose(0, 1).unsqueeze(0).contiguous()
+        o, lse = kernel(qh, kf, vf, scale, None, True)
+        _merge_into(ao, al, o.view(kvh, g, n, d).transpose(1, 2), lse.view(kvh, g, n).transpose(1, 2))
+    if plan.tail_rows is not None:
+        assert plan.tail_idx is not None and plan.tail_mask is not None
+        rows, (r, length) = plan.tail_rows, plan.tail_idx.shape
+        flat = plan.tail_idx.view(-1)
+        kt = kv_cache[0].index_select(1, flat).to(q.dtype).view(kvh, r, length, d).transpose(0, 1)  # [R, kvh, L, d]
+        vt = kv_cache[1].index_select(1, flat).to(q.dtype).view(kvh, r, length, d).transpose(0, 1)
+        o, lse = kernel(qf[:, rows].transpose(0, 1), kt, vt, scale, plan.tail_mask, False)  # [R, kvh, G, d]
+        ao, al = acc_o[:, rows], acc_l[:, rows]  # copies (rows are scattered): merged, then put back
+        _merge_into(ao, al, o.transpose(0, 1), lse.transpose(0, 1))
+        acc_o[:, rows], acc_l[:, rows] = ao, al
+    out.index_copy_(0, plan.perm, acc_o.transpose(0, 1).reshape(m_all, num_heads, d).to(q.dtype))
+    return out
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    attn: AttentionMetadata, scale: float, cpu_kernels: bool | None = None) -> torch.Tensor:
+    """``cascade_attention`` with the kernel for q's device: the CPU flash kernel on CPU tensors,
+    plain matmuls elsewhere. ``cpu_kernels=False`` forces the portable kernel (tests, on CPU)."""
+    use_cpu = q.device.type == "cpu" if cpu_kernels is None else cpu_kernels
+    return cascade_attention(q, k, v, kv_cache, attn, scale, cpu_flash if use_cpu else math_attention)
