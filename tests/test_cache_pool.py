@@ -67,13 +67,24 @@ def test_free_tail_first_evicts_deepest_first():
     run(kv, "a", list(range(16)))  # blocks 0..3, all cached
     kv.free("a")
     assert [b.block_id for b in kv.pool.lru] == [3, 2, 1, 0]
-    # a new unrelated request of 2 blocks evicts the two deepest blocks of "a"
+    # a new unrelated request of 2 blocks evicts the two deepest blocks of "a" (3 and 2), and gets
+    # them in ascending order: consecutive ids are one run of slots for attention
     _, ids = run(kv, "b", [100 + i for i in range(8)])
-    assert ids == [3, 2]
+    assert ids == [2, 3]
     assert kv.pool.counters.blocks_evicted == 2
     kv.free("b")
     hit, _ = run(kv, "c", list(range(16)))  # "a"'s first two blocks are still there
     assert hit == 8
+
+
+def test_blocks_freed_together_come_back_consecutive():
+    """Released tail-first, evicted deepest-first, a freed table's blocks are handed out again as
+    ascending, consecutive ids (not 7, 6, 5, ...: every block its own run of slots)."""
+    kv = KVCacheManager(num_blocks=8, block_size=4, clock=Clock())
+    run(kv, "a", list(range(32)))  # blocks 0..7, all cached
+    kv.free("a")
+    _, ids = run(kv, "b", [100 + i for i in range(16)])  # evicts "a"'s 4 deepest blocks
+    assert ids == [4, 5, 6, 7]
 
 
 def test_rehit_removes_from_middle_of_lru():
@@ -109,8 +120,10 @@ def test_retention_order_and_early_evictions():
     run(kv, "plain", list(range(20, 24)) + [0])  # block 2, no retention
     kv.free("plain")
     assert kv.pool.num_retained == 2
-    # four fresh blocks: empty block 3 first, then the unretained one, then earliest expiry, then 1 h
-    _, ids = run(kv, "big", list(range(100, 116)))
+    # four fresh blocks, one at a time (as decode grows a table; one allocation hands its blocks
+    # out in ascending ids): empty block 3 first, then the unretained one, then earliest expiry, then 1 h
+    hit = kv.match("big", hashes(list(range(100, 116))), 16)
+    ids = [i for n in (4, 8, 12, 16) for i in kv.allocate("big", n, hit if n == 4 else None) or []]
     assert ids == [3, 2, 1, 0]
     assert kv.pool.counters.blocks_evicted == 3
     assert kv.pool.counters.early_evictions == 2
@@ -125,7 +138,8 @@ def test_expired_blocks_rejoin_lru_by_last_use():
     run(kv, "p", list(range(10, 14)) + [0])  # block 1, unretained, used later than block 0
     kv.free("p")
     clock.now += 100  # block 0's retention is over
-    _, ids = run(kv, "x", list(range(50, 58)))
+    hit = kv.match("x", hashes(list(range(50, 58))), 8)
+    ids = [i for n in (4, 8) for i in kv.allocate("x", n, hit if n == 4 else None) or []]
     assert ids == [2, 0]  # empty first, then block 0: expired and least recently used
     assert kv.pool.counters.early_evictions == 0
 
