@@ -33,9 +33,11 @@ PATHS = {
     "two-groups": [([0, 1, 2, 3, 8], 17, 1), ([0, 1, 2, 3, 9], 18, 1), ([5, 7, 15], 4, 5), ([5, 6, 12], 9, 1),
                    ([13, 14], 0, 6)],
 }
-# runs of at least MIN_RUN slots are read in place, shorter ones gathered: 1 = every run in place,
-# a huge value = every cached key gathered (blocks here are 4 slots, runs up to 16)
-MIN_RUNS = {"in-place": 1, "gathered": 10**6, "mixed-runs": 8}
+# (min_run, short_context): runs of at least min_run slots are read in place, shorter ones gathered
+# (1 = every run in place, a huge value = every cached key gathered; blocks here are 4 slots, runs
+# up to 16); a decode alone in its group with a context of at most short_context tokens is attended
+# whole in the tail call (0 = never, 256 = every lone decode here)
+PLANS = {"in-place": (1, 0), "gathered": (10**6, 0), "mixed-runs": (8, 256)}
 # (query dtype = compute dtype, KV cache dtype); the last is a float32-compute CPU with a bf16 cache
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
           (torch.float32, torch.bfloat16)]
@@ -109,7 +111,8 @@ def test_attention_path_matches_float64(path, q_dtype, kv_dtype, kernel, cpu_ker
     q, k, v, kv_cache, attn = _setup(path, q_dtype, kv_dtype)
     scale = D**-0.5
     if kernel.startswith("paged"):
-        attn.cascade_plan = plan_cascade(attn, q_dtype, q.device, min_run=MIN_RUNS[kernel.removeprefix("paged-")])
+        min_run, short = PLANS[kernel.removeprefix("paged-")]
+        attn.cascade_plan = plan_cascade(attn, q_dtype, q.device, min_run=min_run, short_context=short)
         out = paged_attention(q, k, v, kv_cache, attn, scale, cpu_kernels=cpu_kernels)
     else:  # 8-key pieces: contexts here span up to three, so the merge runs
         out = deterministic_attention(q, k, v, kv_cache, attn, scale, piece_tokens=8, cpu_kernels=cpu_kernels)

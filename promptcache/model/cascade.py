@@ -7,7 +7,8 @@ members' queries stacked (cascade attention: the shared K/V are read once per la
 sequence; no mask: every shared key precedes every query). What is left of each context:
 
 - a decode token's *tail* (its own recent blocks and itself): every decode of the step in one
-  padded call;
+  padded call (a decode that shares nothing with the step's other sequences and has a short
+  context, ``SHORT_CONTEXT``, is attended whole there: no calls of its own);
 - a prefill chunk's cached keys past the shared part, then its causal attention over its own fresh
   K/V (read from the projections, not the cache);
 
@@ -38,6 +39,9 @@ from promptcache.model.attention import (
 )
 
 MIN_RUN_IN_PLACE = 128  # slots; shorter runs are gathered together (a copy is cheaper than a call)
+# a decode sharing its context with no other sequence of the step, and whose context is this short,
+# is attended whole in the step's one padded tail call instead of calls of its own
+SHORT_CONTEXT = 256
 
 # (q [B, h, m, d], k [B, h, n, d], v, scale, additive mask or None, causal) -> (out [B, h, m, d], lse [B, h, m])
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, "torch.Tensor | None", bool],
@@ -103,6 +107,7 @@ class CascadePlan:
     tail_rows: torch.Tensor | None  # [R] permuted rows of the step's decodes
     tail_idx: torch.Tensor | None  # [R, L] slots of each decode's tail, zero-padded
     tail_mask: torch.Tensor | None  # [R, 1, 1, L] additive: 0 on real slots, -inf on padding
+    whole_tail: bool = False  # some decodes are in no group: their whole context is in the tail
 
 
 def _keys(runs: list[Run], min_run: int, device: torch.device) -> list[Keys]:
@@ -139,7 +144,7 @@ def _runs_between(runs: list[Run], lo: int, hi: int) -> list[Run]:
 
 
 def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.device,
-                 min_run: int = MIN_RUN_IN_PLACE) -> CascadePlan:
+                 min_run: int = MIN_RUN_IN_PLACE, short_context: int = SHORT_CONTEXT) -> CascadePlan:
     qsl, lens, ctx_runs = attn.query_start_loc, attn.seq_lens, attn.context_runs
     cold: list[tuple[int, int]] = []
     by_first: dict[int, list[int]] = {}
@@ -153,11 +158,14 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
     chunks: list[Chunk] = []
     tail_rows: list[int] = []
     tails: list[list[int]] = []
+    whole_tail = False  # some decode has its whole context in the tail (no group part first)
     for members in by_first.values():
         members.sort(key=lambda i: qsl[i + 1] - qsl[i] > 1)  # decodes first (stable)
         # what every member has cached (a decode's own token stays in its tail)
         shared_len = min(sum(n for _, n in _common_runs([ctx_runs[i] for i in members])),
                          min(lens[i] - (qsl[i + 1] - qsl[i]) for i in members))
+        if len(members) == 1 and lens[members[0]] <= short_context and qsl[members[0] + 1] - qsl[members[0]] == 1:
+            shared_len = 0  # a short lone decode: all of it in the tail call
         lo = len(perm)
         for i in members:
             row, n = len(perm), qsl[i + 1] - qsl[i]
@@ -168,8 +176,11 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
             else:
                 private = _keys(_runs_between(ctx_runs[i], shared_len, lens[i] - n), min_run, device)
                 chunks.append(Chunk(row, row + n, qsl[i], qsl[i + 1], private))
-        groups.append(Group(lo, len(perm), len(members), _keys(runs_before(ctx_runs[members[0]], shared_len),
-                                                              min_run, device)))
+        if shared_len:
+            groups.append(Group(lo, len(perm), len(members), _keys(runs_before(ctx_runs[members[0]], shared_len),
+                                                                  min_run, device)))
+        else:
+            whole_tail = True
     tail_idx = tail_mask = None
     if tails:
         longest = max(len(t) for t in tails)
@@ -187,6 +198,7 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
         tail_rows=torch.tensor(tail_rows, dtype=torch.long, device=device) if tail_rows else None,
         tail_idx=tail_idx,
         tail_mask=tail_mask,
+        whole_tail=whole_tail,
     )
 
 
@@ -230,15 +242,19 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     m_all = plan.perm.numel()
     # queries over a cached context, folded by KV head: [kvh, M, G, d]; accumulators alike, float32
     qf = q.index_select(0, plan.perm).view(m_all, kvh, g, d).transpose(0, 1).contiguous()
-    acc_o = q.new_empty(kvh, m_all, g, d, dtype=torch.float32)
-    acc_l = q.new_empty(kvh, m_all, g, dtype=torch.float32)
+    if plan.whole_tail:  # rows no group initialises: start from nothing (0, -inf) for the tail merge
+        acc_o = q.new_zeros(kvh, m_all, g, d, dtype=torch.float32)
+        acc_l = q.new_full((kvh, m_all, g), float("-inf"), dtype=torch.float32)
+    else:
+        acc_o = q.new_empty(kvh, m_all, g, d, dtype=torch.float32)
+        acc_l = q.new_empty(kvh, m_all, g, dtype=torch.float32)
     for grp in plan.groups:
         m = grp.hi - grp.lo
         qg = qf[:, grp.lo : grp.hi].reshape(1, kvh, m * g, d)
         for j, keys in enumerate(grp.shared):
             o, lse = kernel(qg, *_read(kv_cache, keys, q.dtype), scale, None, False)
             o, lse = o.view(kvh, m, g, d), lse.view(kvh, m, g)
-            if j == 0:  # every permuted row is in exactly one group: its first part initialises it
+            if j == 0 and not plan.whole_tail:  # a row is in one group at most: its first part initialises it
                 acc_o[:, grp.lo : grp.hi].copy_(o)
                 acc_l[:, grp.lo : grp.hi].copy_(lse)
             else:
