@@ -99,6 +99,21 @@ def cases() -> list[tuple[str, list[tuple[list[int], int, int]]]]:
     return out
 
 
+def kernel_rates() -> None:
+    """The CPU flash kernel's rate by shape (it bounds prefill over long contexts)."""
+    print("\n| dtype | heads x queries x keys | causal | ms | GFLOP/s |")
+    print("| --- | --- | --- | ---: | ---: |")
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    for dt in (torch.bfloat16, torch.float32):
+        shapes = ((9, 2048, 2048, True), (3, 6144, 2048, False), (3, 384, 1920, False), (3, 24, 2048, False))
+        for h, m, n, causal in shapes:
+            q, k, v = (torch.randn(1, h, length, D).to(dt) for length in (m, n, n))
+            ms, _ = timed(lambda q=q, k=k, v=v, causal=causal: flash(q, k, v, is_causal=causal, scale=D**-0.5)[0])
+            flops = 4 * h * m * n * D / (2 if causal else 1)
+            name = str(dt).removeprefix("torch.")
+            print(f"| {name} | {h} x {m} x {n} | {causal} | {ms:.2f} | {flops / ms / 1e6:.0f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
@@ -113,6 +128,7 @@ def main() -> None:
             old_ms, old = timed(gathered, q, k, v, kv, attn)
             diff = (new.float() - old.float()).abs().max().item()
             print(f"| {str(dt).removeprefix('torch.')} | {name} | {new_ms:.2f} | {old_ms:.2f} | {diff:.1e} |")
+    kernel_rates()
 
 
 if __name__ == "__main__":
