@@ -73,11 +73,15 @@ class Rotary(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)  # [max_len, d]
         self.cos, self.sin = emb.cos().to(device), emb.sin().to(device)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        # q: [T, H, d], k: [T, kvh, d], positions: [T]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, d]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the step's positions, ``[T, 1, d]``: looked up once per step, not per layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    # x: [T, heads, d]; rope: cos, sin [T, 1, d]
+    cos, sin = rope
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -112,20 +116,26 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
         attn: AttentionMetadata,
         kv_cache: torch.Tensor,
-        rotary: Rotary | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv(x)
+        heads = self.num_heads + self.num_kv_heads
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rotary is not None:
-            q, k = rotary(q, k, positions)
+            q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
+            q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
+            if rope is not None:
+                q, k = rotate(q, rope), rotate(k, rope)
+        else:
+            # q and k side by side, [T, H + kvh, d]: rotated in one pass (half the ops of two)
+            qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads, self.head_dim)
+            if rope is not None:
+                qk = rotate(qk, rope)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         if attn.backend is None:  # one choice, the runner's (model/backends.py): never a silent default
             raise ValueError("AttentionMetadata.backend is not set; the model runner picks the backend")
         out = attn.backend(q, k, v, kv_cache, attn, self.scale)  # [T, H, d]
@@ -162,8 +172,8 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = norm()
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, attn, kv_cache, rotary):
-        x = x + self.attn(self.attn_norm(x), positions, attn, kv_cache, rotary)
+    def forward(self, x, attn, kv_cache, rope):
+        x = x + self.attn(self.attn_norm(x), attn, kv_cache, rope)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -214,8 +224,9 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
+        rope = self.rotary.tables(positions, x.dtype) if self.rotary is not None else None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, attn, kv_cache, self.rotary)
+            x = layer(x, attn, kv_cache, rope)
         return self.norm(x)
 
     @torch.inference_mode()
