@@ -101,7 +101,7 @@ def test_bfloat16_agrees_with_float32_and_transformers_bf16():
     native = cpu_has_native_bf16()
     assert runner.compute_dtype == (torch.bfloat16 if native else torch.float32)
     assert runner.kv_caches[0].dtype == runner.compute_dtype  # by default the cache holds what attention reads
-    weight = runner.loaded.model.layers[0].mlp.up.weight
+    weight = runner.loaded.model.layers[0].mlp.up.plain_weight()
     assert torch.equal(weight, weight.to(torch.bfloat16).to(weight.dtype))  # bf16 values either way
     hf = AutoModelForCausalLM.from_pretrained(random_checkpoint("tiny"), dtype=runner.compute_dtype).eval()
     with torch.no_grad():

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from promptcache.model.config import ArchConfig, arch_from_hf_config
+from promptcache.model.prepack import prepack_linears
 from promptcache.model.shapes import DEFAULT_MODEL_DIR, random_checkpoint
 from promptcache.model.transformer import CausalLM
 
@@ -182,6 +183,7 @@ def load_model(
     max_model_len: int | None = None,
     value_dtype: torch.dtype | None = None,
     deterministic: bool = False,
+    prepack: bool = True,
 ) -> LoadedModel:
     """Weights are stored in ``dtype`` (the compute dtype) holding values rounded to ``value_dtype``
     (the dtype asked for): bfloat16 weights upcast to float32 compute keep their bfloat16 values,
@@ -211,4 +213,6 @@ def load_model(
                 target.copy_(tensor.to(rounding).to(dtype))
     model.finish_loading(device)
     model.eval()
+    if prepack and device.type == "cpu" and not deterministic:
+        prepack_linears(model)  # oneDNN's layout once, not a reorder per call (model/prepack.py)
     return LoadedModel(model, arch, model_dir, hf_config, load_generation_config(model_dir))

@@ -17,14 +17,22 @@ from promptcache.model.deterministic import pointwise, tiled_linear, tiled_rows
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that can run batch-invariant (fixed-shape row tiles, model/deterministic.py)."""
+    """``nn.Linear`` that can run batch-invariant (fixed-shape row tiles, model/deterministic.py), or
+    on a weight packed once in oneDNN's own layout (CPU, model/prepack.py)."""
 
     row_tiled = False
+    packed: torch.Tensor | None = None  # the weight in oneDNN's layout; the plain one is then freed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_tiled:
             return tiled_linear(x, self.weight, self.bias)
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def plain_weight(self) -> torch.Tensor:
+        """The weight as ``[out, in]`` values (unpacked: a copy when packed)."""
+        return self.packed.to_dense() if self.packed is not None else self.weight
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,75 @@
+"""Linear weights packed into oneDNN's layout at load (model/prepack.py): the same logits as the
+plain ``F.linear`` path, every untied linear packed, the plain copies freed, values recoverable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from promptcache.engine.precision import cpu_has_native_bf16
+from promptcache.model.attention import AttentionMetadata
+from promptcache.model.backends import pick_backend
+from promptcache.model.loader import load_model
+from promptcache.model.shapes import random_checkpoint
+from promptcache.model.transformer import Linear
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
+
+
+def _logits(model, arch, dtype: torch.dtype, ids: list[int]) -> torch.Tensor:
+    """A plain prefill of ``ids`` through the model's own forward; the last position's logits."""
+    n = len(ids)
+    backend = pick_backend(torch.device("cpu"), deterministic=False)
+    attn = AttentionMetadata(torch.arange(n), [0, n], [n], [[(0, n)]], num_kv_heads=arch.num_kv_heads,
+                             backend=backend)
+    backend.prepare(attn, arch.num_heads, dtype, torch.device("cpu"))
+    kv = [torch.zeros(2, arch.num_kv_heads, n, arch.head_dim, dtype=dtype) for _ in range(arch.num_layers)]
+    hidden = model(torch.tensor(ids), torch.arange(n), attn, kv)
+    return model.compute_logits(hidden[-1:])
+
+
+def _untied(tmp_path: Path) -> Path:
+    """The tiny checkpoint with an lm_head of its own (not tied to the embedding)."""
+    src = random_checkpoint("tiny")
+    for f in src.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"]) * 0.02
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    return tmp_path
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_packed_linears_match_plain(tmp_path, tie, dtype):
+    path = random_checkpoint("tiny") if tie else _untied(tmp_path)
+    plain = load_model(path, dtype, torch.device("cpu"), 256, prepack=False)
+    packed = load_model(path, dtype, torch.device("cpu"), 256)
+    linears = [m for m in packed.model.modules() if isinstance(m, Linear)]
+    tied = packed.model.lm_head.weight is packed.model.embed.weight
+    assert tied == tie
+    # every linear but a tied lm_head (the embedding needs its plain weight) is packed, its plain copy freed
+    assert [m.packed is not None for m in linears] == [not (tied and m is packed.model.lm_head) for m in linears]
+    assert all(m.weight.numel() == 0 for m in linears if m.packed is not None)
+    plain_linears = [m for m in plain.model.modules() if isinstance(m, Linear)]
+    assert all(m.packed is None for m in plain_linears)
+    for a, b in zip(linears, plain_linears, strict=True):
+        assert torch.equal(a.plain_weight(), b.weight)
+    ids = list(range(10, 80))
+    got, want = _logits(packed.model, packed.arch, dtype, ids), _logits(plain.model, plain.arch, dtype, ids)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)  # the same oneDNN kernels, without the per-call reorder
+    else:
+        assert (got - want).abs().max().item() < 1e-4
+
+
+def test_deterministic_mode_keeps_plain_tiled_linears():
+    loaded = load_model(random_checkpoint("tiny"), torch.float32, torch.device("cpu"), 256, deterministic=True)
+    assert all(m.packed is None and m.row_tiled for m in loaded.model.modules() if isinstance(m, Linear))
