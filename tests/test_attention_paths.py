@@ -147,3 +147,18 @@ def test_deterministic_attention_row_does_not_depend_on_batch(q_dtype, kv_dtype)
     chunk = AttentionMetadata(torch.tensor(slots), [0, 6], [start + 1], [runs])
     out = deterministic_attention(chunk_q, chunk_k, chunk_v, cache, chunk, scale, piece_tokens=8)
     assert torch.equal(out[5], batch[1])
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_portable_kernel_in_query_slices(path, monkeypatch):
+    """The portable kernel bounds each call's scores by slicing queries (a long chunk over a long
+    context on a GPU): with a tiny bound every call is split, causal parts included."""
+    import promptcache.model.cascade as cascade
+
+    monkeypatch.setattr(cascade, "MATH_SCORES_MAX", 7)
+    q, k, v, kv_cache, attn = _setup(path, torch.float32, torch.float32)
+    scale = D**-0.5
+    attn.cascade_plan = plan_cascade(attn, torch.float32, q.device, min_run=1, short_context=0)
+    out = paged_attention(q, k, v, kv_cache, attn, scale, cpu_kernels=False)
+    err = (out.double() - _reference(q, kv_cache, attn, scale)).abs().max().item()
+    assert err < TOL[torch.float32], f"{path}: max error {err:.2e}"

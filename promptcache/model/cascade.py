@@ -23,6 +23,7 @@ views, in place. Tests force each on CPU.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,18 +56,32 @@ def cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, m
     return out, lse
 
 
+MATH_SCORES_MAX = 1 << 25  # score elements per math_attention call (128 MiB in float32): longer query runs are split
+
+
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
                    causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with its log-sum-exp in plain ops (any device): scores and softmax in float32."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B, h, m, n]
-    if mask is not None:
-        scores = scores + mask
-    if causal:
-        m, n = scores.shape[-2:]
-        scores = scores.masked_fill(torch.ones(m, n, dtype=torch.bool, device=q.device).triu(n - m + 1),
-                                    float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype), v), lse
+    """Attention with its log-sum-exp in plain ops (any device): scores come out of the matmul in the
+    inputs' dtype, the softmax runs in float32. Queries are taken in slices so one call's scores stay
+    under ``MATH_SCORES_MAX`` elements (a long chunk over a long context must not need gigabytes)."""
+    *batch, m, _ = q.shape
+    n = k.shape[-2]
+    step = max(1, MATH_SCORES_MAX // max(1, n * math.prod(batch)))
+    outs, lses = [], []
+    for a in range(0, m, step):
+        b = min(m, a + step)
+        scores = torch.matmul(q[..., a:b, :], k.transpose(-1, -2)).float() * scale  # [B, h, b - a, n]
+        if mask is not None:
+            scores = scores + (mask if mask.shape[-2] == 1 else mask[..., a:b, :])
+        if causal:  # query i (of m, the last m of n positions) sees keys [0, n - m + i]
+            hidden = torch.ones(b - a, n, dtype=torch.bool, device=q.device).triu(n - m + 1 + a)
+            scores = scores.masked_fill(hidden, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append(torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype), v))
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,7 @@ def load_model(
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(target.shape)}")
             with torch.no_grad():
                 target.copy_(tensor.to(rounding).to(dtype))
+    del params  # the plain weights must not outlive packing (one copy of each at a time)
     model.finish_loading(device)
     model.eval()
     if prepack and device.type == "cpu" and not deterministic:
