@@ -41,7 +41,9 @@ from promptcache.model.attention import (
 
 MIN_RUN_IN_PLACE = 128  # slots; shorter runs are gathered together (a copy is cheaper than a call)
 # a decode sharing its context with no other sequence of the step, and whose context is this short,
-# is attended whole in the step's one padded tail call instead of calls of its own
+# is attended whole in the step's one padded tail call instead of calls of its own. Measured per
+# layer (bf16, 2 threads; own calls / all in the tail): 16 decodes of 128 tokens 2.0 / 1.0 ms, of
+# 256 1.95 / 1.6, of 512 2.6 / 6.4 (the gather and the padding overtake the calls' overhead)
 SHORT_CONTEXT = 256
 
 # (q [B, h, m, d], k [B, h, n, d], v, scale, additive mask or None, causal) -> (out [B, h, m, d], lse [B, h, m])
