@@ -56,23 +56,11 @@ def gathered(q, k, v, kv, attn) -> torch.Tensor:  # type: ignore[no-untyped-def]
     return torch.cat(outs)
 
 
-def runs_of(blocks: list[int], num_tokens: int) -> list[A.Run]:
-    runs: list[A.Run] = []
-    for b in blocks[: -(-num_tokens // BLOCK)]:
-        if runs and runs[-1][0] + runs[-1][1] == b * BLOCK:
-            runs[-1] = (runs[-1][0], runs[-1][1] + BLOCK)
-        else:
-            runs.append((b * BLOCK, BLOCK))
-    if num_tokens % BLOCK:
-        runs[-1] = (runs[-1][0], runs[-1][1] - (BLOCK - num_tokens % BLOCK))
-    return runs
-
-
 def step(tables: list[tuple[list[int], int, int]], dt: torch.dtype):  # type: ignore[no-untyped-def]
     """AttentionMetadata and inputs for sequences (block table, cached tokens, new tokens)."""
     starts, lens, ctx_runs, slots = [0], [], [], []
     for blocks, cached, n in tables:
-        runs = runs_of(blocks, cached + n)
+        runs = A.runs_of_blocks(blocks, cached + n, BLOCK)
         ctx_runs.append(runs)
         slots += A.slots_after(runs, cached)
         lens.append(cached + n)

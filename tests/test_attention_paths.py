@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptcache.model.attention import AttentionMetadata
+from promptcache.model.attention import AttentionMetadata, runs_of_blocks
 from promptcache.model.cascade import paged_attention, plan_cascade
 from promptcache.model.deterministic import deterministic_attention
 
@@ -45,15 +45,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
 def _runs(block_ids: list[int], num_tokens: int) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for b in block_ids[: -(-num_tokens // BLOCK)]:
-        if runs and runs[-1][0] + runs[-1][1] == b * BLOCK:
-            runs[-1] = (runs[-1][0], runs[-1][1] + BLOCK)
-        else:
-            runs.append((b * BLOCK, BLOCK))
-    if num_tokens % BLOCK:
-        runs[-1] = (runs[-1][0], runs[-1][1] - (BLOCK - num_tokens % BLOCK))
-    return runs
+    return runs_of_blocks(block_ids, num_tokens, BLOCK)
 
 
 def _slots(runs):

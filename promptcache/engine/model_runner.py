@@ -18,7 +18,7 @@ from promptcache.engine.request import TokenLogprob
 from promptcache.engine.sampler import Sampler
 from promptcache.engine.sampling import SamplingParams
 from promptcache.flags import parse_bytes
-from promptcache.model.attention import AttentionMetadata, Run, slots_after
+from promptcache.model.attention import AttentionMetadata, runs_of_blocks, slots_after
 from promptcache.model.backends import AttentionBackend, pick_backend
 from promptcache.model.loader import LoadedModel, load_model, resolve_model_dir
 
@@ -116,20 +116,6 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return self.num_blocks * self.block_size * self.kv_bytes_per_token
 
-    def _runs(self, block_ids: list[int], num_tokens: int) -> list[Run]:
-        """Slots of positions [0, num_tokens) as runs of consecutive slots (consecutive block ids)."""
-        bs = self.block_size
-        runs: list[Run] = []
-        for b in block_ids[: -(-num_tokens // bs)]:
-            if runs and runs[-1][0] + runs[-1][1] == b * bs:
-                runs[-1] = (runs[-1][0], runs[-1][1] + bs)
-            else:
-                runs.append((b * bs, bs))
-        unfilled = -num_tokens % bs  # slots of the last block past the last token
-        if unfilled:
-            runs[-1] = (runs[-1][0], runs[-1][1] - unfilled)
-        return runs
-
     def execute(self, seqs: list[SeqInput]) -> dict[str, tuple[int, TokenLogprob | None]]:
         """Run one step; returns the sampled token (and logprobs) of every sequence that samples."""
         input_ids: list[int] = []
@@ -140,7 +126,7 @@ class ModelRunner:
             end = s.start_pos + len(s.token_ids)
             input_ids.extend(s.token_ids)
             positions.extend(range(s.start_pos, end))
-            runs = self._runs(s.block_ids, end)
+            runs = runs_of_blocks(s.block_ids, end, self.block_size)
             context_runs.append(runs)
             new_slots.extend(slots_after(runs, s.start_pos))
             seq_lens.append(end)

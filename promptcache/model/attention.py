@@ -66,6 +66,21 @@ def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return out[0].transpose(0, 1)
 
 
+def runs_of_blocks(block_ids: list[int], num_tokens: int, block_size: int) -> list[Run]:
+    """Slots of positions [0, num_tokens) of a block table, as runs of consecutive slots (consecutive
+    block ids merge into one run)."""
+    runs: list[Run] = []
+    for b in block_ids[: -(-num_tokens // block_size)]:
+        if runs and runs[-1][0] + runs[-1][1] == b * block_size:
+            runs[-1] = (runs[-1][0], runs[-1][1] + block_size)
+        else:
+            runs.append((b * block_size, block_size))
+    unfilled = -num_tokens % block_size  # slots of the last block past the last token
+    if unfilled:
+        runs[-1] = (runs[-1][0], runs[-1][1] - unfilled)
+    return runs
+
+
 def slots_after(runs: list[Run], skip: int) -> list[int]:
     """Slots of the positions after the first ``skip`` ones of a context given as runs."""
     out: list[int] = []
