@@ -8,7 +8,8 @@ sequence; no mask: every shared key precedes every query). What is left of each 
 
 - a decode token's *tail* (its own recent blocks and itself): every decode of the step in one
   padded call (a decode that shares nothing with the step's other sequences and has a short
-  context, ``SHORT_CONTEXT``, is attended whole there: no calls of its own);
+  context, ``SHORT_CONTEXT``, is attended whole there: no calls of its own; a tail longer than that
+  is read in place instead, so one long private history does not pad every decode's tail);
 - a prefill chunk's cached keys past the shared part, then its causal attention over its own fresh
   K/V (read from the projections, not the cache);
 
@@ -106,13 +107,15 @@ class Group:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A prefill chunk over a cached context."""
+    """A prefill chunk over a cached context, or a decode whose own context past its group's shared
+    part is too long for the padded tail call (``fresh`` False: its token is in ``private``)."""
 
     lo: int  # its queries' rows in the permuted batch
     hi: int
     start: int  # ... and in the step's batch (where its fresh K/V are)
     end: int
     private: list[Keys]  # cached keys past its group's shared part
+    fresh: bool = True  # attend causally over its own fresh K/V
 
 
 @dataclass(frozen=True)
@@ -187,9 +190,12 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
         for i in members:
             row, n = len(perm), qsl[i + 1] - qsl[i]
             perm.extend(range(qsl[i], qsl[i + 1]))
-            if n == 1:
+            if n == 1 and lens[i] - shared_len <= short_context:
                 tail_rows.append(row)
                 tails.append(slots_after(ctx_runs[i], shared_len))
+            elif n == 1:  # a long context of its own: read in place, not padded into everyone's tail
+                private = _keys(_runs_between(ctx_runs[i], shared_len, lens[i]), min_run, device)
+                chunks.append(Chunk(row, row + 1, qsl[i], qsl[i + 1], private, fresh=False))
             else:
                 private = _keys(_runs_between(ctx_runs[i], shared_len, lens[i] - n), min_run, device)
                 chunks.append(Chunk(row, row + n, qsl[i], qsl[i + 1], private))
@@ -283,6 +289,8 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
         for keys in c.private:
             o, lse = kernel(qc, *_read(kv_cache, keys, q.dtype), scale, None, False)
             _merge_into(ao, al, o.view(kvh, n, g, d), lse.view(kvh, n, g))
+        if not c.fresh:
+            continue
         # causal over its own fresh K/V, heads unfolded ([1, H, n, d], K/V repeated per query head)
         kf = as_stored(k[c.start : c.end], kv_cache).transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
         vf = as_stored(v[c.start : c.end], kv_cache).transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
