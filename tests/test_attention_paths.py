@@ -29,6 +29,8 @@ PATHS = {
     # chunks and a decode over one shared prefix (blocks 0-2); the first chunk has cached keys of
     # its own past it (block 4's first half), the decode a tail (blocks 3 and 11)
     "shared-chunks": [([0, 1, 2, 4, 8], 14, 4), ([0, 1, 2, 9, 10], 12, 7), ([0, 1, 2, 3, 11], 17, 1)],
+    # decodes in two groups, one after a chunk: their rows of the permuted batch are not one range
+    "scattered-tails": [([0, 1, 2, 4, 8], 14, 4), ([0, 1, 2, 3, 11], 17, 1), ([5, 6, 12], 9, 1)],
     # two groups (blocks 0-3 and block 5) and a cold chunk in one step
     "two-groups": [([0, 1, 2, 3, 8], 17, 1), ([0, 1, 2, 3, 9], 18, 1), ([5, 7, 15], 4, 5), ([5, 6, 12], 9, 1),
                    ([13, 14], 0, 6)],

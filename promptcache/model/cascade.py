@@ -128,6 +128,8 @@ class CascadePlan:
     tail_idx: torch.Tensor | None  # [R, L] slots of each decode's tail, zero-padded
     tail_mask: torch.Tensor | None  # [R, 1, 1, L] additive: 0 on real slots, -inf on padding
     whole_tail: bool = False  # some decodes are in no group: their whole context is in the tail
+    perm_identity: bool = False  # the permuted batch is the batch (a step of one group, nothing cold)
+    tail_span: tuple[int, int] | None = None  # the decodes' permuted rows, when they are one range
 
 
 def _keys(runs: list[Run], min_run: int, device: torch.device) -> list[Keys]:
@@ -222,6 +224,9 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
         tail_idx=tail_idx,
         tail_mask=tail_mask,
         whole_tail=whole_tail,
+        perm_identity=perm == list(range(qsl[-1])),
+        tail_span=(tail_rows[0], tail_rows[-1] + 1)
+        if tail_rows and tail_rows == list(range(tail_rows[0], tail_rows[-1] + 1)) else None,
     )
 
 
@@ -264,7 +269,8 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     g = num_heads // kvh
     m_all = plan.perm.numel()
     # queries over a cached context, folded by KV head: [kvh, M, G, d]; accumulators alike, float32
-    qf = q.index_select(0, plan.perm).view(m_all, kvh, g, d).transpose(0, 1).contiguous()
+    qp = q if plan.perm_identity else q.index_select(0, plan.perm)
+    qf = qp.reshape(m_all, kvh, g, d).transpose(0, 1).contiguous()
     if plan.whole_tail:  # rows no group initialises: start from nothing (0, -inf) for the tail merge
         acc_o = q.new_zeros(kvh, m_all, g, d, dtype=torch.float32)
         acc_l = q.new_full((kvh, m_all, g), float("-inf"), dtype=torch.float32)
@@ -303,11 +309,19 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
         flat = plan.tail_idx.view(-1)
         kt = kv_cache[0].index_select(1, flat).to(q.dtype).view(kvh, r, length, d).transpose(0, 1)  # [R, kvh, L, d]
         vt = kv_cache[1].index_select(1, flat).to(q.dtype).view(kvh, r, length, d).transpose(0, 1)
-        o, lse = kernel(qf[:, rows].transpose(0, 1), kt, vt, scale, plan.tail_mask, False)  # [R, kvh, G, d]
-        ao, al = acc_o[:, rows], acc_l[:, rows]  # copies (rows are scattered): merged, then put back
-        _merge_into(ao, al, o.transpose(0, 1), lse.transpose(0, 1))
-        acc_o[:, rows], acc_l[:, rows] = ao, al
-    out.index_copy_(0, plan.perm, acc_o.transpose(0, 1).reshape(m_all, num_heads, d).to(q.dtype))
+        if plan.tail_span is not None:  # one range of rows: views, merged in place
+            a, b = plan.tail_span
+            o, lse = kernel(qf[:, a:b].transpose(0, 1), kt, vt, scale, plan.tail_mask, False)  # [R, kvh, G, d]
+            _merge_into(acc_o[:, a:b], acc_l[:, a:b], o.transpose(0, 1), lse.transpose(0, 1))
+        else:
+            o, lse = kernel(qf[:, rows].transpose(0, 1), kt, vt, scale, plan.tail_mask, False)
+            ao, al = acc_o[:, rows], acc_l[:, rows]  # copies (rows are scattered): merged, then put back
+            _merge_into(ao, al, o.transpose(0, 1), lse.transpose(0, 1))
+            acc_o[:, rows], acc_l[:, rows] = ao, al
+    result = acc_o.transpose(0, 1).reshape(m_all, num_heads, d).to(q.dtype)
+    if plan.perm_identity:
+        return result
+    out.index_copy_(0, plan.perm, result)
     return out
 
 
