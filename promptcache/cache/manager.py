@@ -188,13 +188,16 @@ class KVCacheManager:
         for h in inflight_hashes:
             if self.index.promise(h, request_id):
                 table.promised.append(h)
-        fresh = [self.pool.take_new() for _ in range(num_new)]
-        assert all(b is not None for b in fresh)  # capacity was checked above
+        fresh = []
+        for _ in range(num_new):
+            taken = self.pool.take_new()
+            assert taken is not None  # capacity was checked above
+            fresh.append(taken)
         # in ascending ids: blocks freed together (tail-first, so evicted deepest-first) come back as
         # consecutive ids, and attention reads a run of consecutive blocks in one call
-        fresh.sort(key=lambda b: b.block_id)  # type: ignore[union-attr]
-        table.blocks.extend(fresh)  # type: ignore[arg-type]
-        return [b.block_id for b in fresh]  # type: ignore[union-attr]
+        fresh.sort(key=lambda b: b.block_id)
+        table.blocks.extend(fresh)
+        return [b.block_id for b in fresh]
 
     def commit(self, request_id: str, block_hashes: Sequence[BlockHash], num_computed_tokens: int) -> list[int]:
         """Index the request's blocks that are now full and computed; return the newly indexed indices.

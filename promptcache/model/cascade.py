@@ -309,17 +309,15 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
         flat = plan.tail_idx.view(-1)
         kt = kv_cache[0].index_select(1, flat).to(q.dtype).view(kvh, r, length, d).transpose(0, 1)  # [R, kvh, L, d]
         vt = kv_cache[1].index_select(1, flat).to(q.dtype).view(kvh, r, length, d).transpose(0, 1)
-        if plan.tail_span is not None:  # one range of rows: views, merged in place
-            a, b = plan.tail_span
-            o, lse = kernel(qf[:, a:b].transpose(0, 1), kt, vt, scale, plan.tail_mask, False)  # [R, kvh, G, d]
-            _merge_into(acc_o[:, a:b], acc_l[:, a:b], o.transpose(0, 1), lse.transpose(0, 1))
-        else:
-            o, lse = kernel(qf[:, rows].transpose(0, 1), kt, vt, scale, plan.tail_mask, False)
-            ao, al = acc_o[:, rows], acc_l[:, rows]  # copies (rows are scattered): merged, then put back
-            _merge_into(ao, al, o.transpose(0, 1), lse.transpose(0, 1))
+        # one range of rows: views, merged in place; scattered rows: copies, merged, then put back
+        sel = slice(*plan.tail_span) if plan.tail_span is not None else rows
+        o, lse = kernel(qf[:, sel].transpose(0, 1), kt, vt, scale, plan.tail_mask, False)  # [R, kvh, G, d]
+        ao, al = acc_o[:, sel], acc_l[:, sel]
+        _merge_into(ao, al, o.transpose(0, 1), lse.transpose(0, 1))
+        if plan.tail_span is None:
             acc_o[:, rows], acc_l[:, rows] = ao, al
     result = acc_o.transpose(0, 1).reshape(m_all, num_heads, d).to(q.dtype)
-    if plan.perm_identity:
+    if plan.perm_identity:  # every token is a permuted row, in order: nothing cold, nothing to scatter
         return result
     out.index_copy_(0, plan.perm, result)
     return out
