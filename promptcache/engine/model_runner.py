@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from promptcache.engine.config import EngineConfig
+from promptcache.engine.host import tune_malloc
 from promptcache.engine.precision import compute_dtype_for, pick_device, pick_dtype
 from promptcache.engine.request import TokenLogprob
 from promptcache.engine.sampler import Sampler
@@ -79,6 +80,8 @@ class ModelRunner:
         if config.model.device in ("auto", "cpu") and not os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.device = pick_device(config.model.device)
+        if self.device.type == "cpu":
+            tune_malloc()  # a step's large temporaries reuse heap pages, not fresh mmaps (engine/host.py)
         self.dtype = pick_dtype(config.model.dtype, self.device)  # what the user asked for (weights' values)
         self.compute_dtype = compute_dtype_for(self.dtype, self.device, config.model.compute_dtype)
         # The KV cache holds what attention reads: by default the compute dtype (no conversion on
