@@ -1,5 +1,6 @@
 """Linear weights packed into oneDNN's layout at load (model/prepack.py): the same logits as the
-plain ``F.linear`` path, every untied linear packed, the plain copies freed, values recoverable."""
+plain ``F.linear`` path, every linear packed, the plain copies freed (a tied head keeps the embedding's
+table), values recoverable."""
 
 from __future__ import annotations
 
@@ -55,9 +56,10 @@ def test_packed_linears_match_plain(tmp_path, tie, dtype):
     linears = [m for m in packed.model.modules() if isinstance(m, Linear)]
     tied = packed.model.lm_head.weight is packed.model.embed.weight
     assert tied == tie
-    # every linear but a tied lm_head (the embedding needs its plain weight) is packed, its plain copy freed
-    assert [m.packed is not None for m in linears] == [not (tied and m is packed.model.lm_head) for m in linears]
-    assert all(m.weight.numel() == 0 for m in linears if m.packed is not None)
+    # every linear is packed; the plain copies are freed but a tied head's (the embedding's table)
+    assert all(m.packed is not None for m in linears)
+    assert [m.weight.numel() == 0 for m in linears] == [not (tied and m is packed.model.lm_head) for m in linears]
+    assert torch.equal(packed.model.embed.weight, plain.model.embed.weight)
     plain_linears = [m for m in plain.model.modules() if isinstance(m, Linear)]
     assert all(m.packed is None for m in plain_linears)
     for a, b in zip(linears, plain_linears, strict=True):
@@ -68,6 +70,26 @@ def test_packed_linears_match_plain(tmp_path, tie, dtype):
         assert torch.equal(got, want)  # the same oneDNN kernels, without the per-call reorder
     else:
         assert (got - want).abs().max().item() < 1e-4
+
+
+def test_tied_table_kept_in_its_values_dtype():
+    """float32 compute on bf16 values (a CPU without native bf16): the tied embedding table is stored
+    in bf16 once its head has a packed copy (half the copy's memory), and lookups upcast it exactly."""
+    path = random_checkpoint("tiny")
+    plain = load_model(path, torch.float32, torch.device("cpu"), 256, value_dtype=torch.bfloat16, prepack=False)
+    packed = load_model(path, torch.float32, torch.device("cpu"), 256, value_dtype=torch.bfloat16)
+    embed = packed.model.embed.weight
+    assert embed.dtype == torch.bfloat16 and plain.model.embed.weight.dtype == torch.float32
+    assert packed.model.lm_head.weight is embed and packed.model.lm_head.packed is not None
+    assert torch.equal(embed.float(), plain.model.embed.weight)
+    assert torch.equal(packed.model.lm_head.plain_weight(), plain.model.lm_head.weight)
+    ids = list(range(10, 80))
+    got = _logits(packed.model, packed.arch, torch.float32, ids)
+    want = _logits(plain.model, plain.arch, torch.float32, ids)
+    assert got.dtype == torch.float32 and (got - want).abs().max().item() < 1e-4
+    # float32 values (no 16-bit dtype asked for) stay float32
+    full = load_model(path, torch.float32, torch.device("cpu"), 256)
+    assert full.model.embed.weight.dtype == torch.float32 and full.model.lm_head.packed is not None
 
 
 def test_deterministic_mode_keeps_plain_tiled_linears():

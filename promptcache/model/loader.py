@@ -215,5 +215,6 @@ def load_model(
     model.finish_loading(device)
     model.eval()
     if prepack and device.type == "cpu" and not deterministic:
-        prepack_linears(model)  # oneDNN's layout once, not a reorder per call (model/prepack.py)
+        # oneDNN's layout once, not a reorder per call; a tied embedding table in its values' dtype
+        prepack_linears(model, embed_dtype=rounding if rounding != dtype else None)
     return LoadedModel(model, arch, model_dir, hf_config, load_generation_config(model_dir))

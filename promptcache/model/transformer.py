@@ -229,7 +229,7 @@ class CausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
     ) -> torch.Tensor:
         # input_ids, positions: [T] -> hidden: [T, hidden]
-        x = self.embed(input_ids)
+        x = self.embed(input_ids).to(self.norm.weight.dtype)  # a 16-bit table (model/prepack.py): exact upcast
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         rope = self.rotary.tables(positions, x.dtype) if self.rotary is not None else None
