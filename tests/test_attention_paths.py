@@ -31,6 +31,9 @@ PATHS = {
     "shared-chunks": [([0, 1, 2, 4, 8], 14, 4), ([0, 1, 2, 9, 10], 12, 7), ([0, 1, 2, 3, 11], 17, 1)],
     # decodes in two groups, one after a chunk: their rows of the permuted batch are not one range
     "scattered-tails": [([0, 1, 2, 4, 8], 14, 4), ([0, 1, 2, 3, 11], 17, 1), ([5, 6, 12], 9, 1)],
+    # lone decodes around a cold chunk: with short_context 256 every cached query is in the tail call
+    # (its output taken as is), and those rows are not the whole batch
+    "decodes-and-cold": [([0, 1, 2], 9, 1), ([13, 14], 0, 6), ([4, 5], 6, 1)],
     # two groups (blocks 0-3 and block 5) and a cold chunk in one step
     "two-groups": [([0, 1, 2, 3, 8], 17, 1), ([0, 1, 2, 3, 9], 18, 1), ([5, 7, 15], 4, 5), ([5, 6, 12], 9, 1),
                    ([13, 14], 0, 6)],
@@ -156,3 +159,15 @@ def test_portable_kernel_in_query_slices(path, monkeypatch):
     out = paged_attention(q, k, v, kv_cache, attn, scale, cpu_kernels=False)
     err = (out.double() - _reference(q, kv_cache, attn, scale)).abs().max().item()
     assert err < TOL[torch.float32], f"{path}: max error {err:.2e}"
+
+
+@pytest.mark.parametrize("path,identity", [("decode", True), ("batched-decode", True), ("decodes-and-cold", False)])
+def test_tail_only_steps_skip_the_merge(path, identity):
+    """Steps of lone short decodes (no group, no chunk) take the tail call's output as is; the cases
+    above run that path (``mixed-runs``), with and without cold rows beside it."""
+    q, k, v, kv_cache, attn = _setup(path, torch.bfloat16, torch.bfloat16)
+    plan = plan_cascade(attn, torch.bfloat16, q.device, min_run=8, short_context=256)
+    assert plan.tail_only and plan.perm_identity == identity
+    for other in ("cascade-decode", "mixed", "scattered-tails"):
+        _, _, _, _, attn = _setup(other, torch.bfloat16, torch.bfloat16)
+        assert not plan_cascade(attn, torch.bfloat16, q.device, min_run=8, short_context=256).tail_only

@@ -130,6 +130,7 @@ class CascadePlan:
     whole_tail: bool = False  # some decodes are in no group: their whole context is in the tail
     perm_identity: bool = False  # the permuted batch is the batch (a step of one group, nothing cold)
     tail_span: tuple[int, int] | None = None  # the decodes' permuted rows, when they are one range
+    tail_only: bool = False  # every permuted row is a whole-context decode in the tail call, in order
 
 
 def _keys(runs: list[Run], min_run: int, device: torch.device) -> list[Keys]:
@@ -227,6 +228,7 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
         perm_identity=perm == list(range(qsl[-1])),
         tail_span=(tail_rows[0], tail_rows[-1] + 1)
         if tail_rows and tail_rows == list(range(tail_rows[0], tail_rows[-1] + 1)) else None,
+        tail_only=not groups and not chunks and bool(tail_rows) and tail_rows == list(range(len(perm))),
     )
 
 
@@ -239,6 +241,15 @@ def _read(kv_cache: torch.Tensor, keys: Keys, dtype: torch.dtype) -> tuple[torch
         assert keys.slots is not None
         k, v = kv_cache[0].index_select(1, keys.slots), kv_cache[1].index_select(1, keys.slots)
     return k.to(dtype).unsqueeze(0), v.to(dtype).unsqueeze(0)
+
+
+def _read_tails(kv_cache: torch.Tensor, plan: CascadePlan, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decodes' tails as K, V ``[R, kvh, L, d]``: one gather of both (zero-padded; masked)."""
+    assert plan.tail_idx is not None
+    (r, length), (_, kvh, _, d) = plan.tail_idx.shape, kv_cache.shape
+    kv = kv_cache.flatten(0, 1).index_select(1, plan.tail_idx.view(-1)).to(dtype)  # [2 * kvh, R * L, d]
+    kv = kv.view(2, kvh, r, length, d).transpose(1, 2)
+    return kv[0], kv[1]
 
 
 def _merge_into(acc_o: torch.Tensor, acc_l: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
@@ -270,6 +281,14 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     m_all = plan.perm.numel()
     # queries over a cached context, folded by KV head: [kvh, M, G, d]; accumulators alike, float32
     qp = q if plan.perm_identity else q.index_select(0, plan.perm)
+    if plan.tail_only:  # lone short decodes, nothing else: the tail call's output is the answer
+        kt, vt = _read_tails(kv_cache, plan, q.dtype)
+        o, _ = kernel(qp.view(m_all, kvh, g, d), kt, vt, scale, plan.tail_mask, False)  # [R, kvh, G, d]
+        result = o.reshape(m_all, num_heads, d)
+        if plan.perm_identity:
+            return result
+        out.index_copy_(0, plan.perm, result)
+        return out
     qf = qp.reshape(m_all, kvh, g, d).transpose(0, 1).contiguous()
     if plan.whole_tail:  # rows no group initialises: start from nothing (0, -inf) for the tail merge
         acc_o = q.new_zeros(kvh, m_all, g, d, dtype=torch.float32)
@@ -304,11 +323,8 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
         o, lse = kernel(qh, kf, vf, scale, None, True)
         _merge_into(ao, al, o.view(kvh, g, n, d).transpose(1, 2), lse.view(kvh, g, n).transpose(1, 2))
     if plan.tail_rows is not None:
-        assert plan.tail_idx is not None and plan.tail_mask is not None
-        rows, (r, length) = plan.tail_rows, plan.tail_idx.shape
-        flat = plan.tail_idx.view(-1)
-        kt = kv_cache[0].index_select(1, flat).to(q.dtype).view(kvh, r, length, d).transpose(0, 1)  # [R, kvh, L, d]
-        vt = kv_cache[1].index_select(1, flat).to(q.dtype).view(kvh, r, length, d).transpose(0, 1)
+        rows = plan.tail_rows
+        kt, vt = _read_tails(kv_cache, plan, q.dtype)
         # one range of rows: views, merged in place; scattered rows: copies, merged, then put back
         sel = slice(*plan.tail_span) if plan.tail_span is not None else rows
         o, lse = kernel(qf[:, sel].transpose(0, 1), kt, vt, scale, plan.tail_mask, False)  # [R, kvh, G, d]
