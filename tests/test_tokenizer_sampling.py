@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from promptcache import LLM, SamplingParams
 from promptcache.engine.request import RequestSpec
@@ -151,3 +152,21 @@ def test_outputs_are_snapshots(llm):
         seen.extend(engine.step())
     assert [len(o.logprobs) for o in seen] == [1, 2, 3, 4]
     assert [o.usage.completion_tokens for o in seen] == [1, 2, 3, 4]
+
+
+def test_greedy_takes_the_first_of_tied_maxima():
+    """Greedy rows pick the first maximal logit (ties are common in 16-bit logits), a NaN row its
+    first NaN (as argmax does), and the pick does not depend on the other rows of the batch."""
+    from promptcache.engine.sampler import Sampler
+
+    logits = torch.randn(5, 49152, generator=torch.Generator().manual_seed(0))
+    logits[0, [7, 300, 40000]] = 50.0
+    logits[1, :] = 1.0
+    logits[2, [11, 12]] = float("nan")
+    logits[3, :] = float("-inf")
+    logits[3, 49151] = 0.0
+    params = [SamplingParams(temperature=0.0)] * 5
+    tokens, _ = Sampler().sample(logits, [f"r{i}" for i in range(5)], params)
+    assert tokens[:4] == [7, 0, 11, 49151] and tokens[4] == int(logits[4].argmax())
+    alone, _ = Sampler().sample(logits[:1], ["r0"], params[:1])
+    assert alone == tokens[:1]
