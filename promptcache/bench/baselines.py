@@ -32,8 +32,11 @@ class TransformersBaseline:
         kwargs: dict[str, Any] = {dtype_kw: dtype, "attn_implementation": "sdpa"}
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).eval()
         self._forward_kwargs: dict[str, Any] = {"use_cache": True}
-        if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+        params = inspect.signature(self.model.forward).parameters
+        if "logits_to_keep" in params:
             self._forward_kwargs["logits_to_keep"] = 1
+        # the KV cache argument: ``cache`` from transformers 5.25 (``past_key_values`` is deprecated there)
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def describe(self) -> dict[str, Any]:
         return {"transformers": self.version, "attn_implementation": "sdpa",
@@ -51,7 +54,7 @@ class TransformersBaseline:
     @torch.inference_mode()
     def _next_token(self, token_ids: list[int], cache: Any) -> int:
         ids = torch.tensor([token_ids], dtype=torch.long)  # [1, num_tokens]
-        out = self.model(input_ids=ids, past_key_values=cache, **self._forward_kwargs)
+        out = self.model(input_ids=ids, **{self._cache_kw: cache}, **self._forward_kwargs)
         return int(out.logits[0, -1].argmax())
 
     def cold_ttft(self, prompt_ids: list[int]) -> tuple[float, int]:
@@ -64,6 +67,8 @@ class TransformersBaseline:
         """A ``DynamicCache`` holding ``prefix_ids`` (built untimed, once per shared prefix)."""
         cache = self._new_cache()
         self._next_token(prefix_ids, cache)
+        if cache.get_seq_length() != len(prefix_ids):  # a renamed cache argument would be ignored silently
+            raise RuntimeError(f"transformers {self.version} left the DynamicCache passed as {self._cache_kw!r} empty")
         return cache
 
     def warm_ttft(self, prefix_cache: Any, suffix_ids: list[int]) -> tuple[float, float, int]:
@@ -87,9 +92,9 @@ class TransformersBaseline:
             raise ValueError("the transformers decode baseline takes prompts of one length")
         cache = self._new_cache()
         ids = torch.tensor(prompts, dtype=torch.long)  # [batch, prompt_len]
-        tokens = self.model(input_ids=ids, past_key_values=cache, **self._forward_kwargs).logits[:, -1].argmax(-1)
+        tokens = self.model(input_ids=ids, **{self._cache_kw: cache}, **self._forward_kwargs).logits[:, -1].argmax(-1)
         start = time.perf_counter()
         for _ in range(output_tokens - 1):
-            out = self.model(input_ids=tokens.unsqueeze(1), past_key_values=cache, **self._forward_kwargs)
+            out = self.model(input_ids=tokens.unsqueeze(1), **{self._cache_kw: cache}, **self._forward_kwargs)
             tokens = out.logits[:, -1].argmax(-1)
         return len(prompts) * (output_tokens - 1) / (time.perf_counter() - start)
