@@ -187,3 +187,35 @@ def test_shared_prefix_decode_matches_cache_off_logprobs(llm, llm_off):
     for a, b in zip(on, off, strict=True):
         assert a.token_ids == b.token_ids
         assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_requests_join_the_step_that_computes_their_prefix(llm_off, deterministic):
+    """Eight requests over one new 600-token prefix, a 256-token budget: the first computes the
+    prefix in chunks while the others wait, and they run in the step that finishes it, reading its
+    fresh K/V — same outputs as without the cache, the prefix computed once."""
+    engine = LLM("random:tiny", dtype="float32", num_blocks=256, max_num_batched_tokens=256,
+                 deterministic=deterministic).engine
+    prefix = ids(600, 80)
+    prompts = [prefix + ids(8, 81 + i) for i in range(8)]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=2)
+    for i, p in enumerate(prompts):
+        engine.add_request(RequestSpec(f"r{i}", p, params))
+    first: dict[str, int] = {}
+    outs = {}
+    step = 0
+    while engine.has_unfinished_requests():
+        step += 1
+        for o in engine.step():
+            first.setdefault(o.request_id, step)
+            outs[o.request_id] = o
+    # r0's 608 tokens take steps 1-3 (256 + 256 + 96); the others' 592 cached tokens include the
+    # blocks r0 computes in step 3, and their 16-token suffixes fit beside it
+    assert first == {f"r{i}": 3 for i in range(8)}
+    assert [outs[f"r{i}"].usage.cached_tokens for i in range(8)] == [0] + [592] * 7
+    assert engine.stats()["computed_tokens"] == 608 + 7 * 16 + 8 * 2
+    off = llm_off.generate(prompts, params)
+    for i, o in enumerate(off):
+        assert outs[f"r{i}"].token_ids == o.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(outs[f"r{i}"].logprobs, o.logprobs, strict=True)) < 1e-4
+    engine.check_integrity()

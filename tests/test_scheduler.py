@@ -120,3 +120,41 @@ def test_check_integrity_fails_on_corrupted_state(corrupt):
         pool.empty.pop()  # a block no list holds
     with pytest.raises(IntegrityError):
         kv.check_integrity()
+
+
+def test_a_waiting_request_joins_the_step_that_finishes_its_prefix():
+    """b wants blocks a is computing: it waits while a's chunks do not reach them, then runs in the
+    step whose chunk finishes them (reading a's fresh K/V), not the step after."""
+    sched, kv = make(num_blocks=64, budget=16)
+    shared = list(range(100, 140))  # 40 tokens, 10 blocks
+    a = request(sched, "a", shared + [1, 2, 3, 4])  # 44 tokens: chunks of 16, 16, 12
+    assert step(sched, kv) == [("a", 16)]
+    b = request(sched, "b", shared + [5, 6, 7, 8])
+    assert kv.match("b", b.block_hashes, b.num_tokens).num_inflight_blocks == 6  # blocks 4-9, a's
+    assert step(sched, kv) == [("a", 16)]  # a reaches token 32: blocks 8 and 9 are not done yet
+    assert [r.request_id for r in sched.waiting] == ["b"]
+    assert step(sched, kv) == [("a", 12), ("b", 4)]  # a finishes blocks 8-9 in this step: b joins it
+    assert b.usage.cached_tokens == 40 and b.num_computed_tokens == 44
+    assert kv.block_ids("b")[:10] == kv.block_ids("a")[:10]  # one copy of the prefix
+    assert step(sched, kv) == [("a", 1), ("b", 1)]
+    sched.finish(a, "length")
+    kv.check_integrity()  # b still holds a's blocks, now indexed; a's own last block went back
+    sched.finish(b, "length")
+    kv.check_integrity()
+    assert kv.stats()["blocks_in_use"] == 0
+
+
+def test_a_request_whose_prefix_owner_is_not_in_the_step_keeps_waiting():
+    sched, kv = make(num_blocks=64, budget=16)
+    shared = list(range(100, 140))
+    request(sched, "a", shared + [1, 2, 3, 4])
+    step(sched, kv)
+    request(sched, "b", shared + [5, 6, 7, 8])
+    hit = kv.match("b", sched.waiting[0].block_hashes, 44)
+    assert kv.join_inflight(sched.waiting[0].block_hashes, 44, hit, {}) is None
+    assert kv.join_inflight(sched.waiting[0].block_hashes, 44, hit, {"a": 36}) is None  # block 9 not done
+    assert kv.join_inflight(sched.waiting[0].block_hashes, 44, hit, {"a": 40}) is None  # a holds 4 blocks
+    kv.allocate("a", 40)  # a's next chunk is scheduled: its table covers blocks 4-9
+    joined = kv.join_inflight(sched.waiting[0].block_hashes, 44, hit, {"a": 40, "b": 0})
+    assert joined is not None and joined.num_tokens == 40 and joined.num_inflight_blocks == 0
+    assert [blk.block_id for blk in joined.blocks] == kv.block_ids("a")[:10]

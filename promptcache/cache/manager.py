@@ -12,7 +12,7 @@ Index arithmetic for one request, in tokens::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from promptcache.cache.block_pool import Block, BlockPool
@@ -138,6 +138,31 @@ class KVCacheManager:
         num_tokens_hit = len(hit) * self.block_size
         return CacheHit(tuple(hit), num_tokens_hit, inflight,
                         self._stop(block_hashes, len(hit), max_hit_blocks, inflight, num_tokens_hit))
+
+    def join_inflight(self, block_hashes: Sequence[BlockHash], num_tokens: int, hit: CacheHit,
+                      computed_after_step: Mapping[str, int]) -> CacheHit | None:
+        """``hit`` extended over the in-flight blocks right after it, when the current step computes
+        every one of them; None when one is not (the request keeps waiting for it).
+
+        ``computed_after_step[owner]``: the tokens each request of this step will have computed when
+        it ends (an owner missing from it is not in the step). A request that joins runs in the same step as its owners:
+        each layer writes all of a step's K/V before attention reads any, so it reads their fresh
+        K/V in place instead of waiting a step for them. The blocks stay the owners' to index.
+        """
+        blocks = list(hit.blocks)
+        for i in range(len(hit.blocks), len(hit.blocks) + hit.num_inflight_blocks):
+            owner = self.index.owner(block_hashes[i])
+            table = self.tables.get(owner) if owner is not None else None
+            if owner is None or table is None or len(table.blocks) <= i:
+                return None
+            if computed_after_step.get(owner, 0) < (i + 1) * self.block_size:
+                return None
+            blocks.append(table.blocks[i])
+        if len(blocks) == len(hit.blocks):
+            return None
+        n = len(blocks) * self.block_size
+        max_hit_blocks = (num_tokens - 1) // self.block_size
+        return CacheHit(tuple(blocks), n, 0, self._stop(block_hashes, len(blocks), max_hit_blocks, 0, n))
 
     def _stop(self, block_hashes: Sequence[BlockHash], num_hit: int, max_hit_blocks: int, inflight: int,
               token: int) -> ReuseStop:

@@ -6,7 +6,9 @@ should not queue behind someone else's long cold prefill; they may use at most h
 long prefills still progress); running partial prefills; then the other waiting requests, in
 arrival order.
 A waiting request whose next blocks are being computed by a running request waits for them
-(bounded by ``inflight_wait_s``) instead of computing the same prefix twice.
+(bounded by ``inflight_wait_s``) instead of computing the same prefix twice — and joins the step
+that finishes them: a layer writes all of a step's K/V before any attention reads, so it reads them
+where its owner writes them, a step sooner.
 """
 
 from __future__ import annotations
@@ -130,9 +132,14 @@ class Scheduler:
             if self.tiers is not None and self.tiers.hold(req, hit):
                 held_back.append(req)  # the rest of its prefix is being loaded from disk / Redis
                 continue
-            if hit.num_inflight_blocks and self._may_wait(req, now):
-                held_back.append(req)  # its prefix is being computed right now: reuse it instead
-                continue
+            if hit.num_inflight_blocks:
+                ends = {c.request.request_id: c.request.num_computed_tokens + c.num_tokens for c in chunks}
+                joined = self.kv.join_inflight(req.block_hashes, req.num_tokens, hit, ends)
+                if joined is not None:
+                    hit = joined  # this step computes the rest of its prefix: run beside it, reading it
+                elif self._may_wait(req, now):
+                    held_back.append(req)  # its prefix is being computed right now: reuse it instead
+                    continue
             if short_only and req.num_tokens - hit.num_tokens > budget:
                 held_back.append(req)
                 continue
