@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from promptcache.model import native
 from promptcache.model.attention import AttentionMetadata, runs_of_blocks
 from promptcache.model.cascade import paged_attention, plan_cascade
 from promptcache.model.deterministic import deterministic_attention
@@ -57,10 +58,10 @@ def _slots(runs):
     return [s for start, n in runs for s in range(start, start + n)]
 
 
-def _setup(path: str, q_dtype: torch.dtype, kv_dtype: torch.dtype, seed: int = 0):
+def _setup(path: str, q_dtype: torch.dtype, kv_dtype: torch.dtype, seed: int = 0, d: int = D):
     g = torch.Generator().manual_seed(seed)
     seqs = PATHS[path]
-    kv_cache = torch.randn(2, KVH, 16 * BLOCK, D, generator=g).to(kv_dtype)
+    kv_cache = torch.randn(2, KVH, 16 * BLOCK, d, generator=g).to(kv_dtype)
     starts, seq_lens, context_runs, new_slots = [0], [], [], []
     for table, start, n in seqs:
         runs = _runs(table, start + n)
@@ -74,9 +75,9 @@ def _setup(path: str, q_dtype: torch.dtype, kv_dtype: torch.dtype, seed: int = 0
         used[_slots(runs)] = True
     kv_cache[:, :, ~used] = float("nan")
     T = starts[-1]
-    q = torch.randn(T, KVH * GROUP, D, generator=g).to(q_dtype)
-    k = torch.randn(T, KVH, D, generator=g).to(q_dtype)
-    v = torch.randn(T, KVH, D, generator=g).to(q_dtype)
+    q = torch.randn(T, KVH * GROUP, d, generator=g).to(q_dtype)
+    k = torch.randn(T, KVH, d, generator=g).to(q_dtype)
+    v = torch.randn(T, KVH, d, generator=g).to(q_dtype)
     attn = AttentionMetadata(torch.tensor(new_slots), starts, seq_lens, context_runs)
     return q, k, v, kv_cache, attn
 
@@ -118,6 +119,24 @@ def test_attention_path_matches_float64(path, q_dtype, kv_dtype, kernel, cpu_ker
     tol = max(TOL[q_dtype], TOL[kv_dtype])
     err = (out.double() - ref).abs().max().item()
     assert err < tol, f"{path} {q_dtype}/{kv_dtype}: max error {err:.2e}"
+
+
+@pytest.mark.skipif(not native.can_run(), reason="the native kernel needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("path", list(PATHS))
+def test_native_kernel_path_matches_float64(path, q_dtype, kv_dtype, plan):
+    """The ``cpu-native`` backend's kernel (model/native.py) over every path: head size 32 (it takes
+    multiples of 32); its bf16 calls run natively (grouped K/V, causal parts included), masked tail
+    calls and other dtypes fall back to PyTorch's kernel."""
+    d = 32
+    q, k, v, kv_cache, attn = _setup(path, q_dtype, kv_dtype, d=d)
+    min_run, short = PLANS[plan]
+    attn.cascade_plan = plan_cascade(attn, q_dtype, q.device, min_run=min_run, short_context=short)
+    out = paged_attention(q, k, v, kv_cache, attn, d**-0.5, cpu_kernel="native")
+    assert out.dtype == q_dtype and out.shape == q.shape
+    err = (out.double() - _reference(q, kv_cache, attn, d**-0.5)).abs().max().item()
+    assert err < max(TOL[q_dtype], TOL[kv_dtype]), f"{path} {q_dtype}/{kv_dtype}: max error {err:.2e}"
 
 
 @pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))

@@ -113,7 +113,7 @@ class ModelRunner:
             for _ in range(arch.num_layers)
         ]
         self.sampler = Sampler(config.scheduler.seed)
-        self.attention: AttentionBackend = pick_backend(self.device, config.model.deterministic)
+        self.attention: AttentionBackend = pick_backend(self.device, config.model.deterministic, self.compute_dtype)
 
     @property
     def kv_cache_bytes(self) -> int:

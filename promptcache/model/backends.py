@@ -3,7 +3,8 @@ lets it build its plan into the step's ``AttentionMetadata``; every layer then r
 
 | backend        | where                     | attention                                               |
 | -------------- | ------------------------- | ------------------------------------------------------- |
-| ``cpu-cascade``| CPU                       | model/cascade.py's plan, the CPU flash kernel            |
+| ``cpu-cascade``| CPU                       | model/cascade.py's plan, PyTorch's CPU flash kernel      |
+| ``cpu-native`` | CPU with AVX512-BF16      | the same plan, bf16 calls in model/native.py's kernel    |
 | ``portable``   | any device (GPUs today)   | the same plan (contexts read in place), plain matmuls   |
 | ``deterministic`` | any device, opt-in     | fixed 256-key pieces merged in order (model/deterministic.py) |
 """
@@ -16,6 +17,7 @@ import torch
 
 from promptcache.model import cascade as _cascade
 from promptcache.model import deterministic as _deterministic
+from promptcache.model import native
 from promptcache.model.attention import AttentionMetadata
 
 
@@ -42,6 +44,13 @@ class CascadeCPU:
         return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _cascade.cpu_flash)
 
 
+class CascadeNative(CascadeCPU):
+    name = "cpu-native"
+
+    def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
+        return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _cascade.native_flash, grouped=True)
+
+
 class Portable:
     name = "portable"
 
@@ -66,7 +75,11 @@ class Deterministic:
         return _deterministic.deterministic_attention(q, k, v, kv_cache, attn, scale, cpu_kernels=self.cpu_kernels)
 
 
-def pick_backend(device: torch.device, deterministic: bool) -> AttentionBackend:
+def pick_backend(device: torch.device, deterministic: bool, dtype: torch.dtype = torch.float32) -> AttentionBackend:
     if deterministic:
         return Deterministic(cpu_kernels=device.type == "cpu")
-    return CascadeCPU() if device.type == "cpu" else Portable()
+    if device.type != "cpu":
+        return Portable()
+    if dtype == torch.bfloat16 and native.cpu_attention_kernel() == "native":
+        return CascadeNative()
+    return CascadeCPU()

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from promptcache.model import native
 from promptcache.model.attention import (
     AttentionMetadata,
     Run,
@@ -57,6 +58,22 @@ def cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, m
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, is_causal=causal, attn_mask=mask, scale=scale)[:2]
     return out, lse
+
+
+def native_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+                 causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 kernel of ``model/native.py`` where it takes the call (bf16, no mask, head size a
+    multiple of 32), PyTorch's CPU flash kernel otherwise. K/V may have fewer heads than q (grouped
+    query heads read their KV head in place, nothing repeated)."""
+    lib = native.library()
+    if lib is not None and mask is None and q.dtype == k.dtype == v.dtype == torch.bfloat16:
+        res = lib.flash(q, k, v, scale, causal)
+        if res is not None:
+            return res
+    if k.shape[1] != q.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    return cpu_flash(q, k, v, scale, mask, causal)
 
 
 MATH_SCORES_MAX = 1 << 25  # score elements per math_attention call (128 MiB in float32): longer query runs are split
@@ -260,10 +277,12 @@ def _merge_into(acc_o: torch.Tensor, acc_l: torch.Tensor, o: torch.Tensor, lse: 
 
 
 def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                      attn: AttentionMetadata, scale: float, kernel: Kernel) -> torch.Tensor:
+                      attn: AttentionMetadata, scale: float, kernel: Kernel, grouped: bool = False) -> torch.Tensor:
     """Store this step's K/V, then attend every query over its context by the step's plan.
 
-    q: [T, H, d]; k, v: [T, kvh, d]; returns [T, H, d] in q's dtype.
+    q: [T, H, d]; k, v: [T, kvh, d]; returns [T, H, d] in q's dtype. ``grouped``: the kernel takes
+    K/V with fewer heads than q, so causal parts (cold chunks, fresh K/V) go to it as they are;
+    otherwise cold chunks go to SDPA and fresh K/V are repeated per query head.
     """
     write_kv(kv_cache, k, v, attn.slot_mapping)
     plan = attn.cascade_plan
@@ -271,8 +290,12 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
         plan = attn.cascade_plan = plan_cascade(attn, q.dtype, q.device)
     out = torch.empty_like(q)
     for lo, hi in plan.cold:  # nothing cached: the fresh K/V are the whole context
-        out[lo:hi] = attend_causal(q[lo:hi], as_stored(k[lo:hi], kv_cache).transpose(0, 1),
-                                  as_stored(v[lo:hi], kv_cache).transpose(0, 1), scale)
+        kc, vc = as_stored(k[lo:hi], kv_cache).transpose(0, 1), as_stored(v[lo:hi], kv_cache).transpose(0, 1)
+        if grouped:
+            o, _ = kernel(q[lo:hi].transpose(0, 1).unsqueeze(0), kc.unsqueeze(0), vc.unsqueeze(0), scale, None, True)
+            out[lo:hi] = o[0].transpose(0, 1)
+        else:
+            out[lo:hi] = attend_causal(q[lo:hi], kc, vc, scale)
     if plan.perm is None:
         return out
     num_heads, d = q.shape[1:]
@@ -316,9 +339,12 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
             _merge_into(ao, al, o.view(kvh, n, g, d), lse.view(kvh, n, g))
         if not c.fresh:
             continue
-        # causal over its own fresh K/V, heads unfolded ([1, H, n, d], K/V repeated per query head)
-        kf = as_stored(k[c.start : c.end], kv_cache).transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
-        vf = as_stored(v[c.start : c.end], kv_cache).transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0)
+        # causal over its own fresh K/V, heads unfolded ([1, H, n, d]; K/V repeated per query head
+        # unless the kernel reads grouped heads)
+        kf = as_stored(k[c.start : c.end], kv_cache).transpose(0, 1).unsqueeze(0)
+        vf = as_stored(v[c.start : c.end], kv_cache).transpose(0, 1).unsqueeze(0)
+        if not grouped:
+            kf, vf = kf.repeat_interleave(g, dim=1), vf.repeat_interleave(g, dim=1)
         qh = q[c.start : c.end].transpose(0, 1).unsqueeze(0).contiguous()
         o, lse = kernel(qh, kf, vf, scale, None, True)
         _merge_into(ao, al, o.view(kvh, g, n, d).transpose(1, 2), lse.view(kvh, g, n).transpose(1, 2))
@@ -340,8 +366,14 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    attn: AttentionMetadata, scale: float, cpu_kernels: bool | None = None) -> torch.Tensor:
-    """``cascade_attention`` with the kernel for q's device: the CPU flash kernel on CPU tensors,
-    plain matmuls elsewhere. ``cpu_kernels=False`` forces the portable kernel (tests, on CPU)."""
+                    attn: AttentionMetadata, scale: float, cpu_kernels: bool | None = None,
+                    cpu_kernel: str = "torch") -> torch.Tensor:
+    """``cascade_attention`` with the kernel for q's device: a CPU kernel on CPU tensors (PyTorch's
+    flash kernel, or ``cpu_kernel="native"``: ``native_flash``), plain matmuls elsewhere.
+    ``cpu_kernels=False`` forces the portable kernel (tests, on CPU)."""
     use_cpu = q.device.type == "cpu" if cpu_kernels is None else cpu_kernels
-    return cascade_attention(q, k, v, kv_cache, attn, scale, cpu_flash if use_cpu else math_attention)
+    if not use_cpu:
+        return cascade_attention(q, k, v, kv_cache, attn, scale, math_attention)
+    if cpu_kernel == "native":
+        return cascade_attention(q, k, v, kv_cache, attn, scale, native_flash, grouped=True)
+    return cascade_attention(q, k, v, kv_cache, attn, scale, cpu_flash)

@@ -1,0 +1,119 @@
+"""The native bf16 attention kernel (model/native.py, csrc/flash_bf16.c) against float64 attention.
+
+It builds with the machine's C compiler on every x86-64 machine; it runs only on CPUs with
+AVX512-BF16 (the run tests skip elsewhere, as GPU tests do without a GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+
+import pytest
+import torch
+
+from promptcache.model import native
+from promptcache.model.backends import pick_backend
+from promptcache.model.cascade import cpu_flash
+
+runs_here = pytest.mark.skipif(not native.can_run(), reason="the native kernel needs a CPU with AVX512-BF16")
+
+
+def _reference(q, k, v, scale, causal):
+    """float64 attention and its log-sum-exp; query i of M sees keys [0, N - M + i] when causal."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q.double() @ kk.transpose(-1, -2) * scale
+    m, n = q.shape[2], k.shape[2]
+    if causal:
+        s = s.masked_fill(torch.ones(m, n, dtype=torch.bool).triu(n - m + 1), -math.inf)
+    lse = torch.logsumexp(s, -1)
+    return torch.exp(s - lse.unsqueeze(-1)) @ vv, lse
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 intrinsics")
+def test_builds_with_the_machines_compiler(tmp_path):
+    """Where it cannot run, it must still compile (a broken source must not hide on AVX2 machines)."""
+    path = native.build(tmp_path)
+    assert path.exists() and path.stat().st_size > 0
+    assert native.build(tmp_path) == path  # cached by content: no second compile
+
+
+# (batch, query heads, KV heads, queries, keys, head size, causal)
+SHAPES = [
+    (1, 9, 3, 1, 1, 64, False),  # one key
+    (1, 9, 3, 64, 64, 64, True),  # a causal chunk, grouped heads
+    (1, 9, 3, 203, 203, 64, True),  # rows not a multiple of the 4-row micro-kernel nor of the 32-row block
+    (1, 3, 3, 24, 2048, 64, False),  # a decode group: few rows, keys split across threads and merged
+    (1, 3, 3, 7, 1337, 64, False),  # a split whose last part is short
+    (2, 4, 2, 37, 300, 128, False),  # two sequences, head size 128
+    (1, 2, 1, 5, 1000, 96, False),  # head size 96: a 64-wide and a 32-wide pass
+    (3, 2, 2, 3, 17, 32, False),  # batched short keys (tiles padded with zero keys)
+    (1, 4, 4, 40, 600, 64, True),  # causal with fewer queries than keys: aligned at the end
+]
+
+
+@runs_here
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64(shape):
+    b, h, kvh, m, n, d, causal = shape
+    g = torch.Generator().manual_seed(hash(shape) % 2**31)
+    q, k, v = (torch.randn(b, heads, length, d, generator=g).bfloat16()
+               for heads, length in ((h, m), (kvh, n), (kvh, n)))
+    lib = native.library()
+    assert lib is not None
+    res = lib.flash(q, k, v, d**-0.5, causal)
+    assert res is not None
+    out, lse = res
+    ref_out, ref_lse = _reference(q, k, v, d**-0.5, causal)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape and lse.shape == q.shape[:3]
+    # bf16 output (half an ulp of values up to ~3) and p rounded to bf16 before p . v, as PyTorch's kernel
+    assert (out.double() - ref_out).abs().max().item() < 2e-2
+    assert (lse.double() - ref_lse).abs().max().item() < 1e-4
+    # and as close to PyTorch's own flash kernel as that kernel is to float64
+    if kvh == h and causal == (m == n):
+        t_out, _ = cpu_flash(q, k, v, d**-0.5, None, causal)
+        t_err = (t_out.double() - ref_out).abs().max().item()
+        assert (out.double() - ref_out).abs().max().item() <= 2 * t_err + 1e-3
+
+
+@runs_here
+def test_reads_strided_views_in_place():
+    """K/V as views of a head-major cache (a run of slots), q as a transposed view: no copies needed."""
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(2, 3, 500, 64, generator=g).bfloat16()  # [k|v, kvh, slots, d]
+    k, v = cache[0, :, 100:400].unsqueeze(0), cache[1, :, 100:400].unsqueeze(0)
+    q = torch.randn(50, 9, 64, generator=g).bfloat16().transpose(0, 1).unsqueeze(0)  # [1, 9, 50, 64], strided
+    lib = native.library()
+    assert lib is not None
+    res = lib.flash(q, k, v, 0.125, False)
+    assert res is not None
+    ref_out, ref_lse = _reference(q, k, v, 0.125, False)
+    assert (res[0].double() - ref_out).abs().max().item() < 2e-2
+    assert (res[1].double() - ref_lse).abs().max().item() < 1e-4
+
+
+@runs_here
+def test_declines_what_it_does_not_take():
+    lib = native.library()
+    assert lib is not None
+    q = torch.randn(1, 2, 4, 48).bfloat16()  # head size not a multiple of 32
+    assert lib.flash(q, q, q, 0.1, False) is None
+    q = torch.randn(1, 2, 4, 64).bfloat16()
+    assert lib.flash(q, q[..., ::2, :], q[..., ::2, :], 0.1, False) is not None
+    assert lib.flash(q.transpose(-1, -2).contiguous().transpose(-1, -2), q, q, 0.1, False) is None  # d strided
+
+
+def test_mode_switch(monkeypatch):
+    monkeypatch.setenv("PROMPTCACHE_CPU_ATTENTION", "torch")
+    assert native.cpu_attention_kernel() == "torch"
+    assert pick_backend(torch.device("cpu"), False, torch.bfloat16).name == "cpu-cascade"
+    monkeypatch.setenv("PROMPTCACHE_CPU_ATTENTION", "native")
+    expected = "native" if native.can_run() else "torch"
+    assert native.cpu_attention_kernel() == expected
+    name = "cpu-native" if native.can_run() else "cpu-cascade"
+    assert pick_backend(torch.device("cpu"), False, torch.bfloat16).name == name
+    assert pick_backend(torch.device("cpu"), False, torch.float32).name == "cpu-cascade"  # bf16 only
+    monkeypatch.setenv("PROMPTCACHE_CPU_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="PROMPTCACHE_CPU_ATTENTION"):
+        native.cpu_attention_kernel()
