@@ -117,3 +117,56 @@ def test_mode_switch(monkeypatch):
     monkeypatch.setenv("PROMPTCACHE_CPU_ATTENTION", "fast")
     with pytest.raises(ValueError, match="PROMPTCACHE_CPU_ATTENTION"):
         native.cpu_attention_kernel()
+
+
+@runs_here
+@pytest.mark.parametrize("cache", [True, False], ids=["cache-on", "cache-off"])
+def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cache):
+    """A bf16 engine forced onto the native kernel (head size 32, grouped heads): chunked prefill,
+    cascade decode over a cached prefix and batched decode all call it, and greedy tokens and
+    logprobs agree with transformers (float32 math on the same bf16 weights) as bf16 math does."""
+    import transformers as tf
+    from conftest import hf_config
+    from test_precision import _check_against
+
+    from promptcache import LLM, SamplingParams
+
+    cfg = hf_config("llama", hidden_size=128, head_dim=32)  # 4 heads, 2 KV heads
+    torch.manual_seed(11)
+    tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    from conftest import TOKENIZER_DIR
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((TOKENIZER_DIR / name).read_bytes())
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(10, 4000, (100,), generator=g).tolist()
+    prompts = [torch.randint(10, 4000, (150,), generator=g).tolist()]
+    prompts += [shared + torch.randint(10, 4000, (20,), generator=g).tolist() for _ in range(3)]
+    monkeypatch.setenv("PROMPTCACHE_CPU_ATTENTION", "native")
+    llm = LLM(str(tmp_path), dtype="bfloat16", compute_dtype="bfloat16", num_blocks=128, max_num_batched_tokens=64,
+              enable_prefix_caching=cache)
+    assert llm.engine.runner.attention.name == "cpu-native"
+    lib = native.library()
+    assert lib is not None
+    calls = {"causal": 0, "cached": 0}
+    flash = lib.flash
+
+    def counted(q, k, v, scale, causal, num_threads=None):
+        res = flash(q, k, v, scale, causal, num_threads)
+        calls["causal" if causal else "cached"] += res is not None
+        return res
+
+    monkeypatch.setattr(lib, "flash", counted)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=5)
+    outs = llm.generate(prompts, params)
+    assert calls["causal"] > 0, calls
+    assert calls["cached"] > 0, calls  # fresh chunks, and chunks / decodes over cached keys
+    assert [o.usage.cached_tokens for o in outs] == ([0, 0, 96, 96] if cache else [0] * 4)
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                                 min_new_tokens=8, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        lps = [torch.log_softmax(lg[0].float(), -1) for lg in ref.logits]
+        _check_against(out, ref.sequences[0, len(prompt):].tolist(), lambda i, t, lps=lps: lps[i][t].item(), 8e-2)
