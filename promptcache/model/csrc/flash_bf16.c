@@ -63,30 +63,65 @@ static inline bf16 float_to_bf16(float f) { /* round to nearest even (no NaNs re
     return (bf16)(u >> 16);
 }
 
-/* Kp[t][p][j] = the pair (k[16t + j][2p], k[16t + j][2p + 1]); keys past n are zero */
+/* a 16 x 16 transpose of 32-bit elements: r[a] holds row a; afterwards r[c] holds column c */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    /* u[4i + k], 128-bit lane L: column 4L + k of rows 4i .. 4i + 3 */
+    for (int i = 0; i < 4; i++) {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int k = 0; k < 4; k++) { /* a 4 x 4 transpose of 128-bit lanes */
+        __m512i v0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44), v1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xEE);
+        __m512i v2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44);
+        __m512i v3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
+        r[k] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        r[4 + k] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+        r[8 + k] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        r[12 + k] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+    }
+}
+
+/* Kp[t][p][j] = the pair (k[16t + j][2p], k[16t + j][2p + 1]); keys past n are zero. Each tile is
+ * 16 keys x d/2 pairs, transposed 16 pairs at a time. */
 static void pack_k(const bf16 *k, int64_t stride, int64_t n, int64_t npad, int64_t d, uint32_t *kp) {
     int64_t half = d / 2;
-    for (int64_t t = 0; t < npad / 16; t++)
-        for (int64_t j = 0; j < 16; j++) {
-            int64_t key = 16 * t + j;
-            uint32_t *dst = kp + t * half * 16 + j;
-            if (key < n) {
-                const uint32_t *src = (const uint32_t *)(k + key * stride);
-                for (int64_t p = 0; p < half; p++) dst[p * 16] = src[p];
-            } else {
-                for (int64_t p = 0; p < half; p++) dst[p * 16] = 0;
+    for (int64_t t = 0; t < npad / 16; t++) {
+        uint32_t *tile = kp + t * half * 16;
+        for (int64_t p0 = 0; p0 < half; p0 += 16) {
+            __m512i r[16];
+            for (int j = 0; j < 16; j++) {
+                int64_t key = 16 * t + j;
+                r[j] = key < n ? _mm512_loadu_si512(k + key * stride + 2 * p0) : _mm512_setzero_si512();
             }
+            transpose16(r);
+            for (int c = 0; c < 16; c++) _mm512_storeu_si512(tile + (p0 + c) * 16, r[c]);
         }
+    }
 }
 
 /* Vp[kp][c] = the pair (v[2 kp][c], v[2 kp + 1][c]); keys past n are zero */
 static void pack_v(const bf16 *v, int64_t stride, int64_t n, int64_t npad, int64_t d, uint32_t *vp) {
+    /* words 0..15 of a and of b interleaved (lo), then words 16..31 (hi); b's indices have bit 5 set */
+    static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                        24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+    const __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_loadu_si512(hi_idx);
     for (int64_t kp = 0; kp < npad / 2; kp++) {
-        const bf16 *a = 2 * kp < n ? v + 2 * kp * stride : NULL;
-        const bf16 *b = 2 * kp + 1 < n ? v + (2 * kp + 1) * stride : NULL;
         uint32_t *dst = vp + kp * d;
-        for (int64_t c = 0; c < d; c++)
-            dst[c] = (uint32_t)(a ? a[c] : 0) | ((uint32_t)(b ? b[c] : 0) << 16);
+        for (int64_t c = 0; c < d; c += 32) {
+            __m512i a = 2 * kp < n ? _mm512_loadu_si512(v + 2 * kp * stride + c) : _mm512_setzero_si512();
+            __m512i b = 2 * kp + 1 < n ? _mm512_loadu_si512(v + (2 * kp + 1) * stride + c) : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst + c, _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_storeu_si512(dst + c + 16, _mm512_permutex2var_epi16(a, hi, b));
+        }
     }
 }
 
@@ -280,7 +315,11 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
         part_l = (float *)malloc(sizeof(float) * B * Hq * splits * M);
     }
     if (items == NULL || (splits > 1 && (part_o == NULL || part_l == NULL))) {
-        free(kp); free(vp); free(items); free(part_o); free(part_l);
+        free(kp);
+        free(vp);
+        free(items);
+        free(part_o);
+        free(part_l);
         return -2;
     }
     int64_t n_items = 0;
