@@ -94,6 +94,29 @@ def test_reads_strided_views_in_place():
 
 
 @runs_here
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sequences_of_their_own_lengths(threads):
+    """``kv_lens``: each sequence of the batch reads its own first keys (the decode tails' call);
+    what lies past them — NaN here — is never read, not even as masked padding."""
+    g = torch.Generator().manual_seed(4)
+    lens = [5, 70, 1, 64, 300]
+    n = max(lens)
+    q = torch.randn(len(lens), 3, 3, 64, generator=g).bfloat16()
+    k = torch.randn(len(lens), 3, n, 64, generator=g).bfloat16()
+    v = torch.randn(len(lens), 3, n, 64, generator=g).bfloat16()
+    for b, length in enumerate(lens):
+        k[b, :, length:] = v[b, :, length:] = float("nan")
+    lib = native.library()
+    assert lib is not None
+    res = lib.flash(q, k, v, 0.125, False, threads, kv_lens=torch.tensor(lens))
+    assert res is not None
+    for b, length in enumerate(lens):
+        ref_out, ref_lse = _reference(q[b : b + 1], k[b : b + 1, :, :length], v[b : b + 1, :, :length], 0.125, False)
+        assert (res[0][b].double() - ref_out[0]).abs().max().item() < 2e-2
+        assert (res[1][b].double() - ref_lse[0]).abs().max().item() < 1e-4
+
+
+@runs_here
 def test_declines_what_it_does_not_take():
     lib = native.library()
     assert lib is not None
@@ -148,12 +171,12 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
     assert llm.engine.runner.attention.name == "cpu-native"
     lib = native.library()
     assert lib is not None
-    calls = {"causal": 0, "cached": 0}
+    calls = {"causal": 0, "cached": 0, "tails": 0}
     flash = lib.flash
 
-    def counted(q, k, v, scale, causal, num_threads=None):
-        res = flash(q, k, v, scale, causal, num_threads)
-        calls["causal" if causal else "cached"] += res is not None
+    def counted(q, k, v, scale, causal, num_threads=None, kv_lens=None):
+        res = flash(q, k, v, scale, causal, num_threads, kv_lens)
+        calls["causal" if causal else "cached" if kv_lens is None else "tails"] += res is not None
         return res
 
     monkeypatch.setattr(lib, "flash", counted)
@@ -161,6 +184,7 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
     outs = llm.generate(prompts, params)
     assert calls["causal"] > 0, calls
     assert calls["cached"] > 0, calls  # fresh chunks, and chunks / decodes over cached keys
+    assert calls["tails"] > 0, calls  # the decodes' own recent keys, by lengths
     assert [o.usage.cached_tokens for o in outs] == ([0, 0, 96, 96] if cache else [0] * 4)
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     for prompt, out in zip(prompts, outs, strict=True):

@@ -61,15 +61,19 @@ def cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, m
 
 
 def native_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
-                 causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 causal: bool = False, kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The bf16 kernel of ``model/native.py`` where it takes the call (bf16, no mask, head size a
     multiple of 32), PyTorch's CPU flash kernel otherwise. K/V may have fewer heads than q (grouped
-    query heads read their KV head in place, nothing repeated)."""
+    query heads read their KV head in place, nothing repeated). ``kv_lens`` [B] instead of ``mask``:
+    sequence b attends to its first kv_lens[b] keys (the decode tails' call)."""
     lib = native.library()
     if lib is not None and mask is None and q.dtype == k.dtype == v.dtype == torch.bfloat16:
-        res = lib.flash(q, k, v, scale, causal)
+        res = lib.flash(q, k, v, scale, causal, kv_lens=kv_lens)
         if res is not None:
             return res
+    if kv_lens is not None:  # the same keys as an additive mask [B, 1, 1, N]
+        mask = torch.full((q.shape[0], 1, 1, k.shape[2]), float("-inf"), dtype=q.dtype)
+        mask.masked_fill_(torch.arange(k.shape[2]) < kv_lens.view(-1, 1, 1, 1), 0.0)
     if k.shape[1] != q.shape[1]:
         g = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
@@ -144,6 +148,7 @@ class CascadePlan:
     tail_rows: torch.Tensor | None  # [R] permuted rows of the step's decodes
     tail_idx: torch.Tensor | None  # [R, L] slots of each decode's tail, zero-padded
     tail_mask: torch.Tensor | None  # [R, 1, 1, L] additive: 0 on real slots, -inf on padding
+    tail_lens: torch.Tensor | None  # [R] int64 on the CPU: real slots of each tail (kernels that take lengths)
     whole_tail: bool = False  # some decodes are in no group: their whole context is in the tail
     perm_identity: bool = False  # the permuted batch is the batch (a step of one group, nothing cold)
     tail_span: tuple[int, int] | None = None  # the decodes' permuted rows, when they are one range
@@ -224,7 +229,7 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
                                                                   min_run, device)))
         else:
             whole_tail = True
-    tail_idx = tail_mask = None
+    tail_idx = tail_mask = tail_lens = None
     if tails:
         longest = max(len(t) for t in tails)
         idx = torch.zeros(len(tails), longest, dtype=torch.long)
@@ -233,6 +238,7 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
             idx[j, : len(t)] = torch.tensor(t, dtype=torch.long)
             mask[j, 0, 0, : len(t)] = 0.0
         tail_idx, tail_mask = idx.to(device), mask.to(device)
+        tail_lens = torch.tensor([len(t) for t in tails], dtype=torch.long)
     return CascadePlan(
         cold=cold,
         perm=torch.tensor(perm, dtype=torch.long, device=device) if perm else None,
@@ -241,6 +247,7 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
         tail_rows=torch.tensor(tail_rows, dtype=torch.long, device=device) if tail_rows else None,
         tail_idx=tail_idx,
         tail_mask=tail_mask,
+        tail_lens=tail_lens,
         whole_tail=whole_tail,
         perm_identity=perm == list(range(qsl[-1])),
         tail_span=(tail_rows[0], tail_rows[-1] + 1)
@@ -269,6 +276,14 @@ def _read_tails(kv_cache: torch.Tensor, plan: CascadePlan, dtype: torch.dtype) -
     return kv[0], kv[1]
 
 
+def _tail_call(kernel: Kernel, grouped: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               plan: CascadePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decodes' one padded call: masked, or by lengths where the kernel takes them."""
+    if grouped:
+        return native_flash(q, k, v, scale, kv_lens=plan.tail_lens)
+    return kernel(q, k, v, scale, plan.tail_mask, False)
+
+
 def _merge_into(acc_o: torch.Tensor, acc_l: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
     """Fold a part (o, lse) over other keys into the float32 accumulators, in place (exact)."""
     total = torch.logaddexp(acc_l, lse)
@@ -281,7 +296,8 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     """Store this step's K/V, then attend every query over its context by the step's plan.
 
     q: [T, H, d]; k, v: [T, kvh, d]; returns [T, H, d] in q's dtype. ``grouped``: the kernel takes
-    K/V with fewer heads than q, so causal parts (cold chunks, fresh K/V) go to it as they are;
+    K/V with fewer heads than q, so causal parts (cold chunks, fresh K/V) go to it as they are, and
+    the decode tails' lengths (``kv_lens=``) instead of their padding mask (``native_flash``);
     otherwise cold chunks go to SDPA and fresh K/V are repeated per query head.
     """
     write_kv(kv_cache, k, v, attn.slot_mapping)
@@ -306,7 +322,7 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     qp = q if plan.perm_identity else q.index_select(0, plan.perm)
     if plan.tail_only:  # lone short decodes, nothing else: the tail call's output is the answer
         kt, vt = _read_tails(kv_cache, plan, q.dtype)
-        o, _ = kernel(qp.view(m_all, kvh, g, d), kt, vt, scale, plan.tail_mask, False)  # [R, kvh, G, d]
+        o, _ = _tail_call(kernel, grouped, qp.view(m_all, kvh, g, d), kt, vt, scale, plan)  # [R, kvh, G, d]
         result = o.reshape(m_all, num_heads, d)
         if plan.perm_identity:
             return result
@@ -353,7 +369,7 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
         kt, vt = _read_tails(kv_cache, plan, q.dtype)
         # one range of rows: views, merged in place; scattered rows: copies, merged, then put back
         sel = slice(*plan.tail_span) if plan.tail_span is not None else rows
-        o, lse = kernel(qf[:, sel].transpose(0, 1), kt, vt, scale, plan.tail_mask, False)  # [R, kvh, G, d]
+        o, lse = _tail_call(kernel, grouped, qf[:, sel].transpose(0, 1), kt, vt, scale, plan)  # [R, kvh, G, d]
         ao, al = acc_o[:, sel], acc_l[:, sel]
         _merge_into(ao, al, o.transpose(0, 1), lse.transpose(0, 1))
         if plan.tail_span is None:

@@ -82,24 +82,30 @@ class Library:
         torch.get_num_threads()  # torch's OpenMP runtime is loaded first: the library reuses it
         self.lib = ctypes.CDLL(str(path))
         p, i64, arr = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
-        self.lib.pc_flash_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, arr, arr, arr, arr, arr,
+        self.lib.pc_flash_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, arr, arr, arr, arr, arr, p,
                                            ctypes.c_float, ctypes.c_int, ctypes.c_int]
         self.lib.pc_flash_bf16.restype = ctypes.c_int
 
     def flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-              num_threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+              num_threads: int | None = None, kv_lens: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """q [B, H, M, d], k, v [B, kvh, N, d] bf16 (any strides, last dim contiguous) ->
-        (out [B, H, M, d] bf16, lse [B, H, M] float32), or None for arguments it does not take."""
+        (out [B, H, M, d] bf16, lse [B, H, M] float32), or None for arguments it does not take.
+        ``kv_lens``: [B] int64, the keys of each sequence (the rest of its N are not read)."""
         b, h, m, d = q.shape
         kvh, n = k.shape[1], k.shape[2]
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             return None
+        if kv_lens is not None:
+            assert kv_lens.dtype == torch.int64 and kv_lens.is_contiguous() and kv_lens.shape == (b,)
+            assert int(kv_lens.max()) <= n
         out = torch.empty(b, h, m, d, dtype=torch.bfloat16)
         lse = torch.empty(b, h, m, dtype=torch.float32)
         strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
         lse_strides = (ctypes.c_int64 * 3)(*lse.stride())
         rc = self.lib.pc_flash_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                    b, h, kvh, m, n, d, *strides, lse_strides, scale, int(causal),
+                                    b, h, kvh, m, n, d, *strides, lse_strides,
+                                    kv_lens.data_ptr() if kv_lens is not None else None, scale, int(causal),
                                     num_threads or torch.get_num_threads())
         if rc == -2:
             raise MemoryError("flash_bf16: out of memory for its packed K/V")

@@ -10,6 +10,7 @@
  *   q [B, Hq, M, D], k, v [B, Hk, N, D] with Hq a multiple of Hk (query head h reads KV head
  *   h / (Hq / Hk)); out [B, Hq, M, D] bf16; lse [B, Hq, M] float32 (natural log, of scaled scores).
  *   causal: query i sees keys [0, N - M + i] (aligned at the end; the same as top-left when M == N).
+ *   kv_lens (or NULL): [B] keys of each sequence, <= N (its K/V past them are never read).
  *   D a multiple of 32, at most 256.
  *
  * Layout: each (b, KV head)'s keys are packed once per call into tiles of 16 keys as bf16 pairs
@@ -176,7 +177,7 @@ typedef struct {
 /* One work item: queries [q0, q0 + QB) of (b, h) over keys [k_lo, k_hi); writes its normalised
  * output and log-sum-exp to (o_out, lse_out) rows (float32 partials) or straight to out/lse. */
 static void run_item(const Item *it, const bf16 *q, const int64_t *qs, const uint32_t *kp, const uint32_t *vp,
-                     int64_t M, int64_t N, int64_t D, int64_t npad, float scale, int causal, bf16 *out,
+                     int64_t M, int64_t N, int64_t D, float scale, int causal, bf16 *out,
                      const int64_t *os, float *lse, const int64_t *ls, float *part_o, float *part_l) {
     const int64_t half = D / 2;
     uint32_t qloc[QB * MAXD / 2];
@@ -270,14 +271,13 @@ static void run_item(const Item *it, const bf16 *q, const int64_t *qs, const uin
             lse[it->b * ls[0] + it->h * ls[1] + row * ls[2]] = l;
         }
     }
-    (void)npad;
 }
 
 /* Returns 0, or a negative code for arguments it does not take (the caller falls back). */
 int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float *lse, int64_t B, int64_t Hq,
                   int64_t Hk, int64_t M, int64_t N, int64_t D, const int64_t *qs, const int64_t *ks,
-                  const int64_t *vs, const int64_t *os, const int64_t *ls, float scale, int causal,
-                  int num_threads) {
+                  const int64_t *vs, const int64_t *os, const int64_t *ls, const int64_t *kv_lens, float scale,
+                  int causal, int num_threads) {
     if (D % 32 != 0 || D > MAXD || Hk <= 0 || Hq % Hk != 0 || M <= 0 || N <= 0) return -1;
     if (num_threads < 1) num_threads = 1;
     const int64_t group = Hq / Hk;
@@ -293,10 +293,11 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < 2 * B * Hk; i++) {
         int64_t bh = i / 2, b = bh / Hk, h = bh % Hk;
+        int64_t n = kv_lens != NULL ? kv_lens[b] : N; /* keys past it are packed as zeros */
         if (i % 2 == 0)
-            pack_k(k + b * ks[0] + h * ks[1], ks[2], N, npad, D, kp + bh * per_head);
+            pack_k(k + b * ks[0] + h * ks[1], ks[2], n, npad, D, kp + bh * per_head);
         else
-            pack_v(v + b * vs[0] + h * vs[1], vs[2], N, npad, D, vp + bh * per_head);
+            pack_v(v + b * vs[0] + h * vs[1], vs[2], n, npad, D, vp + bh * per_head);
     }
     /* split the keys when query blocks alone leave threads idle (decode-like calls over long
      * contexts; causal calls are prefill-like and have blocks enough) */
@@ -341,8 +342,11 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
             po = part_o + (it->b * Hq + it->h) * splits * M * D;
             pl = part_l + (it->b * Hq + it->h) * splits * M;
         }
-        run_item(it, q, qs, kp + kvh * per_head, vp + kvh * per_head, M, N, D, npad, scale, causal, out,
-                 os, lse, ls, po, pl);
+        int64_t n = kv_lens != NULL ? kv_lens[it->b] : N;
+        Item own = *it;
+        if (own.k_hi > n) own.k_hi = n; /* a split past the sequence's keys sees none: lse -inf */
+        run_item(&own, q, qs, kp + kvh * per_head, vp + kvh * per_head, M, n, D, scale, causal, out, os, lse, ls,
+                 po, pl);
     }
     if (splits > 1) { /* merge the splits of each query by their log-sum-exps */
         int64_t used = (N + span - 1) / span;
