@@ -128,18 +128,18 @@ def test_declines_what_it_does_not_take():
 
 
 def test_mode_switch(monkeypatch):
-    monkeypatch.setenv("PROMPTCACHE_CPU_ATTENTION", "torch")
-    assert native.cpu_attention_kernel() == "torch"
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "torch")
+    assert native.cpu_kernels() == "torch"
     assert pick_backend(torch.device("cpu"), False, torch.bfloat16).name == "cpu-cascade"
-    monkeypatch.setenv("PROMPTCACHE_CPU_ATTENTION", "native")
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
     expected = "native" if native.can_run() else "torch"
-    assert native.cpu_attention_kernel() == expected
+    assert native.cpu_kernels() == expected
     name = "cpu-native" if native.can_run() else "cpu-cascade"
     assert pick_backend(torch.device("cpu"), False, torch.bfloat16).name == name
     assert pick_backend(torch.device("cpu"), False, torch.float32).name == "cpu-cascade"  # bf16 only
-    monkeypatch.setenv("PROMPTCACHE_CPU_ATTENTION", "fast")
-    with pytest.raises(ValueError, match="PROMPTCACHE_CPU_ATTENTION"):
-        native.cpu_attention_kernel()
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "fast")
+    with pytest.raises(ValueError, match="PROMPTCACHE_CPU_KERNELS"):
+        native.cpu_kernels()
 
 
 @runs_here
@@ -165,7 +165,7 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
     shared = torch.randint(10, 4000, (100,), generator=g).tolist()
     prompts = [torch.randint(10, 4000, (150,), generator=g).tolist()]
     prompts += [shared + torch.randint(10, 4000, (20,), generator=g).tolist() for _ in range(3)]
-    monkeypatch.setenv("PROMPTCACHE_CPU_ATTENTION", "native")
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
     llm = LLM(str(tmp_path), dtype="bfloat16", compute_dtype="bfloat16", num_blocks=128, max_num_batched_tokens=64,
               enable_prefix_caching=cache)
     assert llm.engine.runner.attention.name == "cpu-native"

@@ -80,6 +80,6 @@ def pick_backend(device: torch.device, deterministic: bool, dtype: torch.dtype =
         return Deterministic(cpu_kernels=device.type == "cpu")
     if device.type != "cpu":
         return Portable()
-    if dtype == torch.bfloat16 and native.cpu_attention_kernel() == "native":
+    if dtype == torch.bfloat16 and native.cpu_kernels() == "native":
         return CascadeNative()
     return CascadeCPU()

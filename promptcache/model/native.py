@@ -1,14 +1,17 @@
-"""The bf16 flash attention kernel of ``csrc/flash_bf16.c`` for CPUs with AVX512-BF16, compiled on
-first use with the machine's C compiler and called through ctypes (no torch headers, so it builds in
-a second; the library links the OpenMP runtime torch has already loaded, so both share its threads).
+"""promptcache's own bf16 CPU kernels, for CPUs with AVX512-BF16: flash attention
+(``csrc/flash_bf16.c``) and a decoder layer's row-wise ops in one pass each (``csrc/ops_bf16.c``:
+RMSNorm, SiLU-and-multiply). Compiled on first use with the machine's C compiler and called through
+ctypes (no torch headers, so it builds in a second; the library links the OpenMP runtime torch has
+already loaded, so both share its threads; the GIL is released while a kernel runs).
 
-``flash_attention`` has the signature of ``cascade.Kernel`` and takes grouped-query heads as they
-are (query head h reads KV head h // (H / kvh)). What it does not take — masks, other dtypes, head
-sizes that are not a multiple of 32 — goes to PyTorch's CPU flash kernel, the same as without it.
+``Library.flash`` takes grouped-query heads as they are (query head h reads KV head h // (H / kvh))
+and returns None for what it does not take (head sizes that are not a multiple of 32, a strided
+last dimension): the caller then runs PyTorch's kernel, as without it (``cascade.native_flash``).
 
-Whether it is used (``cpu_attention_kernel()``): ``PROMPTCACHE_CPU_ATTENTION`` = ``auto`` (default:
-on a CPU with AVX512-BF16 and without AMX, where it was measured faster; with AMX PyTorch's kernel
-runs on the tile units), ``native`` (wherever it can run), or ``torch``.
+Whether they are used (``cpu_kernels()``): ``PROMPTCACHE_CPU_KERNELS`` = ``auto`` (default: on a CPU
+with AVX512-BF16 and without AMX, where they were measured faster; with AMX PyTorch's attention
+runs on the tile units), ``native`` (wherever they can run), or ``torch``. Only bf16 compute on
+the CPU uses them, never deterministic mode (its batch-invariant ops are its own).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from promptcache.home import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "flash_bf16.c"
+SOURCES = (Path(__file__).with_name("csrc") / "flash_bf16.c", Path(__file__).with_name("csrc") / "ops_bf16.c")
 # explicit ISA flags, not -march=native: the library builds on any x86-64 gcc/clang; it runs only
 # where the CPU has these (checked before loading)
 CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -61,18 +64,19 @@ def build(out_dir: Path | None = None) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (gcc, cc or clang) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version]).encode()).hexdigest()[:16]
+    texts = [src.read_text() for src in SOURCES]
+    digest = hashlib.sha256("\0".join([*texts, " ".join(CFLAGS), version]).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_root() / "kernels"
-    target = out_dir / f"flash_bf16-{digest}.so"
+    target = out_dir / f"native_bf16-{digest}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         part = Path(tmp) / target.name
-        res = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", str(part), "-lm"], capture_output=True, text=True,
-                             check=False)
+        res = subprocess.run([cc, *CFLAGS, *map(str, SOURCES), "-o", str(part), "-lm"], capture_output=True,
+                             text=True, check=False)
         if res.returncode != 0:
-            raise RuntimeError(f"{cc} could not build {SOURCE.name}: {res.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{cc} could not build the native kernels: {res.stderr.strip()[-2000:]}")
         os.replace(part, target)  # atomic: a concurrent build of the same digest writes the same file
     return target
 
@@ -85,6 +89,30 @@ class Library:
         self.lib.pc_flash_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, arr, arr, arr, arr, arr, p,
                                            ctypes.c_float, ctypes.c_int, ctypes.c_int]
         self.lib.pc_flash_bf16.restype = ctypes.c_int
+        self.lib.pc_rms_norm_bf16.argtypes = [p, i64, p, p, i64, i64, ctypes.c_float, ctypes.c_int]
+        self.lib.pc_rms_norm_bf16.restype = None
+        self.lib.pc_silu_mul_bf16.argtypes = [p, i64, p, i64, i64, ctypes.c_int]
+        self.lib.pc_silu_mul_bf16.restype = None
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [..., H] bf16 (rows of any stride, last dim contiguous), weight [H] bf16 -> bf16, contiguous:
+        ``weight * rms_norm(x.float()).to(bf16)`` in one pass."""
+        h = x.shape[-1]
+        rows = x.reshape(-1, h)  # a view where it can be
+        assert x.dtype == weight.dtype == torch.bfloat16 and rows.stride(-1) == 1 and weight.is_contiguous()
+        out = torch.empty(rows.shape, dtype=torch.bfloat16)
+        self.lib.pc_rms_norm_bf16(rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), rows.shape[0],
+                                  h, eps, torch.get_num_threads())
+        return out.view(x.shape)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, 2I] bf16 -> ``silu(gate) * up`` [T, I] bf16 in one pass."""
+        t, two_i = gate_up.shape
+        assert gate_up.dtype == torch.bfloat16 and gate_up.stride(-1) == 1 and two_i % 2 == 0
+        out = torch.empty(t, two_i // 2, dtype=torch.bfloat16)
+        self.lib.pc_silu_mul_bf16(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), t, two_i // 2,
+                                  torch.get_num_threads())
+        return out
 
     def flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
               num_threads: int | None = None, kv_lens: torch.Tensor | None = None,
@@ -124,11 +152,11 @@ def library() -> Library | None:
         return None
 
 
-def cpu_attention_kernel() -> str:
-    """"native" or "torch": the CPU attention kernel this process uses (see the module doc)."""
-    mode = os.environ.get("PROMPTCACHE_CPU_ATTENTION", "auto")
+def cpu_kernels() -> str:
+    """"native" or "torch": the CPU kernels this process uses for bf16 (see the module doc)."""
+    mode = os.environ.get("PROMPTCACHE_CPU_KERNELS", "auto")
     if mode not in MODES:
-        raise ValueError(f"PROMPTCACHE_CPU_ATTENTION={mode!r}: expected one of {', '.join(MODES)}")
+        raise ValueError(f"PROMPTCACHE_CPU_KERNELS={mode!r}: expected one of {', '.join(MODES)}")
     if mode == "torch":
         return "torch"
     if mode == "auto" and "amx_bf16" in cpu_flags():

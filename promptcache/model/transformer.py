@@ -7,6 +7,8 @@ load time (q|k|v, gate|up) so each layer runs a few large matmuls instead of man
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,10 +44,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     row_tiled = False  # deterministic mode: fixed-shape row tiles (model/deterministic.py)
+    native: Any = None  # model/native.py's Library: the same ops in one pass (bf16 on AVX512-BF16 CPUs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_tiled:
             return tiled_rows(self._norm, x)
+        if self.native is not None:
+            return self.native.rms_norm(x, self.weight, self.eps)
         return self._norm(x)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,9 +164,12 @@ class MLP(nn.Module):
         self.up = Linear(cfg.hidden_size, up_out, bias=cfg.mlp_bias)  # gate|up when gated
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.deterministic = False
+        self.silu_mul: Any = None  # model/native.py's Library (gated SiLU, bf16 on AVX512-BF16 CPUs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
+        if self.silu_mul is not None:
+            return self.down(self.silu_mul.silu_mul(h))
         act = (lambda t: pointwise(self.act, t)) if self.deterministic else self.act
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
@@ -213,6 +221,15 @@ class CausalLM(nn.Module):
                     module.row_tiled = True
                 elif isinstance(module, MLP):
                     module.deterministic = True
+
+    def use_native_ops(self, lib: Any) -> None:
+        """RMSNorm and gated SiLU through ``lib`` (model/native.py; bf16 weights on a CPU, not
+        deterministic mode): one pass each instead of PyTorch's four to six."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm) and module.weight.dtype == torch.bfloat16:
+                module.native = lib
+            elif isinstance(module, MLP) and module.gated and self.cfg.hidden_act in ("silu", "swish"):
+                module.silu_mul = lib
 
     def finish_loading(self, device: torch.device) -> None:
         if self.cfg.tie_word_embeddings:  # to_empty() unties shared parameters; tie them again

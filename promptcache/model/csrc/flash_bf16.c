@@ -177,7 +177,7 @@ typedef struct {
 /* One work item: queries [q0, q0 + QB) of (b, h) over keys [k_lo, k_hi); writes its normalised
  * output and log-sum-exp to (o_out, lse_out) rows (float32 partials) or straight to out/lse. */
 static void run_item(const Item *it, const bf16 *q, const int64_t *qs, const uint32_t *kp, const uint32_t *vp,
-                     int64_t M, int64_t N, int64_t D, float scale, int causal, bf16 *out,
+                     int64_t kbase, int64_t M, int64_t N, int64_t D, float scale, int causal, bf16 *out,
                      const int64_t *os, float *lse, const int64_t *ls, float *part_o, float *part_l) {
     const int64_t half = D / 2;
     uint32_t qloc[QB * MAXD / 2];
@@ -202,7 +202,7 @@ static void run_item(const Item *it, const bf16 *q, const int64_t *qs, const uin
         int64_t nk64 = (nk + 63) & ~(int64_t)63; /* within npad: npad is a multiple of 64 */
         for (int64_t r = 0; r < rows4; r += 4)
             for (int64_t j = 0; j < nk64; j += 64)
-                qk_4x64(qloc + r * half, half, kp + (k0 + j) / 16 * half * 16, s + r * KB + j, KB);
+                qk_4x64(qloc + r * half, half, kp + (k0 - kbase + j) / 16 * half * 16, s + r * KB + j, KB);
         for (int64_t r = 0; r < rows4; r++) {
             float *sr = s + r * KB;
             bf16 *pr = (bf16 *)(pb + r * KB / 2);
@@ -253,8 +253,9 @@ static void run_item(const Item *it, const bf16 *q, const int64_t *qs, const uin
         for (int64_t r = 0; r < rows4; r += 4) {
             int64_t c = 0;
             for (; c + 64 <= D; c += 64)
-                pv_4x64(pb + r * KB / 2, KB / 2, vp + k0 / 2 * D + c, D, nk64 / 2, o + r * D + c, D);
-            if (c < D) pv_4x32(pb + r * KB / 2, KB / 2, vp + k0 / 2 * D + c, D, nk64 / 2, o + r * D + c, D);
+                pv_4x64(pb + r * KB / 2, KB / 2, vp + (k0 - kbase) / 2 * D + c, D, nk64 / 2, o + r * D + c, D);
+            if (c < D)
+                pv_4x32(pb + r * KB / 2, KB / 2, vp + (k0 - kbase) / 2 * D + c, D, nk64 / 2, o + r * D + c, D);
         }
     }
     for (int64_t r = 0; r < rows; r++) {
@@ -283,25 +284,32 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
     const int64_t group = Hq / Hk;
     const int64_t npad = (N + 63) & ~(int64_t)63;
     const int64_t per_head = npad * D / 2; /* pairs per (b, KV head), in Kp and in Vp */
-    uint32_t *kp = (uint32_t *)malloc(sizeof(uint32_t) * B * Hk * per_head);
-    uint32_t *vp = (uint32_t *)malloc(sizeof(uint32_t) * B * Hk * per_head);
-    if (kp == NULL || vp == NULL) {
-        free(kp);
-        free(vp);
-        return -2;
-    }
+    const int64_t qblocks = (M + QB - 1) / QB;
+    /* Where each KV head is read by one query block (decode-like calls: a group's stacked decodes,
+     * the decode tails), each work item packs just its own keys and attends to them at once, while
+     * they are in cache; otherwise every (b, KV head) is packed once up front for all its blocks. */
+    const int pack_in_items = qblocks == 1 && group == 1;
+    uint32_t *kp = NULL, *vp = NULL;
+    if (!pack_in_items) {
+        kp = (uint32_t *)malloc(sizeof(uint32_t) * B * Hk * per_head);
+        vp = (uint32_t *)malloc(sizeof(uint32_t) * B * Hk * per_head);
+        if (kp == NULL || vp == NULL) {
+            free(kp);
+            free(vp);
+            return -2;
+        }
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t i = 0; i < 2 * B * Hk; i++) {
-        int64_t bh = i / 2, b = bh / Hk, h = bh % Hk;
-        int64_t n = kv_lens != NULL ? kv_lens[b] : N; /* keys past it are packed as zeros */
-        if (i % 2 == 0)
-            pack_k(k + b * ks[0] + h * ks[1], ks[2], n, npad, D, kp + bh * per_head);
-        else
-            pack_v(v + b * vs[0] + h * vs[1], vs[2], n, npad, D, vp + bh * per_head);
+        for (int64_t i = 0; i < 2 * B * Hk; i++) {
+            int64_t bh = i / 2, b = bh / Hk, h = bh % Hk;
+            int64_t n = kv_lens != NULL ? kv_lens[b] : N; /* keys past it are packed as zeros */
+            if (i % 2 == 0)
+                pack_k(k + b * ks[0] + h * ks[1], ks[2], n, npad, D, kp + bh * per_head);
+            else
+                pack_v(v + b * vs[0] + h * vs[1], vs[2], n, npad, D, vp + bh * per_head);
+        }
     }
     /* split the keys when query blocks alone leave threads idle (decode-like calls over long
      * contexts; causal calls are prefill-like and have blocks enough) */
-    const int64_t qblocks = (M + QB - 1) / QB;
     int64_t splits = 1;
     if (!causal) {
         int64_t want = 4 * num_threads, have = B * Hq * qblocks;
@@ -333,6 +341,7 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
                 Item it = {bh / Hq, bh % Hq, qb * QB, lo, hi, sp};
                 items[n_items++] = it;
             }
+    int failed = 0;
 #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
     for (int64_t i = 0; i < n_items; i++) {
         const Item *it = &items[i];
@@ -345,8 +354,29 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
         int64_t n = kv_lens != NULL ? kv_lens[it->b] : N;
         Item own = *it;
         if (own.k_hi > n) own.k_hi = n; /* a split past the sequence's keys sees none: lse -inf */
-        run_item(&own, q, qs, kp + kvh * per_head, vp + kvh * per_head, M, n, D, scale, causal, out, os, lse, ls,
-                 po, pl);
+        if (!pack_in_items) {
+            run_item(&own, q, qs, kp + kvh * per_head, vp + kvh * per_head, 0, M, n, D, scale, causal, out, os, lse,
+                     ls, po, pl);
+            continue;
+        }
+        int64_t len = own.k_hi > own.k_lo ? own.k_hi - own.k_lo : 0, lpad = (len + 63) & ~(int64_t)63;
+        uint32_t *local = (uint32_t *)malloc(sizeof(uint32_t) * (lpad * D + 16));
+        if (local == NULL) {
+            failed = 1;
+            continue;
+        }
+        uint32_t *lk = local, *lv = local + lpad * D / 2;
+        int64_t b = it->b, h = it->h / group;
+        pack_k(k + b * ks[0] + h * ks[1] + own.k_lo * ks[2], ks[2], len, lpad, D, lk);
+        pack_v(v + b * vs[0] + h * vs[1] + own.k_lo * vs[2], vs[2], len, lpad, D, lv);
+        run_item(&own, q, qs, lk, lv, own.k_lo, M, n, D, scale, causal, out, os, lse, ls, po, pl);
+        free(local);
+    }
+    if (failed) {
+        free(items);
+        free(part_o);
+        free(part_l);
+        return -2;
     }
     if (splits > 1) { /* merge the splits of each query by their log-sum-exps */
         int64_t used = (N + span - 1) / span;

@@ -1,0 +1,94 @@
+/* Row-wise bf16 ops of a decoder layer in one pass each, for CPUs with AVX512-BF16 (built with
+ * flash_bf16.c into one library by promptcache/model/native.py).
+ *
+ * Each rounds where PyTorch's composite of the same ops rounds, so results match it but for the
+ * order of a float32 sum (RMSNorm's mean of squares) and exp's last bits (SiLU):
+ *   rms_norm:  out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), x in float32
+ *              (transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype)
+ *   silu_mul:  out = bf16(bf16(silu(gate)) * up) over a row [gate | up]
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+typedef uint16_t bf16;
+
+static inline __m512 load_bf16(const bf16 *p) { /* 16 bf16 -> 16 float32 (exact) */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __m512 load_bf16_n(const bf16 *p, int n) { /* the first n of 16, zeros after */
+    __mmask16 m = (__mmask16)((1u << n) - 1);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline __m512 round_bf16(__m512 x) { /* to bf16 (nearest even) and back */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
+static inline void store_bf16(bf16 *p, __m512 x) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(x)); }
+
+static inline void store_bf16_n(bf16 *p, __m512 x, int n) {
+    _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+static inline __m512 exp512(__m512 x) { /* as in flash_bf16.c: 2^n * 2^f, Taylor to degree 7 */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* x [T, H] with row stride ldx; w [H]; out [T, H] contiguous */
+void pc_rms_norm_bf16(const bf16 *x, int64_t ldx, const bf16 *w, bf16 *out, int64_t T, int64_t H, float eps,
+                      int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (T * H >= 32768)
+    for (int64_t t = 0; t < T; t++) {
+        const bf16 *row = x + t * ldx;
+        bf16 *dst = out + t * H;
+        __m512 acc = _mm512_setzero_ps();
+        int64_t c = 0;
+        for (; c + 16 <= H; c += 16) {
+            __m512 v = load_bf16(row + c);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        if (c < H) {
+            __m512 v = load_bf16_n(row + c, (int)(H - c));
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        float r = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)H + eps);
+        __m512 vr = _mm512_set1_ps(r);
+        for (c = 0; c + 16 <= H; c += 16)
+            store_bf16(dst + c, _mm512_mul_ps(load_bf16(w + c), round_bf16(_mm512_mul_ps(load_bf16(row + c), vr))));
+        if (c < H) {
+            int n = (int)(H - c);
+            store_bf16_n(dst + c, _mm512_mul_ps(load_bf16_n(w + c, n), round_bf16(_mm512_mul_ps(load_bf16_n(row + c, n), vr))),
+                         n);
+        }
+    }
+}
+
+/* gu [T, 2I] (gate | up) with row stride ldg; out [T, I] contiguous */
+void pc_silu_mul_bf16(const bf16 *gu, int64_t ldg, bf16 *out, int64_t T, int64_t I, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (T * I >= 32768)
+    for (int64_t t = 0; t < T; t++) {
+        const bf16 *gate = gu + t * ldg, *up = gate + I;
+        bf16 *dst = out + t * I;
+        for (int64_t c = 0; c < I; c += 16) {
+            int n = I - c < 16 ? (int)(I - c) : 16;
+            __m512 g = load_bf16_n(gate + c, n), u = load_bf16_n(up + c, n);
+            __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            store_bf16_n(dst + c, _mm512_mul_ps(round_bf16(s), u), n);
+        }
+    }
+}
