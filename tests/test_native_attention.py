@@ -117,6 +117,44 @@ def test_sequences_of_their_own_lengths(threads):
 
 
 @runs_here
+def test_reads_keys_by_slot_from_a_paged_cache():
+    """``kv_idx``: each sequence's keys are rows of the cache (its slots, in any order) read in
+    place, with ``kv_lens`` — the decode tails' call without a gather."""
+    g = torch.Generator().manual_seed(6)
+    cache = torch.randn(2, 3, 400, 64, generator=g).bfloat16()  # [k|v, kvh, slots, d]
+    lens = [9, 40, 1]
+    idx = torch.zeros(len(lens), max(lens), dtype=torch.long)
+    for b, length in enumerate(lens):
+        idx[b, :length] = torch.randperm(400, generator=g)[:length]
+    q = torch.randn(len(lens), 3, 3, 64, generator=g).bfloat16()
+    lib = native.library()
+    assert lib is not None
+    res = lib.flash(q, cache[0], cache[1], 0.125, False, kv_lens=torch.tensor(lens), kv_idx=idx)
+    assert res is not None
+    for b, length in enumerate(lens):
+        k, v = cache[0][:, idx[b, :length]].unsqueeze(0), cache[1][:, idx[b, :length]].unsqueeze(0)
+        ref_out, ref_lse = _reference(q[b : b + 1], k, v, 0.125, False)
+        assert (res[0][b].double() - ref_out[0]).abs().max().item() < 2e-2
+        assert (res[1][b].double() - ref_lse[0]).abs().max().item() < 1e-4
+
+
+@runs_here
+def test_write_kv_matches_index_copy():
+    from promptcache.model.attention import write_kv
+
+    g = torch.Generator().manual_seed(7)
+    ours, theirs = (torch.zeros(2, 3, 64, 32, dtype=torch.bfloat16) for _ in range(2))
+    qkv = torch.randn(10, 9 + 6, 32, generator=g).bfloat16()
+    k, v = qkv[:, 9:12], qkv[:, 12:]  # strided views, as the model hands them over
+    slots = torch.tensor([5, 6, 7, 40, 41, 63, 0, 1, 2, 3])
+    lib = native.library()
+    assert lib is not None
+    lib.write_kv(ours, k, v, slots)
+    write_kv(theirs, k, v, slots)
+    assert torch.equal(ours, theirs)
+
+
+@runs_here
 def test_declines_what_it_does_not_take():
     lib = native.library()
     assert lib is not None
@@ -174,8 +212,8 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
     calls = {"causal": 0, "cached": 0, "tails": 0}
     flash = lib.flash
 
-    def counted(q, k, v, scale, causal, num_threads=None, kv_lens=None):
-        res = flash(q, k, v, scale, causal, num_threads, kv_lens)
+    def counted(q, k, v, scale, causal, num_threads=None, kv_lens=None, kv_idx=None):
+        res = flash(q, k, v, scale, causal, num_threads, kv_lens, kv_idx)
         calls["causal" if causal else "cached" if kv_lens is None else "tails"] += res is not None
         return res
 
@@ -184,7 +222,7 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
     outs = llm.generate(prompts, params)
     assert calls["causal"] > 0, calls
     assert calls["cached"] > 0, calls  # fresh chunks, and chunks / decodes over cached keys
-    assert calls["tails"] > 0, calls  # the decodes' own recent keys, by lengths
+    assert calls["tails"] > 0, calls  # the decodes' own recent keys, by lengths, read from their slots
     assert [o.usage.cached_tokens for o in outs] == ([0, 0, 96, 96] if cache else [0] * 4)
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     for prompt, out in zip(prompts, outs, strict=True):

@@ -276,12 +276,27 @@ def _read_tails(kv_cache: torch.Tensor, plan: CascadePlan, dtype: torch.dtype) -
     return kv[0], kv[1]
 
 
-def _tail_call(kernel: Kernel, grouped: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+def _tail_call(kernel: Kernel, grouped: bool, q: torch.Tensor, kv_cache: torch.Tensor, scale: float,
                plan: CascadePlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decodes' one padded call: masked, or by lengths where the kernel takes them."""
+    """The decodes' one call: the native kernel reads each tail's slots in place, by lengths; other
+    kernels get the tails gathered, zero-padded and masked."""
+    lib = native.library() if grouped else None
+    if lib is not None and q.dtype == kv_cache.dtype == torch.bfloat16:
+        res = lib.flash(q, kv_cache[0], kv_cache[1], scale, False, kv_lens=plan.tail_lens, kv_idx=plan.tail_idx)
+        if res is not None:
+            return res
+    kt, vt = _read_tails(kv_cache, plan, q.dtype)
     if grouped:
-        return native_flash(q, k, v, scale, kv_lens=plan.tail_lens)
-    return kernel(q, k, v, scale, plan.tail_mask, False)
+        return native_flash(q, kt, vt, scale, kv_lens=plan.tail_lens)
+    return kernel(q, kt, vt, scale, plan.tail_mask, False)
+
+
+def _write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, grouped: bool) -> None:
+    lib = native.library() if grouped else None
+    if lib is not None and k.dtype == kv_cache.dtype == torch.bfloat16:
+        lib.write_kv(kv_cache, k, v, slots)  # rows copied to their slots (index_copy_ is ~10x slower here)
+    else:
+        write_kv(kv_cache, k, v, slots)
 
 
 def _merge_into(acc_o: torch.Tensor, acc_l: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
@@ -300,7 +315,7 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     the decode tails' lengths (``kv_lens=``) instead of their padding mask (``native_flash``);
     otherwise cold chunks go to SDPA and fresh K/V are repeated per query head.
     """
-    write_kv(kv_cache, k, v, attn.slot_mapping)
+    _write(kv_cache, k, v, attn.slot_mapping, grouped)
     plan = attn.cascade_plan
     if not isinstance(plan, CascadePlan):
         plan = attn.cascade_plan = plan_cascade(attn, q.dtype, q.device)
@@ -321,8 +336,7 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     # queries over a cached context, folded by KV head: [kvh, M, G, d]; accumulators alike, float32
     qp = q if plan.perm_identity else q.index_select(0, plan.perm)
     if plan.tail_only:  # lone short decodes, nothing else: the tail call's output is the answer
-        kt, vt = _read_tails(kv_cache, plan, q.dtype)
-        o, _ = _tail_call(kernel, grouped, qp.view(m_all, kvh, g, d), kt, vt, scale, plan)  # [R, kvh, G, d]
+        o, _ = _tail_call(kernel, grouped, qp.view(m_all, kvh, g, d), kv_cache, scale, plan)  # [R, kvh, G, d]
         result = o.reshape(m_all, num_heads, d)
         if plan.perm_identity:
             return result
@@ -366,10 +380,9 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
         _merge_into(ao, al, o.view(kvh, g, n, d).transpose(1, 2), lse.view(kvh, g, n).transpose(1, 2))
     if plan.tail_rows is not None:
         rows = plan.tail_rows
-        kt, vt = _read_tails(kv_cache, plan, q.dtype)
         # one range of rows: views, merged in place; scattered rows: copies, merged, then put back
         sel = slice(*plan.tail_span) if plan.tail_span is not None else rows
-        o, lse = _tail_call(kernel, grouped, qf[:, sel].transpose(0, 1), kt, vt, scale, plan)  # [R, kvh, G, d]
+        o, lse = _tail_call(kernel, grouped, qf[:, sel].transpose(0, 1), kv_cache, scale, plan)  # [R, kvh, G, d]
         ao, al = acc_o[:, sel], acc_l[:, sel]
         _merge_into(ao, al, o.transpose(0, 1), lse.transpose(0, 1))
         if plan.tail_span is None:

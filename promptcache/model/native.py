@@ -87,12 +87,25 @@ class Library:
         self.lib = ctypes.CDLL(str(path))
         p, i64, arr = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
         self.lib.pc_flash_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, arr, arr, arr, arr, arr, p,
-                                           ctypes.c_float, ctypes.c_int, ctypes.c_int]
+                                           p, ctypes.c_float, ctypes.c_int, ctypes.c_int]
         self.lib.pc_flash_bf16.restype = ctypes.c_int
         self.lib.pc_rms_norm_bf16.argtypes = [p, i64, p, p, i64, i64, ctypes.c_float, ctypes.c_int]
         self.lib.pc_rms_norm_bf16.restype = None
         self.lib.pc_silu_mul_bf16.argtypes = [p, i64, p, i64, i64, ctypes.c_int]
         self.lib.pc_silu_mul_bf16.restype = None
+        self.lib.pc_write_kv_bf16.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, i64, p, i64, i64, i64, ctypes.c_int]
+        self.lib.pc_write_kv_bf16.restype = None
+
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """``attention.write_kv`` for bf16: k, v [T, kvh, d] into kv_cache [2, kvh, slots, d] at ``slots``."""
+        t, h, d = k.shape
+        assert k.dtype == v.dtype == kv_cache.dtype == torch.bfloat16 and k.stride(-1) == v.stride(-1) == 1
+        assert slots.dtype == torch.int64 and slots.is_contiguous() and kv_cache.stride(-1) == 1
+        if t:
+            assert 0 <= int(slots.min()) and int(slots.max()) < kv_cache.shape[2]
+        self.lib.pc_write_kv_bf16(k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
+                                  kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), kv_cache.stride(1),
+                                  kv_cache.stride(2), slots.data_ptr(), t, h, d, torch.get_num_threads())
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [..., H] bf16 (rows of any stride, last dim contiguous), weight [H] bf16 -> bf16, contiguous:
@@ -116,12 +129,18 @@ class Library:
 
     def flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
               num_threads: int | None = None, kv_lens: torch.Tensor | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+              kv_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """q [B, H, M, d], k, v [B, kvh, N, d] bf16 (any strides, last dim contiguous) ->
         (out [B, H, M, d] bf16, lse [B, H, M] float32), or None for arguments it does not take.
-        ``kv_lens``: [B] int64, the keys of each sequence (the rest of its N are not read)."""
+        ``kv_lens``: [B] int64, the keys of each sequence (the rest of its N are not read).
+        ``kv_idx``: [B, N] int64, the rows of k, v holding each sequence's keys (then k, v are
+        ``[kvh, slots, d]``: a paged cache read in place, no gather)."""
         b, h, m, d = q.shape
-        kvh, n = k.shape[1], k.shape[2]
+        if kv_idx is not None:
+            assert kv_idx.dtype == torch.int64 and kv_idx.is_contiguous() and kv_idx.shape[0] == b
+            assert k.dim() == 3 and int(kv_idx.max()) < k.shape[1] and int(kv_idx.min()) >= 0
+            k, v = k.unsqueeze(0).expand(b, -1, -1, -1), v.unsqueeze(0).expand(b, -1, -1, -1)  # stride 0 over b
+        kvh, n = k.shape[1], (k.shape[2] if kv_idx is None else kv_idx.shape[1])
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             return None
         if kv_lens is not None:
@@ -133,7 +152,8 @@ class Library:
         lse_strides = (ctypes.c_int64 * 3)(*lse.stride())
         rc = self.lib.pc_flash_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
                                     b, h, kvh, m, n, d, *strides, lse_strides,
-                                    kv_lens.data_ptr() if kv_lens is not None else None, scale, int(causal),
+                                    kv_lens.data_ptr() if kv_lens is not None else None,
+                                    kv_idx.data_ptr() if kv_idx is not None else None, scale, int(causal),
                                     num_threads or torch.get_num_threads())
         if rc == -2:
             raise MemoryError("flash_bf16: out of memory for its packed K/V")

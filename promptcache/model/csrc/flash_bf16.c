@@ -11,6 +11,8 @@
  *   h / (Hq / Hk)); out [B, Hq, M, D] bf16; lse [B, Hq, M] float32 (natural log, of scaled scores).
  *   causal: query i sees keys [0, N - M + i] (aligned at the end; the same as top-left when M == N).
  *   kv_lens (or NULL): [B] keys of each sequence, <= N (its K/V past them are never read).
+ *   kv_idx (or NULL): [B, N] rows of k / v holding each key (slots of a paged cache, read in place;
+ *   then k, v are [B, Hk, slots, D] and B's stride may be 0).
  *   D a multiple of 32, at most 256.
  *
  * Layout: each (b, KV head)'s keys are packed once per call into tiles of 16 keys as bf16 pairs
@@ -91,7 +93,8 @@ static inline void transpose16(__m512i r[16]) {
 
 /* Kp[t][p][j] = the pair (k[16t + j][2p], k[16t + j][2p + 1]); keys past n are zero. Each tile is
  * 16 keys x d/2 pairs, transposed 16 pairs at a time. */
-static void pack_k(const bf16 *k, int64_t stride, int64_t n, int64_t npad, int64_t d, uint32_t *kp) {
+static void pack_k(const bf16 *k, int64_t stride, const int64_t *idx, int64_t n, int64_t npad, int64_t d,
+                   uint32_t *kp) {
     int64_t half = d / 2;
     for (int64_t t = 0; t < npad / 16; t++) {
         uint32_t *tile = kp + t * half * 16;
@@ -99,7 +102,8 @@ static void pack_k(const bf16 *k, int64_t stride, int64_t n, int64_t npad, int64
             __m512i r[16];
             for (int j = 0; j < 16; j++) {
                 int64_t key = 16 * t + j;
-                r[j] = key < n ? _mm512_loadu_si512(k + key * stride + 2 * p0) : _mm512_setzero_si512();
+                int64_t row = idx != NULL ? idx[key] : key;
+                r[j] = key < n ? _mm512_loadu_si512(k + row * stride + 2 * p0) : _mm512_setzero_si512();
             }
             transpose16(r);
             for (int c = 0; c < 16; c++) _mm512_storeu_si512(tile + (p0 + c) * 16, r[c]);
@@ -107,8 +111,10 @@ static void pack_k(const bf16 *k, int64_t stride, int64_t n, int64_t npad, int64
     }
 }
 
-/* Vp[kp][c] = the pair (v[2 kp][c], v[2 kp + 1][c]); keys past n are zero */
-static void pack_v(const bf16 *v, int64_t stride, int64_t n, int64_t npad, int64_t d, uint32_t *vp) {
+/* Vp[kp][c] = the pair (v[2 kp][c], v[2 kp + 1][c]); keys past n are zero. Key j is row idx[j]
+ * (a slot of the cache) where idx is given, row j otherwise; pack_k alike. */
+static void pack_v(const bf16 *v, int64_t stride, const int64_t *idx, int64_t n, int64_t npad, int64_t d,
+                   uint32_t *vp) {
     /* words 0..15 of a and of b interleaved (lo), then words 16..31 (hi); b's indices have bit 5 set */
     static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                         8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
@@ -118,8 +124,9 @@ static void pack_v(const bf16 *v, int64_t stride, int64_t n, int64_t npad, int64
     for (int64_t kp = 0; kp < npad / 2; kp++) {
         uint32_t *dst = vp + kp * d;
         for (int64_t c = 0; c < d; c += 32) {
-            __m512i a = 2 * kp < n ? _mm512_loadu_si512(v + 2 * kp * stride + c) : _mm512_setzero_si512();
-            __m512i b = 2 * kp + 1 < n ? _mm512_loadu_si512(v + (2 * kp + 1) * stride + c) : _mm512_setzero_si512();
+            int64_t ra = idx != NULL ? idx[2 * kp] : 2 * kp, rb = idx != NULL ? idx[2 * kp + 1] : 2 * kp + 1;
+            __m512i a = 2 * kp < n ? _mm512_loadu_si512(v + ra * stride + c) : _mm512_setzero_si512();
+            __m512i b = 2 * kp + 1 < n ? _mm512_loadu_si512(v + rb * stride + c) : _mm512_setzero_si512();
             _mm512_storeu_si512(dst + c, _mm512_permutex2var_epi16(a, lo, b));
             _mm512_storeu_si512(dst + c + 16, _mm512_permutex2var_epi16(a, hi, b));
         }
@@ -277,8 +284,8 @@ static void run_item(const Item *it, const bf16 *q, const int64_t *qs, const uin
 /* Returns 0, or a negative code for arguments it does not take (the caller falls back). */
 int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float *lse, int64_t B, int64_t Hq,
                   int64_t Hk, int64_t M, int64_t N, int64_t D, const int64_t *qs, const int64_t *ks,
-                  const int64_t *vs, const int64_t *os, const int64_t *ls, const int64_t *kv_lens, float scale,
-                  int causal, int num_threads) {
+                  const int64_t *vs, const int64_t *os, const int64_t *ls, const int64_t *kv_lens,
+                  const int64_t *kv_idx, float scale, int causal, int num_threads) {
     if (D % 32 != 0 || D > MAXD || Hk <= 0 || Hq % Hk != 0 || M <= 0 || N <= 0) return -1;
     if (num_threads < 1) num_threads = 1;
     const int64_t group = Hq / Hk;
@@ -302,10 +309,11 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
         for (int64_t i = 0; i < 2 * B * Hk; i++) {
             int64_t bh = i / 2, b = bh / Hk, h = bh % Hk;
             int64_t n = kv_lens != NULL ? kv_lens[b] : N; /* keys past it are packed as zeros */
+            const int64_t *idx = kv_idx != NULL ? kv_idx + b * N : NULL;
             if (i % 2 == 0)
-                pack_k(k + b * ks[0] + h * ks[1], ks[2], n, npad, D, kp + bh * per_head);
+                pack_k(k + b * ks[0] + h * ks[1], ks[2], idx, n, npad, D, kp + bh * per_head);
             else
-                pack_v(v + b * vs[0] + h * vs[1], vs[2], n, npad, D, vp + bh * per_head);
+                pack_v(v + b * vs[0] + h * vs[1], vs[2], idx, n, npad, D, vp + bh * per_head);
         }
     }
     /* split the keys when query blocks alone leave threads idle (decode-like calls over long
@@ -367,8 +375,14 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
         }
         uint32_t *lk = local, *lv = local + lpad * D / 2;
         int64_t b = it->b, h = it->h / group;
-        pack_k(k + b * ks[0] + h * ks[1] + own.k_lo * ks[2], ks[2], len, lpad, D, lk);
-        pack_v(v + b * vs[0] + h * vs[1] + own.k_lo * vs[2], vs[2], len, lpad, D, lv);
+        if (kv_idx != NULL) {
+            const int64_t *idx = kv_idx + b * N + own.k_lo;
+            pack_k(k + b * ks[0] + h * ks[1], ks[2], idx, len, lpad, D, lk);
+            pack_v(v + b * vs[0] + h * vs[1], vs[2], idx, len, lpad, D, lv);
+        } else {
+            pack_k(k + b * ks[0] + h * ks[1] + own.k_lo * ks[2], ks[2], NULL, len, lpad, D, lk);
+            pack_v(v + b * vs[0] + h * vs[1] + own.k_lo * vs[2], vs[2], NULL, len, lpad, D, lv);
+        }
         run_item(&own, q, qs, lk, lv, own.k_lo, M, n, D, scale, causal, out, os, lse, ls, po, pl);
         free(local);
     }

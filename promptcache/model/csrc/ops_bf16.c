@@ -6,10 +6,12 @@
  *   rms_norm:  out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), x in float32
  *              (transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype)
  *   silu_mul:  out = bf16(bf16(silu(gate)) * up) over a row [gate | up]
+ *   write_kv:  a step's K and V rows copied to their slots of the paged cache (index_copy_)
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef uint16_t bf16;
 
@@ -91,4 +93,17 @@ void pc_silu_mul_bf16(const bf16 *gu, int64_t ldg, bf16 *out, int64_t T, int64_t
             store_bf16_n(dst + c, _mm512_mul_ps(round_bf16(s), u), n);
         }
     }
+}
+
+/* k, v [T, H, D] (strides kst, ksh / vst, vsh; D contiguous) -> cache_k, cache_v [H, slots, D]
+ * (strides ch, cs) at slots[t] */
+void pc_write_kv_bf16(const bf16 *k, int64_t kst, int64_t ksh, const bf16 *v, int64_t vst, int64_t vsh,
+                      bf16 *cache_k, bf16 *cache_v, int64_t ch, int64_t cs, const int64_t *slots, int64_t T,
+                      int64_t H, int64_t D, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (T * H * D >= 65536)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++) {
+            memcpy(cache_k + h * ch + slots[t] * cs, k + t * kst + h * ksh, D * sizeof(bf16));
+            memcpy(cache_v + h * ch + slots[t] * cs, v + t * vst + h * vsh, D * sizeof(bf16));
+        }
 }
