@@ -102,7 +102,7 @@ class Library:
         assert k.dtype == v.dtype == kv_cache.dtype == torch.bfloat16 and k.stride(-1) == v.stride(-1) == 1
         assert slots.dtype == torch.int64 and slots.is_contiguous() and kv_cache.stride(-1) == 1
         if t:
-            assert 0 <= int(slots.min()) and int(slots.max()) < kv_cache.shape[2]
+            assert int(slots.min()) >= 0 and int(slots.max()) < kv_cache.shape[2]
         self.lib.pc_write_kv_bf16(k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
                                   kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), kv_cache.stride(1),
                                   kv_cache.stride(2), slots.data_ptr(), t, h, d, torch.get_num_threads())
