@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from promptcache.model import attention as A  # noqa: E402
 from promptcache.model import cascade as C  # noqa: E402
+from promptcache.model import native  # noqa: E402
 
 H, KVH, D = 9, 3, 64  # smollm2-135m's heads
 BLOCK = 16
@@ -88,9 +89,11 @@ def cases() -> list[tuple[str, list[tuple[list[int], int, int]]]]:
 
 
 def kernel_rates() -> None:
-    """The CPU flash kernel's rate by shape (it bounds prefill over long contexts)."""
-    print("\n| dtype | heads x queries x keys | causal | ms | GFLOP/s |")
-    print("| --- | --- | --- | ---: | ---: |")
+    """The CPU attention kernels' rates by shape (they bound prefill over long contexts): PyTorch's
+    flash kernel, and in bf16 promptcache's own (model/native.py) where this CPU runs it."""
+    lib = native.library()
+    print("\n| dtype | heads x queries x keys | causal | PyTorch ms | GFLOP/s | native ms | GFLOP/s |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     for dt in (torch.bfloat16, torch.float32):
         shapes = ((9, 2048, 2048, True), (3, 6144, 2048, False), (3, 384, 1920, False), (3, 24, 2048, False))
@@ -99,7 +102,11 @@ def kernel_rates() -> None:
             ms, _ = timed(lambda q=q, k=k, v=v, causal=causal: flash(q, k, v, is_causal=causal, scale=D**-0.5)[0])
             flops = 4 * h * m * n * D / (2 if causal else 1)
             name = str(dt).removeprefix("torch.")
-            print(f"| {name} | {h} x {m} x {n} | {causal} | {ms:.2f} | {flops / ms / 1e6:.0f} |")
+            ours = "| – | –"
+            if lib is not None and dt == torch.bfloat16:
+                ns, _ = timed(lambda q=q, k=k, v=v, causal=causal: lib.flash(q, k, v, D**-0.5, causal))
+                ours = f"| {ns:.2f} | {flops / ns / 1e6:.0f}"
+            print(f"| {name} | {h} x {m} x {n} | {causal} | {ms:.2f} | {flops / ms / 1e6:.0f} {ours} |")
 
 
 def main() -> None:
