@@ -122,17 +122,19 @@ def test_attention_path_matches_float64(path, q_dtype, kv_dtype, kernel, cpu_ker
 
 
 @pytest.mark.skipif(not native.can_run(), reason="the native kernel needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("by_slot", [True, False], ids=["by-slot", "by-run"])
 @pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("path", list(PATHS))
-def test_native_kernel_path_matches_float64(path, q_dtype, kv_dtype, plan):
+def test_native_kernel_path_matches_float64(path, q_dtype, kv_dtype, plan, by_slot):
     """The ``cpu-native`` backend's kernel (model/native.py) over every path: head size 32 (it takes
-    multiples of 32); its bf16 calls run natively (grouped K/V, causal parts included), masked tail
-    calls and other dtypes fall back to PyTorch's kernel."""
+    multiples of 32); its bf16 calls run natively (grouped K/V, causal parts, tails by slot and
+    length; a group's or chunk's cached keys in one call by slot, or run by run), other dtypes fall
+    back to PyTorch's kernel the same way."""
     d = 32
     q, k, v, kv_cache, attn = _setup(path, q_dtype, kv_dtype, d=d)
     min_run, short = PLANS[plan]
-    attn.cascade_plan = plan_cascade(attn, q_dtype, q.device, min_run=min_run, short_context=short)
+    attn.cascade_plan = plan_cascade(attn, q_dtype, q.device, min_run=min_run, short_context=short, by_slot=by_slot)
     out = paged_attention(q, k, v, kv_cache, attn, d**-0.5, cpu_kernel="native")
     assert out.dtype == q_dtype and out.shape == q.shape
     err = (out.double() - _reference(q, kv_cache, attn, d**-0.5)).abs().max().item()

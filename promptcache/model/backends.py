@@ -47,6 +47,9 @@ class CascadeCPU:
 class CascadeNative(CascadeCPU):
     name = "cpu-native"
 
+    def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
+        attn.cascade_plan = _cascade.plan_cascade(attn, dtype, device, by_slot=True)
+
     def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
         return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _cascade.native_flash, grouped=True)
 

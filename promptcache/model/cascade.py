@@ -124,6 +124,7 @@ class Group:
     hi: int
     num_seqs: int
     shared: list[Keys]
+    idx: torch.Tensor | None = None  # [1, n] every shared slot, for kernels that read by slot (one call)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class Chunk:
     end: int
     private: list[Keys]  # cached keys past its group's shared part
     fresh: bool = True  # attend causally over its own fresh K/V
+    idx: torch.Tensor | None = None  # [1, n] the private slots, for kernels that read by slot
 
 
 @dataclass(frozen=True)
@@ -188,8 +190,17 @@ def _runs_between(runs: list[Run], lo: int, hi: int) -> list[Run]:
     return out
 
 
+def _slot_index(runs: list[Run], device: torch.device) -> torch.Tensor | None:
+    slots = slots_after(runs, 0)
+    return torch.tensor(slots, dtype=torch.long, device=device).view(1, -1) if slots else None
+
+
 def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.device,
-                 min_run: int = MIN_RUN_IN_PLACE, short_context: int = SHORT_CONTEXT) -> CascadePlan:
+                 min_run: int = MIN_RUN_IN_PLACE, short_context: int = SHORT_CONTEXT,
+                 by_slot: bool = False) -> CascadePlan:
+    """The step's plan. ``by_slot``: each group's shared keys and each chunk's private keys also as
+    one slot index (``idx``), for a kernel that reads the paged cache by slot: one call however
+    fragmented the blocks, nothing to merge."""
     qsl, lens, ctx_runs = attn.query_start_loc, attn.seq_lens, attn.context_runs
     cold: list[tuple[int, int]] = []
     by_first: dict[int, list[int]] = {}
@@ -218,15 +229,14 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
             if n == 1 and lens[i] - shared_len <= short_context:
                 tail_rows.append(row)
                 tails.append(slots_after(ctx_runs[i], shared_len))
-            elif n == 1:  # a long context of its own: read in place, not padded into everyone's tail
-                private = _keys(_runs_between(ctx_runs[i], shared_len, lens[i]), min_run, device)
-                chunks.append(Chunk(row, row + 1, qsl[i], qsl[i + 1], private, fresh=False))
-            else:
-                private = _keys(_runs_between(ctx_runs[i], shared_len, lens[i] - n), min_run, device)
-                chunks.append(Chunk(row, row + n, qsl[i], qsl[i + 1], private))
+            else:  # n == 1: a long context of its own, read in place, not padded into everyone's tail
+                runs = _runs_between(ctx_runs[i], shared_len, lens[i] - (n if n > 1 else 0))
+                chunks.append(Chunk(row, row + n, qsl[i], qsl[i + 1], _keys(runs, min_run, device), fresh=n > 1,
+                                    idx=_slot_index(runs, device) if by_slot else None))
         if shared_len:
-            groups.append(Group(lo, len(perm), len(members), _keys(runs_before(ctx_runs[members[0]], shared_len),
-                                                                  min_run, device)))
+            runs = runs_before(ctx_runs[members[0]], shared_len)
+            groups.append(Group(lo, len(perm), len(members), _keys(runs, min_run, device),
+                                idx=_slot_index(runs, device) if by_slot else None))
         else:
             whole_tail = True
     tail_idx = tail_mask = tail_lens = None
@@ -291,6 +301,20 @@ def _tail_call(kernel: Kernel, grouped: bool, q: torch.Tensor, kv_cache: torch.T
     return kernel(q, kt, vt, scale, plan.tail_mask, False)
 
 
+def _by_slot(q: torch.Tensor, kv_cache: torch.Tensor, idx: torch.Tensor | None, scale: float,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [1, kvh, m, d] over the keys at slots ``idx`` [1, n]: read in place by the native kernel,
+    else gathered for ``native_flash``."""
+    assert idx is not None
+    lib = native.library()
+    if lib is not None and q.dtype == kv_cache.dtype == torch.bfloat16:
+        res = lib.flash(q, kv_cache[0], kv_cache[1], scale, False, kv_idx=idx)
+        if res is not None:
+            return res
+    k, v = _read(kv_cache, Keys(slots=idx[0]), q.dtype)
+    return native_flash(q, k, v, scale)
+
+
 def _write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, grouped: bool) -> None:
     lib = native.library() if grouped else None
     if lib is not None and k.dtype == kv_cache.dtype == torch.bfloat16:
@@ -352,8 +376,12 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     for grp in plan.groups:
         m = grp.hi - grp.lo
         qg = qf[:, grp.lo : grp.hi].reshape(1, kvh, m * g, d)
-        for j, keys in enumerate(grp.shared):
-            o, lse = kernel(qg, *_read(kv_cache, keys, q.dtype), scale, None, False)
+        parts = [None] if grouped and grp.idx is not None else grp.shared  # by slot: one call
+        for j, keys in enumerate(parts):
+            if keys is None:
+                o, lse = _by_slot(qg, kv_cache, grp.idx, scale)
+            else:
+                o, lse = kernel(qg, *_read(kv_cache, keys, q.dtype), scale, None, False)
             o, lse = o.view(kvh, m, g, d), lse.view(kvh, m, g)
             if j == 0 and not plan.whole_tail:  # a row is in one group at most: its first part initialises it
                 acc_o[:, grp.lo : grp.hi].copy_(o)
@@ -364,9 +392,13 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
         n = c.hi - c.lo
         ao, al = acc_o[:, c.lo : c.hi], acc_l[:, c.lo : c.hi]
         qc = qf[:, c.lo : c.hi].reshape(1, kvh, n * g, d)
-        for keys in c.private:
-            o, lse = kernel(qc, *_read(kv_cache, keys, q.dtype), scale, None, False)
+        if grouped and c.idx is not None:
+            o, lse = _by_slot(qc, kv_cache, c.idx, scale)
             _merge_into(ao, al, o.view(kvh, n, g, d), lse.view(kvh, n, g))
+        else:
+            for keys in c.private:
+                o, lse = kernel(qc, *_read(kv_cache, keys, q.dtype), scale, None, False)
+                _merge_into(ao, al, o.view(kvh, n, g, d), lse.view(kvh, n, g))
         if not c.fresh:
             continue
         # causal over its own fresh K/V, heads unfolded ([1, H, n, d]; K/V repeated per query head
