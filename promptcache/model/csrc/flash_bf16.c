@@ -281,6 +281,20 @@ static void run_item(const Item *it, const bf16 *q, const int64_t *qs, const uin
     }
 }
 
+/* A buffer of at least n pairs owned by the calling thread and kept for its next call (the threads
+ * are OpenMP's pool, which lives as long as the process): a fresh allocation per work item would
+ * be a fresh mapping, and its pages would fault in, wherever malloc hands large blocks to mmap. */
+static uint32_t *thread_scratch(int64_t n) {
+    static _Thread_local uint32_t *buf = NULL;
+    static _Thread_local int64_t len = 0;
+    if (n > len) {
+        free(buf);
+        buf = (uint32_t *)malloc(sizeof(uint32_t) * n);
+        len = buf != NULL ? n : 0;
+    }
+    return buf;
+}
+
 /* Returns 0, or a negative code for arguments it does not take (the caller falls back). */
 int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float *lse, int64_t B, int64_t Hq,
                   int64_t Hk, int64_t M, int64_t N, int64_t D, const int64_t *qs, const int64_t *ks,
@@ -323,7 +337,7 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
         int64_t want = 4 * num_threads, have = B * Hq * qblocks;
         while (have * splits < want && N / (splits * 2) >= 2 * KB) splits *= 2;
     }
-    const int64_t span = ((N + splits - 1) / splits + KB - 1) / KB * KB;
+    const int64_t span = ((N + splits - 1) / splits + 63) / 64 * 64; /* whole 64-key tiles */
     const int64_t num_items = B * Hq * qblocks * splits;
     Item *items = (Item *)malloc(sizeof(Item) * num_items);
     float *part_o = NULL, *part_l = NULL;
@@ -368,7 +382,7 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
             continue;
         }
         int64_t len = own.k_hi > own.k_lo ? own.k_hi - own.k_lo : 0, lpad = (len + 63) & ~(int64_t)63;
-        uint32_t *local = (uint32_t *)malloc(sizeof(uint32_t) * (lpad * D + 16));
+        uint32_t *local = thread_scratch(lpad * D + 16);
         if (local == NULL) {
             failed = 1;
             continue;
@@ -384,7 +398,6 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
             pack_v(v + b * vs[0] + h * vs[1] + own.k_lo * vs[2], vs[2], NULL, len, lpad, D, lv);
         }
         run_item(&own, q, qs, lk, lv, own.k_lo, M, n, D, scale, causal, out, os, lse, ls, po, pl);
-        free(local);
     }
     if (failed) {
         free(items);
