@@ -166,18 +166,22 @@ def test_declines_what_it_does_not_take():
 
 
 def test_mode_switch(monkeypatch):
+    can = native.can_run()
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "torch")
-    assert native.cpu_kernels() == "torch"
+    assert not native.native_attention() and not native.native_ops()
     assert pick_backend(torch.device("cpu"), False, torch.bfloat16).name == "cpu-cascade"
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "auto")
+    assert native.native_attention(flags={"avx512_bf16"}) == can
+    assert not native.native_attention(flags={"avx512_bf16", "amx_bf16"})  # PyTorch's AMX flash kernel
+    assert native.native_ops() == can  # row-wise ops wherever they run, AMX CPUs included
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
-    expected = "native" if native.can_run() else "torch"
-    assert native.cpu_kernels() == expected
-    name = "cpu-native" if native.can_run() else "cpu-cascade"
+    assert native.native_attention(flags={"avx512_bf16", "amx_bf16"}) == can
+    name = "cpu-native" if can else "cpu-cascade"
     assert pick_backend(torch.device("cpu"), False, torch.bfloat16).name == name
     assert pick_backend(torch.device("cpu"), False, torch.float32).name == "cpu-cascade"  # bf16 only
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "fast")
     with pytest.raises(ValueError, match="PROMPTCACHE_CPU_KERNELS"):
-        native.cpu_kernels()
+        native.native_ops()
 
 
 @runs_here
@@ -207,6 +211,11 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
     llm = LLM(str(tmp_path), dtype="bfloat16", compute_dtype="bfloat16", num_blocks=128, max_num_batched_tokens=64,
               enable_prefix_caching=cache)
     assert llm.engine.runner.attention.name == "cpu-native"
+    from promptcache.model.transformer import MLP, RMSNorm
+
+    modules = list(llm.engine.runner.loaded.model.modules())
+    assert all(m.native is not None for m in modules if isinstance(m, RMSNorm))  # one-pass row-wise ops
+    assert all(m.silu_mul is not None for m in modules if isinstance(m, MLP))
     lib = native.library()
     assert lib is not None
     calls = {"causal": 0, "cached": 0, "tails": 0}
@@ -232,3 +241,19 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
                                  min_new_tokens=8, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         lps = [torch.log_softmax(lg[0].float(), -1) for lg in ref.logits]
         _check_against(out, ref.sequences[0, len(prompt):].tolist(), lambda i, t, lps=lps: lps[i][t].item(), 8e-2)
+
+
+@runs_here
+@pytest.mark.parametrize("kwargs", [{"dtype": "float32"}, {"dtype": "bfloat16", "deterministic": True}],
+                         ids=["float32", "deterministic"])
+def test_other_policies_keep_pytorchs_ops(monkeypatch, kwargs):
+    """float32 compute and deterministic mode (batch-invariant ops of its own) never use them."""
+    from promptcache import LLM
+    from promptcache.model.transformer import MLP, RMSNorm
+
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
+    llm = LLM("random:tiny", num_blocks=16, **kwargs)
+    modules = list(llm.engine.runner.loaded.model.modules())
+    assert not any(m.native is not None for m in modules if isinstance(m, RMSNorm))
+    assert not any(m.silu_mul is not None for m in modules if isinstance(m, MLP))
+    assert llm.engine.runner.attention.name != "cpu-native"

@@ -83,6 +83,6 @@ def pick_backend(device: torch.device, deterministic: bool, dtype: torch.dtype =
         return Deterministic(cpu_kernels=device.type == "cpu")
     if device.type != "cpu":
         return Portable()
-    if dtype == torch.bfloat16 and native.cpu_kernels() == "native":
+    if dtype == torch.bfloat16 and native.native_attention():
         return CascadeNative()
     return CascadeCPU()

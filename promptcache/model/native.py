@@ -8,10 +8,10 @@ already loaded, so both share its threads; the GIL is released while a kernel ru
 and returns None for what it does not take (head sizes that are not a multiple of 32, a strided
 last dimension): the caller then runs PyTorch's kernel, as without it (``cascade.native_flash``).
 
-Whether they are used (``cpu_kernels()``): ``PROMPTCACHE_CPU_KERNELS`` = ``auto`` (default: on a CPU
-with AVX512-BF16 and without AMX, where they were measured faster; with AMX PyTorch's attention
-runs on the tile units), ``native`` (wherever they can run), or ``torch``. Only bf16 compute on
-the CPU uses them, never deterministic mode (its batch-invariant ops are its own).
+Whether they are used (``native_attention()``, ``native_ops()``): ``PROMPTCACHE_CPU_KERNELS`` =
+``auto`` (default: wherever the CPU can run them, except attention on AMX CPUs, where PyTorch's
+flash kernel runs on the tile units), ``native`` (attention on AMX CPUs too), or ``torch``. Only
+bf16 compute on the CPU uses them, never deterministic mode (its batch-invariant ops are its own).
 """
 
 from __future__ import annotations
@@ -183,13 +183,23 @@ def library() -> Library | None:
         return None
 
 
-def cpu_kernels() -> str:
-    """"native" or "torch": the CPU kernels this process uses for bf16 (see the module doc)."""
+def _mode() -> str:
     mode = os.environ.get("PROMPTCACHE_CPU_KERNELS", "auto")
     if mode not in MODES:
         raise ValueError(f"PROMPTCACHE_CPU_KERNELS={mode!r}: expected one of {', '.join(MODES)}")
-    if mode == "torch":
-        return "torch"
-    if mode == "auto" and "amx_bf16" in cpu_flags():
-        return "torch"
-    return "native" if library() is not None else "torch"
+    return mode
+
+
+def native_attention(flags: set[str] | None = None) -> bool:
+    """Whether bf16 attention runs in our kernel (see the module doc): not by default on AMX CPUs,
+    where PyTorch's flash kernel runs on the tile units (ours has not been measured against it)."""
+    mode = _mode()
+    if mode == "torch" or (mode == "auto" and "amx_bf16" in (cpu_flags() if flags is None else flags)):
+        return False
+    return library() is not None
+
+
+def native_ops() -> bool:
+    """Whether bf16 RMSNorm and gated SiLU run in our one-pass kernels (wherever they can run, AMX CPUs
+    included: row-wise ops, no tile units involved)."""
+    return _mode() != "torch" and library() is not None
