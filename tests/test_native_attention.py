@@ -138,6 +138,35 @@ def test_reads_keys_by_slot_from_a_paged_cache():
         assert (res[1][b].double() - ref_lse[0]).abs().max().item() < 1e-4
 
 
+GUARD_PAGE_PROBE = """
+import ctypes, mmap, sys, torch
+from promptcache.model import native
+n, d = 17, 64
+mm = mmap.mmap(-1, 2 * 4096)
+base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+assert libc.mprotect(base + 4096, 4096, 0) == 0  # the second page: no access
+idx = torch.frombuffer(mm, dtype=torch.int64, count=n, offset=4096 - 8 * n).view(1, n)  # ends at the page
+idx.copy_(torch.arange(n).view(1, n))
+cache = torch.randn(1, 32, d).bfloat16()
+res = native.library().flash(torch.randn(1, 1, 1, d).bfloat16(), cache, cache, 0.125, False, kv_idx=idx)
+assert res is not None and torch.isfinite(res[1]).all()
+"""
+
+
+@runs_here
+def test_slot_index_is_not_read_past_its_end():
+    """Keys are padded to 64 inside the kernel; the slot index must be read only for real keys (an
+    index ending right before an unreadable page crashed the process: run apart, so a crash is a
+    failure here, not the end of the suite)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", GUARD_PAGE_PROBE], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
 @runs_here
 def test_write_kv_matches_index_copy():
     from promptcache.model.attention import write_kv

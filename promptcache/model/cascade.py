@@ -71,6 +71,9 @@ def native_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
         res = lib.flash(q, k, v, scale, causal, kv_lens=kv_lens)
         if res is not None:
             return res
+    # PyTorch's kernel aligns a causal mask top-left, and gives a row with no keys lse 0, not -inf:
+    # the plan never asks for either (causal parts are square, every tail holds its own token)
+    assert not causal or q.shape[2] == k.shape[2]
     if kv_lens is not None:  # the same keys as an additive mask [B, 1, 1, N]
         mask = torch.full((q.shape[0], 1, 1, k.shape[2]), float("-inf"), dtype=q.dtype)
         mask.masked_fill_(torch.arange(k.shape[2]) < kv_lens.view(-1, 1, 1, 1), 0.0)

@@ -104,6 +104,7 @@ class Library:
         t, h, d = k.shape
         assert k.dtype == v.dtype == kv_cache.dtype == torch.bfloat16 and k.stride(-1) == v.stride(-1) == 1
         assert slots.dtype == torch.int64 and slots.is_contiguous() and kv_cache.stride(-1) == 1
+        assert slots.shape == (t,) and v.shape == k.shape and kv_cache.shape[1] == h and kv_cache.shape[3] == d
         with _named("native::write_kv_bf16"):
             self.lib.pc_write_kv_bf16(k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
                                       v.stride(1), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), kv_cache.stride(1),
@@ -146,6 +147,7 @@ class Library:
             assert k.dim() == 3
             k, v = k.unsqueeze(0).expand(b, -1, -1, -1), v.unsqueeze(0).expand(b, -1, -1, -1)  # stride 0 over b
         kvh, n = k.shape[1], (k.shape[2] if kv_idx is None else kv_idx.shape[1])
+        assert v.shape == k.shape and k.shape[0] == b and k.shape[-1] == d and k.dtype == v.dtype == q.dtype
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             return None
         if kv_lens is not None:

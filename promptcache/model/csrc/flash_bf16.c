@@ -102,8 +102,9 @@ static void pack_k(const bf16 *k, int64_t stride, const int64_t *idx, int64_t n,
             __m512i r[16];
             for (int j = 0; j < 16; j++) {
                 int64_t key = 16 * t + j;
-                int64_t row = idx != NULL ? idx[key] : key;
-                r[j] = key < n ? _mm512_loadu_si512(k + row * stride + 2 * p0) : _mm512_setzero_si512();
+                /* idx is read only for real keys: past n it may end (the padding is zeros) */
+                r[j] = key < n ? _mm512_loadu_si512(k + (idx != NULL ? idx[key] : key) * stride + 2 * p0)
+                               : _mm512_setzero_si512();
             }
             transpose16(r);
             for (int c = 0; c < 16; c++) _mm512_storeu_si512(tile + (p0 + c) * 16, r[c]);
@@ -124,9 +125,11 @@ static void pack_v(const bf16 *v, int64_t stride, const int64_t *idx, int64_t n,
     for (int64_t kp = 0; kp < npad / 2; kp++) {
         uint32_t *dst = vp + kp * d;
         for (int64_t c = 0; c < d; c += 32) {
-            int64_t ra = idx != NULL ? idx[2 * kp] : 2 * kp, rb = idx != NULL ? idx[2 * kp + 1] : 2 * kp + 1;
-            __m512i a = 2 * kp < n ? _mm512_loadu_si512(v + ra * stride + c) : _mm512_setzero_si512();
-            __m512i b = 2 * kp + 1 < n ? _mm512_loadu_si512(v + rb * stride + c) : _mm512_setzero_si512();
+            int64_t ka = 2 * kp, kb = 2 * kp + 1;
+            __m512i a = ka < n ? _mm512_loadu_si512(v + (idx != NULL ? idx[ka] : ka) * stride + c)
+                               : _mm512_setzero_si512();
+            __m512i b = kb < n ? _mm512_loadu_si512(v + (idx != NULL ? idx[kb] : kb) * stride + c)
+                               : _mm512_setzero_si512();
             _mm512_storeu_si512(dst + c, _mm512_permutex2var_epi16(a, lo, b));
             _mm512_storeu_si512(dst + c + 16, _mm512_permutex2var_epi16(a, hi, b));
         }
@@ -322,7 +325,7 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
 #pragma omp parallel for num_threads(num_threads) schedule(static)
         for (int64_t i = 0; i < 2 * B * Hk; i++) {
             int64_t bh = i / 2, b = bh / Hk, h = bh % Hk;
-            int64_t n = kv_lens != NULL ? kv_lens[b] : N; /* keys past it are packed as zeros */
+            int64_t n = kv_lens != NULL && kv_lens[b] < N ? kv_lens[b] : N; /* keys past it: zeros */
             const int64_t *idx = kv_idx != NULL ? kv_idx + b * N : NULL;
             if (i % 2 == 0)
                 pack_k(k + b * ks[0] + h * ks[1], ks[2], idx, n, npad, D, kp + bh * per_head);
@@ -373,7 +376,7 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
             po = part_o + (it->b * Hq + it->h) * splits * M * D;
             pl = part_l + (it->b * Hq + it->h) * splits * M;
         }
-        int64_t n = kv_lens != NULL ? kv_lens[it->b] : N;
+        int64_t n = kv_lens != NULL && kv_lens[it->b] < N ? kv_lens[it->b] : N;
         Item own = *it;
         if (own.k_hi > n) own.k_hi = n; /* a split past the sequence's keys sees none: lse -inf */
         if (!pack_in_items) {
@@ -384,6 +387,7 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
         int64_t len = own.k_hi > own.k_lo ? own.k_hi - own.k_lo : 0, lpad = (len + 63) & ~(int64_t)63;
         uint32_t *local = thread_scratch(lpad * D + 16);
         if (local == NULL) {
+#pragma omp atomic write
             failed = 1;
             continue;
         }
