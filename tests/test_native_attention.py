@@ -286,3 +286,29 @@ def test_other_policies_keep_pytorchs_ops(monkeypatch, kwargs):
     assert not any(m.native is not None for m in modules if isinstance(m, RMSNorm))
     assert not any(m.silu_mul is not None for m in modules if isinstance(m, MLP))
     assert llm.engine.runner.attention.name != "cpu-native"
+
+
+@runs_here
+@pytest.mark.parametrize("rows,width", [(1, 64), (7, 100), (300, 576), (33, 1537)])
+def test_row_ops_round_like_pytorchs_composites(rows, width):
+    """RMSNorm and SiLU-and-multiply in one pass round where PyTorch's composites round: the same
+    bits but for a float32 sum's order (one bf16 step at most, on a few values)."""
+    import torch.nn.functional as F
+
+    lib = native.library()
+    assert lib is not None
+    g = torch.Generator().manual_seed(rows * width)
+    wide = (torch.randn(rows, width + 8, generator=g) * 3).bfloat16()
+    x = wide[:, 3 : 3 + width]  # rows of a stride other than the width
+    w = torch.randn(width, generator=g).bfloat16()
+    ours = lib.rms_norm(x, w, 1e-5)
+    theirs = w * F.rms_norm(x.float(), (width,), eps=1e-5).to(torch.bfloat16)
+    assert ours.shape == x.shape and ours.dtype == torch.bfloat16
+    assert (ours == theirs).float().mean().item() > 0.999
+    assert torch.allclose(ours.float(), theirs.float(), rtol=2**-7, atol=1e-6)
+    gate_up = (torch.randn(rows, 2 * width, generator=g) * 4).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    ours = lib.silu_mul(gate_up)
+    theirs = F.silu(gate) * up
+    assert (ours == theirs).float().mean().item() > 0.999
+    assert torch.allclose(ours.float(), theirs.float(), rtol=2**-7, atol=1e-6)

@@ -34,7 +34,9 @@ from promptcache.home import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("csrc") / "flash_bf16.c", Path(__file__).with_name("csrc") / "ops_bf16.c")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "flash_bf16.c", CSRC / "ops_bf16.c")
+HEADERS = (CSRC / "exp512.h",)  # part of the build's digest too
 # explicit ISA flags, not -march=native: the library builds on any x86-64 gcc/clang; it runs only
 # where the CPU has these (checked before loading)
 CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -66,7 +68,7 @@ def build(out_dir: Path | None = None) -> Path:
     if cc is None:
         raise RuntimeError("no C compiler (gcc, cc or clang) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    texts = [src.read_text() for src in SOURCES]
+    texts = [src.read_text() for src in (*SOURCES, *HEADERS)]
     digest = hashlib.sha256("\0".join([*texts, " ".join(CFLAGS), version]).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_root() / "kernels"
     target = out_dir / f"native_bf16-{digest}.so"

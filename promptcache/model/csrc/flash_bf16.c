@@ -28,29 +28,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "exp512.h"
+
 typedef uint16_t bf16;
 
 #define QB 32  /* queries per work item (rows of the score block) */
 #define KB 256 /* keys per score block (a multiple of 64) */
 #define MAXD 256
 
-static inline __m512 exp512(__m512 x) {
-    /* e^x = 2^n * 2^f, n = round(x log2 e), |f| <= 1/2, 2^f by its Taylor series to degree 7
-     * (relative error < 2e-7); x below -104 gives 0 (masked scores are -inf) */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 static inline float bf16_to_float(bf16 x) {
     uint32_t u = (uint32_t)x << 16;

@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "exp512.h"
+
 typedef uint16_t bf16;
 
 static inline __m512 load_bf16(const bf16 *p) { /* 16 bf16 -> 16 float32 (exact) */
@@ -34,22 +36,6 @@ static inline void store_bf16_n(bf16 *p, __m512 x, int n) {
     _mm256_mask_storeu_epi16(p, (__mmask16)((1u << n) - 1), (__m256i)_mm512_cvtneps_pbh(x));
 }
 
-static inline __m512 exp512(__m512 x) { /* as in flash_bf16.c: 2^n * 2^f, Taylor to degree 7 */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* x [T, H] with row stride ldx; w [H]; out [T, H] contiguous */
 void pc_rms_norm_bf16(const bf16 *x, int64_t ldx, const bf16 *w, bf16 *out, int64_t T, int64_t H, float eps,
