@@ -240,11 +240,12 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
     llm = LLM(str(tmp_path), dtype="bfloat16", compute_dtype="bfloat16", num_blocks=128, max_num_batched_tokens=64,
               enable_prefix_caching=cache)
     assert llm.engine.runner.attention.name == "cpu-native"
-    from promptcache.model.transformer import MLP, RMSNorm
+    from promptcache.model.transformer import MLP, Attention, RMSNorm
 
     modules = list(llm.engine.runner.loaded.model.modules())
     assert all(m.native is not None for m in modules if isinstance(m, RMSNorm))  # one-pass row-wise ops
     assert all(m.silu_mul is not None for m in modules if isinstance(m, MLP))
+    assert all(m.native is not None for m in modules if isinstance(m, Attention))  # RoPE in one pass
     lib = native.library()
     assert lib is not None
     calls = {"causal": 0, "cached": 0, "tails": 0}
@@ -278,12 +279,12 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
 def test_other_policies_keep_pytorchs_ops(monkeypatch, kwargs):
     """float32 compute and deterministic mode (batch-invariant ops of its own) never use them."""
     from promptcache import LLM
-    from promptcache.model.transformer import MLP, RMSNorm
+    from promptcache.model.transformer import MLP, Attention, RMSNorm
 
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
     llm = LLM("random:tiny", num_blocks=16, **kwargs)
     modules = list(llm.engine.runner.loaded.model.modules())
-    assert not any(m.native is not None for m in modules if isinstance(m, RMSNorm))
+    assert not any(m.native is not None for m in modules if isinstance(m, RMSNorm | Attention))
     assert not any(m.silu_mul is not None for m in modules if isinstance(m, MLP))
     assert llm.engine.runner.attention.name != "cpu-native"
 
@@ -291,8 +292,8 @@ def test_other_policies_keep_pytorchs_ops(monkeypatch, kwargs):
 @runs_here
 @pytest.mark.parametrize("rows,width", [(1, 64), (7, 100), (300, 576), (33, 1537)])
 def test_row_ops_round_like_pytorchs_composites(rows, width):
-    """RMSNorm and SiLU-and-multiply in one pass round where PyTorch's composites round: the same
-    bits but for a float32 sum's order (one bf16 step at most, on a few values)."""
+    """RMSNorm, RoPE and SiLU-and-multiply in one pass round where PyTorch's composites round: the
+    same bits but for a float32 sum's order (one bf16 step at most, on a few values)."""
     import torch.nn.functional as F
 
     lib = native.library()
@@ -306,6 +307,16 @@ def test_row_ops_round_like_pytorchs_composites(rows, width):
     assert ours.shape == x.shape and ours.dtype == torch.bfloat16
     assert (ours == theirs).float().mean().item() > 0.999
     assert torch.allclose(ours.float(), theirs.float(), rtol=2**-7, atol=1e-6)
+    # RoPE over q|k columns of a wider row (heads of a projection's output), positions' tables
+    from promptcache.model.transformer import rotate
+
+    d = 2 * (width // 4) or 2
+    heads = width // d
+    angles = torch.rand(rows, d // 2, generator=g) * 100
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().unsqueeze(1).bfloat16(), emb.sin().unsqueeze(1).bfloat16()
+    qk = wide[:, : heads * d].view(rows, heads, d)
+    assert torch.equal(lib.rope(qk, cos, sin), rotate(qk, (cos, sin)))  # rounds after each op, as PyTorch
     gate_up = (torch.randn(rows, 2 * width, generator=g) * 4).bfloat16()
     gate, up = gate_up.chunk(2, dim=-1)
     ours = lib.silu_mul(gate_up)

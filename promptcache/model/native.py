@@ -99,6 +99,21 @@ class Library:
         self.lib.pc_silu_mul_bf16.restype = None
         self.lib.pc_write_kv_bf16.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, i64, p, i64, i64, i64, ctypes.c_int]
         self.lib.pc_write_kv_bf16.restype = None
+        self.lib.pc_rope_bf16.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, i64, ctypes.c_int]
+        self.lib.pc_rope_bf16.restype = None
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE in one pass: x [T, heads, d] bf16 (any row / head strides), cos, sin
+        [T, 1, d] bf16 -> ``x * cos + rotate_half(x) * sin`` [T, heads, d], contiguous."""
+        t, heads, d = x.shape
+        assert x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and d % 2 == 0
+        assert x.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride() == sin.stride()
+        assert cos.shape == sin.shape == (t, 1, d)
+        out = torch.empty(t, heads, d, dtype=torch.bfloat16)
+        with _named("native::rope_bf16"):
+            self.lib.pc_rope_bf16(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(),
+                                  cos.stride(0), out.data_ptr(), t, heads, d, torch.get_num_threads())
+        return out
 
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """``attention.write_kv`` for bf16: k, v [T, kvh, d] into kv_cache [2, kvh, slots, d] at ``slots``

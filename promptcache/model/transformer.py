@@ -125,6 +125,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
+        self.native: Any = None  # model/native.py's Library: RoPE in one pass (bf16 on AVX512-BF16 CPUs)
+
+    def _rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.native.rope(x, *rope) if self.native is not None else rotate(x, rope)
 
     def forward(
         self,
@@ -142,12 +146,12 @@ class Attention(nn.Module):
             q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
             k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
             if rope is not None:
-                q, k = rotate(q, rope), rotate(k, rope)
+                q, k = self._rotate(q, rope), self._rotate(k, rope)
         else:
             # q and k side by side, [T, H + kvh, d]: rotated in one pass (half the ops of two)
             qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads, self.head_dim)
             if rope is not None:
-                qk = rotate(qk, rope)
+                qk = self._rotate(qk, rope)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         if attn.backend is None:  # one choice, the runner's (model/backends.py): never a silent default
             raise ValueError("AttentionMetadata.backend is not set; the model runner picks the backend")
@@ -223,13 +227,15 @@ class CausalLM(nn.Module):
                     module.deterministic = True
 
     def use_native_ops(self, lib: Any) -> None:
-        """RMSNorm and gated SiLU through ``lib`` (model/native.py; bf16 weights on a CPU, not
-        deterministic mode): one pass each instead of PyTorch's four to six."""
+        """RMSNorm, RoPE and gated SiLU through ``lib`` (model/native.py; bf16 weights on a CPU, not
+        deterministic mode): one pass each instead of PyTorch's three to six."""
         for module in self.modules():
             if isinstance(module, RMSNorm) and module.weight.dtype == torch.bfloat16:
                 module.native = lib
             elif isinstance(module, MLP) and module.gated and self.cfg.hidden_act in ("silu", "swish"):
                 module.silu_mul = lib
+            elif isinstance(module, Attention) and self.rotary is not None:
+                module.native = lib
 
     def finish_loading(self, device: torch.device) -> None:
         if self.cfg.tie_word_embeddings:  # to_empty() unties shared parameters; tie them again

@@ -93,3 +93,30 @@ void pc_write_kv_bf16(const bf16 *k, int64_t kst, int64_t ksh, const bf16 *v, in
             memcpy(cache_v + h * ch + slots[t] * cs, v + t * vst + h * vsh, D * sizeof(bf16));
         }
 }
+
+/* Rotate-half RoPE: x [T, heads, D] (strides xt, xh; D contiguous), cos/sin [T, D] (row stride cst)
+ * -> out [T, heads, D] contiguous: bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), where
+ * rotate_half(x) = [-x[D/2:], x[:D/2]] (PyTorch's composite rounds after each op; so does this) */
+void pc_rope_bf16(const bf16 *x, int64_t xt, int64_t xh, const bf16 *cos, const bf16 *sin, int64_t cst, bf16 *out,
+                  int64_t T, int64_t heads, int64_t D, int num_threads) {
+    const int64_t half = D / 2;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (T * heads * D >= 65536)
+    for (int64_t t = 0; t < T; t++) {
+        const bf16 *c = cos + t * cst, *s = sin + t * cst;
+        for (int64_t h = 0; h < heads; h++) {
+            const bf16 *row = x + t * xt + h * xh;
+            bf16 *dst = out + (t * heads + h) * D;
+            for (int64_t j = 0; j < half; j += 16) {
+                int n = half - j < 16 ? (int)(half - j) : 16;
+                __m512 lo = load_bf16_n(row + j, n), hi = load_bf16_n(row + half + j, n);
+                __m512 c_lo = load_bf16_n(c + j, n), c_hi = load_bf16_n(c + half + j, n);
+                __m512 s_lo = load_bf16_n(s + j, n), s_hi = load_bf16_n(s + half + j, n);
+                __m512 neg_hi = _mm512_sub_ps(_mm512_setzero_ps(), hi);
+                store_bf16_n(dst + j, _mm512_add_ps(round_bf16(_mm512_mul_ps(lo, c_lo)),
+                                                    round_bf16(_mm512_mul_ps(neg_hi, s_lo))), n);
+                store_bf16_n(dst + half + j, _mm512_add_ps(round_bf16(_mm512_mul_ps(hi, c_hi)),
+                                                           round_bf16(_mm512_mul_ps(lo, s_hi))), n);
+            }
+        }
+    }
+}
