@@ -1,6 +1,6 @@
 """promptcache's own bf16 CPU kernels, for CPUs with AVX512-BF16: flash attention
 (``csrc/flash_bf16.c``) and a decoder layer's row-wise ops in one pass each (``csrc/ops_bf16.c``:
-RMSNorm, SiLU-and-multiply). Compiled on first use with the machine's C compiler and called through
+RMSNorm, RoPE, SiLU-and-multiply). Compiled on first use with the machine's C compiler and called through
 ctypes (no torch headers, so it builds in a second; the library links the OpenMP runtime torch has
 already loaded, so both share its threads; the GIL is released while a kernel runs).
 

@@ -6,6 +6,7 @@
  *   rms_norm:  out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), x in float32
  *              (transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype)
  *   silu_mul:  out = bf16(bf16(silu(gate)) * up) over a row [gate | up]
+ *   rope:      out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin))
  *   write_kv:  a step's K and V rows copied to their slots of the paged cache (index_copy_)
  */
 #include <immintrin.h>
