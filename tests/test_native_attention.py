@@ -39,6 +39,16 @@ def test_builds_with_the_machines_compiler(tmp_path):
     assert native.build(tmp_path) == path  # cached by content: no second compile
 
 
+def test_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    """``library()`` turns this into a warning and PyTorch's kernels; ``build`` says what is wrong."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(RuntimeError, match="no-such-cc"):
+        native.build(tmp_path)
+    monkeypatch.setenv("CC", "false")  # runs, fails to compile
+    with pytest.raises(RuntimeError, match="could not build"):
+        native.build(tmp_path)
+
+
 # (batch, query heads, KV heads, queries, keys, head size, causal)
 SHAPES = [
     (1, 9, 3, 1, 1, 64, False),  # one key

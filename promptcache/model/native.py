@@ -67,7 +67,10 @@ def build(out_dir: Path | None = None) -> Path:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler (gcc, cc or clang) on PATH")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    except OSError as e:
+        raise RuntimeError(f"C compiler {cc!r} does not run: {e}") from e
     texts = [src.read_text() for src in (*SOURCES, *HEADERS)]
     digest = hashlib.sha256("\0".join([*texts, " ".join(CFLAGS), version]).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_root() / "kernels"
