@@ -317,6 +317,12 @@ def test_row_ops_round_like_pytorchs_composites(rows, width):
     assert ours.shape == x.shape and ours.dtype == torch.bfloat16
     assert (ours == theirs).float().mean().item() > 0.999
     assert torch.allclose(ours.float(), theirs.float(), rtol=2**-7, atol=1e-6)
+    delta = (torch.randn(rows, width, generator=g) * 2).bfloat16()
+    total, normed = lib.add_rms_norm(x, delta, w, 1e-5)  # the residual add fused into the next norm
+    assert torch.equal(total, x + delta)
+    theirs = w * F.rms_norm((x + delta).float(), (width,), eps=1e-5).to(torch.bfloat16)
+    assert (normed == theirs).float().mean().item() > 0.999
+    assert torch.allclose(normed.float(), theirs.float(), rtol=2**-7, atol=1e-6)
     # RoPE over q|k columns of a wider row (heads of a projection's output), positions' tables
     from promptcache.model.transformer import rotate
 

@@ -104,6 +104,19 @@ class Library:
         self.lib.pc_write_kv_bf16.restype = None
         self.lib.pc_rope_bf16.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, i64, ctypes.c_int]
         self.lib.pc_rope_bf16.restype = None
+        self.lib.pc_add_rms_norm_bf16.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float, ctypes.c_int]
+        self.lib.pc_add_rms_norm_bf16.restype = None
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s = x + delta`` and ``rms_norm(s)`` (as ``rms_norm``) in one pass: x, delta [T, H] bf16."""
+        x, delta = x.contiguous(), delta.contiguous()
+        assert x.dtype == delta.dtype == weight.dtype == torch.bfloat16 and x.shape == delta.shape and x.dim() == 2
+        total, out = torch.empty_like(x), torch.empty_like(x)
+        with _named("native::add_rms_norm_bf16"):
+            self.lib.pc_add_rms_norm_bf16(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), total.data_ptr(),
+                                          out.data_ptr(), x.shape[0], x.shape[1], eps, torch.get_num_threads())
+        return total, out
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate-half RoPE in one pass: x [T, heads, d] bf16 (any row / head strides), cos, sin

@@ -53,6 +53,15 @@ class RMSNorm(nn.Module):
             return self.native.rms_norm(x, self.weight, self.eps)
         return self._norm(x)
 
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, this norm of it): one pass with the native ops; ``delta`` None: (x, norm(x))."""
+        if delta is None:
+            return x, self(x)
+        if self.native is not None:
+            return self.native.add_rms_norm(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
+
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Same order of operations as transformers: normalise in float32, scale in the input dtype.
         # F.rms_norm: the same bits as x * rsqrt(mean(x^2) + eps) (checked for bf16 / fp16 / fp32,
@@ -196,6 +205,16 @@ class DecoderLayer(nn.Module):
         x = x + self.attn(self.attn_norm(x), attn, kv_cache, rope)
         return x + self.mlp(self.mlp_norm(x))
 
+    def forward_pair(self, residual: torch.Tensor, delta: torch.Tensor | None, attn: AttentionMetadata,
+                     kv_cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` with each residual add done by the norm after it (native RMSNorm: one pass):
+        takes and returns the residual stream and the delta not yet added to it."""
+        assert isinstance(self.attn_norm, RMSNorm) and isinstance(self.mlp_norm, RMSNorm)
+        residual, h = self.attn_norm.add_norm(residual, delta)
+        residual, h = self.mlp_norm.add_norm(residual, self.attn(h, attn, kv_cache, rope))
+        return residual, self.mlp(h)
+
 
 class CausalLM(nn.Module):
     """A decoder-only LM over a flat token batch with paged KV storage."""
@@ -256,6 +275,12 @@ class CausalLM(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         rope = self.rotary.tables(positions, x.dtype) if self.rotary is not None else None
+        if isinstance(self.norm, RMSNorm) and self.norm.native is not None:  # residual adds fused into the norms
+            delta: torch.Tensor | None = None
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                assert isinstance(layer, DecoderLayer)
+                x, delta = layer.forward_pair(x, delta, attn, kv_cache, rope)
+            return self.norm.add_norm(x, delta)[1]
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, attn, kv_cache, rope)
         return self.norm(x)

@@ -121,3 +121,27 @@ void pc_rope_bf16(const bf16 *x, int64_t xt, int64_t xh, const bf16 *cos, const 
         }
     }
 }
+
+/* The residual add and the next RMSNorm in one pass: s = bf16(x + delta) -> sum_out, then
+ * out = rms_norm(s) as pc_rms_norm_bf16 (x, delta, sum_out, out all [T, H] contiguous) */
+void pc_add_rms_norm_bf16(const bf16 *x, const bf16 *delta, const bf16 *w, bf16 *sum_out, bf16 *out, int64_t T,
+                          int64_t H, float eps, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (T * H >= 32768)
+    for (int64_t t = 0; t < T; t++) {
+        const bf16 *a = x + t * H, *b = delta + t * H;
+        bf16 *s = sum_out + t * H;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < H; c += 16) {
+            int n = H - c < 16 ? (int)(H - c) : 16;
+            __m512 v = round_bf16(_mm512_add_ps(load_bf16_n(a + c, n), load_bf16_n(b + c, n)));
+            store_bf16_n(s + c, v, n);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        __m512 vr = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)H + eps));
+        for (int64_t c = 0; c < H; c += 16) {
+            int n = H - c < 16 ? (int)(H - c) : 16;
+            store_bf16_n(out + t * H + c,
+                         _mm512_mul_ps(load_bf16_n(w + c, n), round_bf16(_mm512_mul_ps(load_bf16_n(s + c, n), vr))), n);
+        }
+    }
+}
