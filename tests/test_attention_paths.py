@@ -171,9 +171,9 @@ def test_deterministic_attention_row_does_not_depend_on_batch(q_dtype, kv_dtype)
 def test_portable_kernel_in_query_slices(path, monkeypatch):
     """The portable kernel bounds each call's scores by slicing queries (a long chunk over a long
     context on a GPU): with a tiny bound every call is split, causal parts included."""
-    import promptcache.model.cascade as cascade
+    import promptcache.model.kernels as kernels
 
-    monkeypatch.setattr(cascade, "MATH_SCORES_MAX", 7)
+    monkeypatch.setattr(kernels, "MATH_SCORES_MAX", 7)
     q, k, v, kv_cache, attn = _setup(path, torch.float32, torch.float32)
     scale = D**-0.5
     attn.cascade_plan = plan_cascade(attn, torch.float32, q.device, min_run=1, short_context=0)

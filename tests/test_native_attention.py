@@ -14,7 +14,7 @@ import torch
 
 from promptcache.model import native
 from promptcache.model.backends import pick_backend
-from promptcache.model.cascade import cpu_flash
+from promptcache.model.kernels import cpu_flash
 
 runs_here = pytest.mark.skipif(not native.can_run(), reason="the native kernel needs a CPU with AVX512-BF16")
 

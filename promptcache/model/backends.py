@@ -17,6 +17,7 @@ import torch
 
 from promptcache.model import cascade as _cascade
 from promptcache.model import deterministic as _deterministic
+from promptcache.model import kernels as _kernels
 from promptcache.model import native
 from promptcache.model.attention import AttentionMetadata
 
@@ -41,7 +42,7 @@ class CascadeCPU:
         attn.cascade_plan = _cascade.plan_cascade(attn, dtype, device)
 
     def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
-        return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _cascade.cpu_flash)
+        return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _kernels.cpu_flash)
 
 
 class CascadeNative(CascadeCPU):
@@ -51,7 +52,7 @@ class CascadeNative(CascadeCPU):
         attn.cascade_plan = _cascade.plan_cascade(attn, dtype, device, by_slot=True)
 
     def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
-        return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _cascade.native_flash, grouped=True)
+        return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _kernels.native_flash, grouped=True)
 
 
 class Portable:
@@ -61,7 +62,7 @@ class Portable:
         attn.cascade_plan = _cascade.plan_cascade(attn, dtype, device)
 
     def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
-        return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _cascade.math_attention)
+        return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _kernels.math_attention)
 
 
 class Deterministic:

@@ -17,15 +17,14 @@ all merged exactly, per query, by their log-sum-exps, in float32. Runs shorter t
 ``MIN_RUN_IN_PLACE`` slots are gathered together into one call instead of many tiny ones (a
 fragmented block table must not cost a kernel call per block). Nothing is gathered whole.
 
-The same plan runs on every device; only the kernel differs: the CPU flash kernel (which returns
-the log-sum-exp) or, elsewhere, plain matmuls (``math_attention``) — both read the runs as strided
-views, in place. Tests force each on CPU.
+The same plan runs on every device; only the kernel differs (``model/kernels.py``): our bf16 kernel
+(``native_flash``: grouped heads, slots and lengths read in place), PyTorch's CPU flash kernel, or,
+elsewhere, plain matmuls (``math_attention``) — all read the runs as strided views, in place. Tests
+force each on CPU.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +39,7 @@ from promptcache.model.attention import (
     slots_after,
     write_kv,
 )
+from promptcache.model.kernels import Kernel, cpu_flash, math_attention, native_flash
 
 MIN_RUN_IN_PLACE = 128  # slots; shorter runs are gathered together (a copy is cheaper than a call)
 # a decode sharing its context with no other sequence of the step, and whose context is this short,
@@ -47,69 +47,6 @@ MIN_RUN_IN_PLACE = 128  # slots; shorter runs are gathered together (a copy is c
 # layer (bf16, 2 threads; own calls / all in the tail): 16 decodes of 128 tokens 2.0 / 1.0 ms, of
 # 256 1.95 / 1.6, of 512 2.6 / 6.4 (the gather and the padding overtake the calls' overhead)
 SHORT_CONTEXT = 256
-
-# (q [B, h, m, d], k [B, h, n, d], v, scale, additive mask or None, causal) -> (out [B, h, m, d], lse [B, h, m])
-Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, "torch.Tensor | None", bool],
-                  tuple[torch.Tensor, torch.Tensor]]
-
-
-def cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
-              causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, is_causal=causal, attn_mask=mask, scale=scale)[:2]
-    return out, lse
-
-
-def native_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
-                 causal: bool = False, kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bf16 kernel of ``model/native.py`` where it takes the call (bf16, no mask, head size a
-    multiple of 32), PyTorch's CPU flash kernel otherwise. K/V may have fewer heads than q (grouped
-    query heads read their KV head in place, nothing repeated). ``kv_lens`` [B] instead of ``mask``:
-    sequence b attends to its first kv_lens[b] keys (the decode tails' call)."""
-    lib = native.library()
-    if lib is not None and mask is None and q.dtype == k.dtype == v.dtype == torch.bfloat16:
-        res = lib.flash(q, k, v, scale, causal, kv_lens=kv_lens)
-        if res is not None:
-            return res
-    # PyTorch's kernel aligns a causal mask top-left, and gives a row with no keys lse 0, not -inf:
-    # the plan never asks for either (causal parts are square, every tail holds its own token)
-    assert not causal or q.shape[2] == k.shape[2]
-    if kv_lens is not None:  # the same keys as an additive mask [B, 1, 1, N]
-        mask = torch.full((q.shape[0], 1, 1, k.shape[2]), float("-inf"), dtype=q.dtype)
-        mask.masked_fill_(torch.arange(k.shape[2]) < kv_lens.view(-1, 1, 1, 1), 0.0)
-    if k.shape[1] != q.shape[1]:
-        g = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    return cpu_flash(q, k, v, scale, mask, causal)
-
-
-MATH_SCORES_MAX = 1 << 25  # score elements per math_attention call (128 MiB in float32): longer query runs are split
-
-
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
-                   causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with its log-sum-exp in plain ops (any device): scores come out of the matmul in the
-    inputs' dtype, the softmax runs in float32. Queries are taken in slices so one call's scores stay
-    under ``MATH_SCORES_MAX`` elements (a long chunk over a long context must not need gigabytes)."""
-    *batch, m, _ = q.shape
-    n = k.shape[-2]
-    step = max(1, MATH_SCORES_MAX // max(1, n * math.prod(batch)))
-    outs, lses = [], []
-    for a in range(0, m, step):
-        b = min(m, a + step)
-        scores = torch.matmul(q[..., a:b, :], k.transpose(-1, -2)).float() * scale  # [B, h, b - a, n]
-        if mask is not None:
-            scores = scores + (mask if mask.shape[-2] == 1 else mask[..., a:b, :])
-        if causal:  # query i (of m, the last m of n positions) sees keys [0, n - m + i]
-            hidden = torch.ones(b - a, n, dtype=torch.bool, device=q.device).triu(n - m + 1 + a)
-            scores = scores.masked_fill(hidden, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        outs.append(torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype), v))
-        lses.append(lse)
-    if len(outs) == 1:
-        return outs[0], lses[0]
-    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
-
 
 @dataclass(frozen=True)
 class Keys:
@@ -291,31 +228,12 @@ def _read_tails(kv_cache: torch.Tensor, plan: CascadePlan, dtype: torch.dtype) -
 
 def _tail_call(kernel: Kernel, grouped: bool, q: torch.Tensor, kv_cache: torch.Tensor, scale: float,
                plan: CascadePlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decodes' one call: the native kernel reads each tail's slots in place, by lengths; other
-    kernels get the tails gathered, zero-padded and masked."""
-    lib = native.library() if grouped else None
-    if lib is not None and q.dtype == kv_cache.dtype == torch.bfloat16:
-        res = lib.flash(q, kv_cache[0], kv_cache[1], scale, False, kv_lens=plan.tail_lens, kv_idx=plan.tail_idx)
-        if res is not None:
-            return res
-    kt, vt = _read_tails(kv_cache, plan, q.dtype)
+    """The decodes' one call: a grouped (native) kernel reads each tail's slots in place, by length;
+    other kernels get the tails gathered, zero-padded and masked."""
     if grouped:
-        return native_flash(q, kt, vt, scale, kv_lens=plan.tail_lens)
+        return native_flash(q, kv_cache[0], kv_cache[1], scale, kv_lens=plan.tail_lens, kv_idx=plan.tail_idx)
+    kt, vt = _read_tails(kv_cache, plan, q.dtype)
     return kernel(q, kt, vt, scale, plan.tail_mask, False)
-
-
-def _by_slot(q: torch.Tensor, kv_cache: torch.Tensor, idx: torch.Tensor | None, scale: float,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [1, kvh, m, d] over the keys at slots ``idx`` [1, n]: read in place by the native kernel,
-    else gathered for ``native_flash``."""
-    assert idx is not None
-    lib = native.library()
-    if lib is not None and q.dtype == kv_cache.dtype == torch.bfloat16:
-        res = lib.flash(q, kv_cache[0], kv_cache[1], scale, False, kv_idx=idx)
-        if res is not None:
-            return res
-    k, v = _read(kv_cache, Keys(slots=idx[0]), q.dtype)
-    return native_flash(q, k, v, scale)
 
 
 def _write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, grouped: bool) -> None:
@@ -382,7 +300,7 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
         parts = [None] if grouped and grp.idx is not None else grp.shared  # by slot: one call
         for j, keys in enumerate(parts):
             if keys is None:
-                o, lse = _by_slot(qg, kv_cache, grp.idx, scale)
+                o, lse = native_flash(qg, kv_cache[0], kv_cache[1], scale, kv_idx=grp.idx)
             else:
                 o, lse = kernel(qg, *_read(kv_cache, keys, q.dtype), scale, None, False)
             o, lse = o.view(kvh, m, g, d), lse.view(kvh, m, g)
@@ -396,7 +314,7 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
         ao, al = acc_o[:, c.lo : c.hi], acc_l[:, c.lo : c.hi]
         qc = qf[:, c.lo : c.hi].reshape(1, kvh, n * g, d)
         if grouped and c.idx is not None:
-            o, lse = _by_slot(qc, kv_cache, c.idx, scale)
+            o, lse = native_flash(qc, kv_cache[0], kv_cache[1], scale, kv_idx=c.idx)
             _merge_into(ao, al, o.view(kvh, n, g, d), lse.view(kvh, n, g))
         else:
             for keys in c.private:

@@ -6,7 +6,7 @@ already loaded, so both share its threads; the GIL is released while a kernel ru
 
 ``Library.flash`` takes grouped-query heads as they are (query head h reads KV head h // (H / kvh))
 and returns None for what it does not take (head sizes that are not a multiple of 32, a strided
-last dimension): the caller then runs PyTorch's kernel, as without it (``cascade.native_flash``).
+last dimension): the caller then runs PyTorch's kernel, as without it (``kernels.native_flash``).
 
 Whether they are used (``native_attention()``, ``native_ops()``): ``PROMPTCACHE_CPU_KERNELS`` =
 ``auto`` (default: wherever the CPU can run them, except attention on AMX CPUs, where PyTorch's
