@@ -121,16 +121,18 @@ def test_attention_path_matches_float64(path, q_dtype, kv_dtype, kernel, cpu_ker
     assert err < tol, f"{path} {q_dtype}/{kv_dtype}: max error {err:.2e}"
 
 
-@pytest.mark.skipif(not native.can_run(), reason="the native kernel needs a CPU with AVX512-BF16")
+@pytest.mark.skipif(not (native.can_run() or native.can_run(spec=native.F32)),
+                    reason="the native kernels need AVX512-BF16 (bf16) or AVX2 (float32)")
 @pytest.mark.parametrize("by_slot", [True, False], ids=["by-slot", "by-run"])
 @pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("path", list(PATHS))
 def test_native_kernel_path_matches_float64(path, q_dtype, kv_dtype, plan, by_slot):
-    """The ``cpu-native`` backend's kernel (model/native.py) over every path: head size 32 (it takes
-    multiples of 32); its bf16 calls run natively (grouped K/V, causal parts, tails by slot and
-    length; a group's or chunk's cached keys in one call by slot, or run by run), other dtypes fall
-    back to PyTorch's kernel the same way."""
+    """The ``cpu-native`` backend's kernels (model/native.py) over every path: head size 32 (both
+    take it); bf16 calls run in the bf16 kernel where the CPU has AVX512-BF16, float32 queries (over
+    a float32 or a bf16 cache) in the float32 kernel where it has AVX2 (grouped K/V, causal parts,
+    tails by slot and length; a group's or chunk's cached keys in one call by slot, or run by run);
+    the rest falls back to PyTorch's kernel the same way."""
     d = 32
     q, k, v, kv_cache, attn = _setup(path, q_dtype, kv_dtype, d=d)
     min_run, short = PLANS[plan]

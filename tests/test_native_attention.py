@@ -217,7 +217,6 @@ def test_mode_switch(monkeypatch):
     assert native.native_attention(flags={"avx512_bf16", "amx_bf16"}) == can
     name = "cpu-native" if can else "cpu-cascade"
     assert pick_backend(torch.device("cpu"), False, torch.bfloat16).name == name
-    assert pick_backend(torch.device("cpu"), False, torch.float32).name == "cpu-cascade"  # bf16 only
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "fast")
     with pytest.raises(ValueError, match="PROMPTCACHE_CPU_KERNELS"):
         native.native_ops()
@@ -287,7 +286,9 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
 @pytest.mark.parametrize("kwargs", [{"dtype": "float32"}, {"dtype": "bfloat16", "deterministic": True}],
                          ids=["float32", "deterministic"])
 def test_other_policies_keep_pytorchs_ops(monkeypatch, kwargs):
-    """float32 compute and deterministic mode (batch-invariant ops of its own) never use them."""
+    """float32 compute and deterministic mode (batch-invariant ops of its own) never use the bf16
+    kernels; float32 attention runs in the float32 kernel (tests/test_native_f32.py), deterministic
+    attention in its own."""
     from promptcache import LLM
     from promptcache.model.transformer import MLP, Attention, RMSNorm
 
@@ -296,7 +297,8 @@ def test_other_policies_keep_pytorchs_ops(monkeypatch, kwargs):
     modules = list(llm.engine.runner.loaded.model.modules())
     assert not any(m.native is not None for m in modules if isinstance(m, RMSNorm | Attention))
     assert not any(m.silu_mul is not None for m in modules if isinstance(m, MLP))
-    assert llm.engine.runner.attention.name != "cpu-native"
+    float32 = "deterministic" not in kwargs and native.can_run(spec=native.F32)
+    assert llm.engine.runner.attention.name == ("cpu-native" if float32 else "deterministic")
 
 
 @runs_here

@@ -4,7 +4,7 @@ lets it build its plan into the step's ``AttentionMetadata``; every layer then r
 | backend        | where                     | attention                                               |
 | -------------- | ------------------------- | ------------------------------------------------------- |
 | ``cpu-cascade``| CPU                       | model/cascade.py's plan, PyTorch's CPU flash kernel      |
-| ``cpu-native`` | CPU with AVX512-BF16      | the same plan, bf16 calls in model/native.py's kernel    |
+| ``cpu-native`` | CPU: bf16 with AVX512-BF16, float32 on AVX2 | the same plan, in model/native.py's kernels |
 | ``portable``   | any device (GPUs today)   | the same plan (contexts read in place), plain matmuls   |
 | ``deterministic`` | any device, opt-in     | fixed 256-key pieces merged in order (model/deterministic.py) |
 """
@@ -84,6 +84,7 @@ def pick_backend(device: torch.device, deterministic: bool, dtype: torch.dtype =
         return Deterministic(cpu_kernels=device.type == "cpu")
     if device.type != "cpu":
         return Portable()
-    if dtype == torch.bfloat16 and native.native_attention():
+    if (dtype == torch.bfloat16 and native.native_attention()) or (
+            dtype == torch.float32 and native.native_attention_f32()):
         return CascadeNative()
     return CascadeCPU()

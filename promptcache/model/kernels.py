@@ -3,8 +3,8 @@
 ``(out [B, h, m, d], lse [B, h, m])``, the log-sum-exp the plan merges parts by:
 
 - ``cpu_flash``: PyTorch's CPU flash kernel (h' == h);
-- ``native_flash``: our bf16 kernel (``model/native.py``) where it takes the call, ``cpu_flash``
-  otherwise; grouped heads (h' dividing h), per-sequence key counts and slot indices;
+- ``native_flash``: our bf16 or float32 kernel (``model/native.py``) where one takes the call,
+  ``cpu_flash`` otherwise; grouped heads (h' dividing h), per-sequence key counts and slot indices;
 - ``math_attention``: plain matmuls with a float32 softmax, any device (h' == h).
 """
 
@@ -32,14 +32,20 @@ def cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, m
 def native_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
                  causal: bool = False, kv_lens: torch.Tensor | None = None, kv_idx: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bf16 kernel of ``model/native.py`` where it takes the call (bf16, no mask, head size a
-    multiple of 32), PyTorch's CPU flash kernel otherwise, with the same meaning. K/V may have fewer
+    """Our kernel (``model/native.py``) where one takes the call — bf16 (head size a multiple of 32)
+    or float32 queries over float32 or bf16 K/V (a multiple of 16), no mask — PyTorch's CPU flash
+    kernel otherwise, with the same meaning. K/V may have fewer
     heads than q (grouped query heads read their KV head in place, nothing repeated). ``kv_lens`` [B]
     instead of ``mask``: sequence b attends to its first kv_lens[b] keys. ``kv_idx`` [B, N]: k, v
     are a paged cache's ``[kvh, slots, d]`` and sequence b's keys are at those slots (read in place
     natively, gathered for the fallback)."""
-    lib = native.library()
-    if lib is not None and mask is None and q.dtype == k.dtype == v.dtype == torch.bfloat16:
+    lib: native.Library | native.LibraryF32 | None = None
+    if mask is None and k.dtype == v.dtype:
+        if q.dtype == k.dtype == torch.bfloat16:
+            lib = native.library()
+        elif q.dtype == torch.float32 and k.dtype in (torch.float32, torch.bfloat16):
+            lib = native.library_f32()
+    if lib is not None:
         res = lib.flash(q, k, v, scale, causal, kv_lens=kv_lens, kv_idx=kv_idx)
         if res is not None:
             return res

@@ -25,7 +25,10 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch.profiler import record_function
@@ -33,15 +36,35 @@ from torch.profiler import record_function
 from promptcache.home import cache_root
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "flash_bf16.c", CSRC / "ops_bf16.c")
-HEADERS = (CSRC / "exp512.h",)  # part of the build's digest too
-# explicit ISA flags, not -march=native: the library builds on any x86-64 gcc/clang; it runs only
-# where the CPU has these (checked before loading)
-CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-          "-mavx512dq", "-mavx512bf16", "-mfma")
-NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One library: its sources, the headers they include (part of the build's digest), explicit ISA
+    flags (not -march=native: it builds on any x86-64 gcc/clang, and runs only where the CPU has
+    ``needs``, checked before loading)."""
+
+    name: str
+    sources: tuple[Path, ...]
+    headers: tuple[Path, ...]
+    isa: tuple[str, ...]
+    needs: tuple[str, ...]
+
+    @property
+    def cflags(self) -> tuple[str, ...]:
+        return ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", *self.isa)
+
+
+BF16 = Spec("native_bf16", (CSRC / "flash_bf16.c", CSRC / "ops_bf16.c"), (CSRC / "exp512.h",),
+            ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"),
+            ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"))
+# float32 math (CPUs without native bf16: the engine computes in float32 there)
+F32 = Spec("native_f32", (CSRC / "flash_f32.c",), (CSRC / "exp256.h",), ("-mavx2", "-mfma"),
+           ("avx2", "fma"))
+SPECS = (BF16, F32)
 MODES = ("auto", "native", "torch")
 
 
@@ -56,13 +79,13 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def can_run(flags: set[str] | None = None) -> bool:
+def can_run(flags: set[str] | None = None, spec: Spec = BF16) -> bool:
     flags = cpu_flags() if flags is None else flags
-    return all(f in flags for f in NEEDS)
+    return all(f in flags for f in spec.needs)
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compile the library (once per source, flags and compiler; cached under the promptcache home)
+def build(out_dir: Path | None = None, spec: Spec = BF16) -> Path:
+    """Compile a library (once per source, flags and compiler; cached under the promptcache home)
     and return its path. Raises RuntimeError with the compiler's message when it cannot."""
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
     if cc is None:
@@ -71,16 +94,16 @@ def build(out_dir: Path | None = None) -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     except OSError as e:
         raise RuntimeError(f"C compiler {cc!r} does not run: {e}") from e
-    texts = [src.read_text() for src in (*SOURCES, *HEADERS)]
-    digest = hashlib.sha256("\0".join([*texts, " ".join(CFLAGS), version]).encode()).hexdigest()[:16]
+    texts = [src.read_text() for src in (*spec.sources, *spec.headers)]
+    digest = hashlib.sha256("\0".join([*texts, " ".join(spec.cflags), version]).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_root() / "kernels"
-    target = out_dir / f"native_bf16-{digest}.so"
+    target = out_dir / f"{spec.name}-{digest}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         part = Path(tmp) / target.name
-        res = subprocess.run([cc, *CFLAGS, *map(str, SOURCES), "-o", str(part), "-lm"], capture_output=True,
+        res = subprocess.run([cc, *spec.cflags, *map(str, spec.sources), "-o", str(part), "-lm"], capture_output=True,
                              text=True, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} could not build the native kernels: {res.stderr.strip()[-2000:]}")
@@ -174,30 +197,61 @@ class Library:
         ``kv_idx``: [B, N] int64, the rows of k, v holding each sequence's keys (then k, v are
         ``[kvh, slots, d]``: a paged cache read in place, no gather). Lengths and slots come from the
         step's plan, in range by construction: they are not checked per call (a check is a sync)."""
-        b, h, m, d = q.shape
-        if kv_idx is not None:
-            assert kv_idx.dtype == torch.int64 and kv_idx.is_contiguous() and kv_idx.shape[0] == b
-            assert k.dim() == 3
-            k, v = k.unsqueeze(0).expand(b, -1, -1, -1), v.unsqueeze(0).expand(b, -1, -1, -1)  # stride 0 over b
-        kvh, n = k.shape[1], (k.shape[2] if kv_idx is None else kv_idx.shape[1])
-        assert v.shape == k.shape and k.shape[0] == b and k.shape[-1] == d and k.dtype == v.dtype == q.dtype
-        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-            return None
-        if kv_lens is not None:
-            assert kv_lens.dtype == torch.int64 and kv_lens.is_contiguous() and kv_lens.shape == (b,)
-        out = torch.empty(b, h, m, d, dtype=torch.bfloat16)
-        lse = torch.empty(b, h, m, dtype=torch.float32)
-        strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
-        lse_strides = (ctypes.c_int64 * 3)(*lse.stride())
-        with _named("native::flash_bf16"):  # named in torch profiler tables
-            rc = self.lib.pc_flash_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                        b, h, kvh, m, n, d, *strides, lse_strides,
-                                        kv_lens.data_ptr() if kv_lens is not None else None,
-                                        kv_idx.data_ptr() if kv_idx is not None else None, scale, int(causal),
-                                        num_threads or torch.get_num_threads())
-        if rc == -2:
-            raise MemoryError("flash_bf16: out of memory for its packed K/V")
-        return (out, lse) if rc == 0 else None
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+        return _flash(self.lib.pc_flash_bf16, "native::flash_bf16", (), q, k, v, scale, causal, num_threads, kv_lens,
+                      kv_idx)
+
+
+def _flash(fn: Callable[..., int], name: str, extra: tuple[int, ...], q: torch.Tensor, k: torch.Tensor,
+           v: torch.Tensor, scale: float, causal: bool, num_threads: int | None, kv_lens: torch.Tensor | None,
+           kv_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One flash call of either library (their arguments are the same but for ``extra``, passed
+    before the thread count); output in q's dtype."""
+    b, h, m, d = q.shape
+    if kv_idx is not None:
+        assert kv_idx.dtype == torch.int64 and kv_idx.is_contiguous() and kv_idx.shape[0] == b
+        assert k.dim() == 3
+        k, v = k.unsqueeze(0).expand(b, -1, -1, -1), v.unsqueeze(0).expand(b, -1, -1, -1)  # stride 0 over b
+    kvh, n = k.shape[1], (k.shape[2] if kv_idx is None else kv_idx.shape[1])
+    assert v.shape == k.shape and k.shape[0] == b and k.shape[-1] == d and k.dtype == v.dtype
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    if kv_lens is not None:
+        assert kv_lens.dtype == torch.int64 and kv_lens.is_contiguous() and kv_lens.shape == (b,)
+    out = torch.empty(b, h, m, d, dtype=q.dtype)
+    lse = torch.empty(b, h, m, dtype=torch.float32)
+    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
+    lse_strides = (ctypes.c_int64 * 3)(*lse.stride())
+    with _named(name):  # named in torch profiler tables
+        rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), b, h, kvh, m, n, d,
+                *strides, lse_strides, kv_lens.data_ptr() if kv_lens is not None else None,
+                kv_idx.data_ptr() if kv_idx is not None else None, scale, int(causal), *extra,
+                num_threads or torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError(f"{name}: out of memory for its packed K/V")
+    return (out, lse) if rc == 0 else None
+
+
+class LibraryF32:
+    """The float32 flash kernel (``csrc/flash_f32.c``, AVX2 + FMA): float32 queries over float32 or
+    bf16 K/V (a bf16 KV cache beside float32 math), with ``Library.flash``'s shapes and meaning."""
+
+    def __init__(self, path: Path) -> None:
+        torch.get_num_threads()
+        self.lib = ctypes.CDLL(str(path))
+        p, i64, arr = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
+        self.lib.pc_flash_f32.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, arr, arr, arr, arr, arr, p,
+                                          p, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self.lib.pc_flash_f32.restype = ctypes.c_int
+
+    def flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+              num_threads: int | None = None, kv_lens: torch.Tensor | None = None,
+              kv_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """As ``Library.flash`` for q float32 and k, v float32 or bf16; out float32. None for what it
+        does not take (head sizes that are not a multiple of 16, a strided last dimension)."""
+        assert q.dtype == torch.float32 and k.dtype in (torch.float32, torch.bfloat16)
+        return _flash(self.lib.pc_flash_f32, "native::flash_f32", (int(k.dtype == torch.bfloat16),), q, k, v, scale,
+                      causal, num_threads, kv_lens, kv_idx)
 
 
 def _named(name: str) -> contextlib.AbstractContextManager[object]:
@@ -208,13 +262,23 @@ def _named(name: str) -> contextlib.AbstractContextManager[object]:
 
 @functools.cache
 def library() -> Library | None:
-    """The compiled library, or None where it cannot run or build (logged once)."""
-    if not can_run():
+    """The compiled bf16 library, or None where it cannot run or build (logged once)."""
+    return _load(BF16, Library)
+
+
+@functools.cache
+def library_f32() -> LibraryF32 | None:
+    """The compiled float32 library, or None where it cannot run or build (logged once)."""
+    return _load(F32, LibraryF32)
+
+
+def _load(spec: Spec, cls: Callable[[Path], T]) -> T | None:
+    if not can_run(spec=spec):
         return None
     try:
-        return Library(build())
+        return cls(build(spec=spec))
     except (RuntimeError, OSError) as e:
-        log.warning("native CPU attention unavailable, using PyTorch's kernel: %s", e)
+        log.warning("native CPU kernels (%s) unavailable, using PyTorch's: %s", spec.name, e)
         return None
 
 
@@ -238,3 +302,13 @@ def native_ops() -> bool:
     """Whether bf16 RMSNorm and gated SiLU run in our one-pass kernels (wherever they can run, AMX CPUs
     included: row-wise ops, no tile units involved)."""
     return _mode() != "torch" and library() is not None
+
+
+def native_attention_f32(flags: set[str] | None = None) -> bool:
+    """Whether float32 attention runs in our AVX2 kernel: by default where the CPU has no AVX-512
+    (there it is measured against PyTorch's AVX2 kernel; PyTorch's AVX-512 kernel is twice as wide
+    and unmeasured against it), anywhere it runs with ``native``."""
+    mode = _mode()
+    if mode == "torch" or (mode == "auto" and "avx512f" in (cpu_flags() if flags is None else flags)):
+        return False
+    return library_f32() is not None

@@ -1,0 +1,220 @@
+"""The native float32 attention kernel (model/native.py, csrc/flash_f32.c: AVX2 + FMA) against
+float64 attention, and in the engine. It runs on every x86-64 CPU with AVX2 (the AVX-512 ones too,
+where ``PROMPTCACHE_CPU_KERNELS=native`` picks it); elsewhere the run tests skip.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_native_attention import SHAPES, _reference
+
+from promptcache.model import native
+from promptcache.model.backends import pick_backend
+from promptcache.model.kernels import cpu_flash, native_flash
+
+runs_here = pytest.mark.skipif(not native.can_run(spec=native.F32), reason="the float32 kernel needs AVX2 and FMA")
+KV_DTYPES = [torch.float32, torch.bfloat16]  # float32 math over a float32 or a bf16 KV cache
+
+
+def _lib() -> native.LibraryF32:
+    lib = native.library_f32()
+    assert lib is not None
+    return lib
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 intrinsics")
+def test_builds_with_the_machines_compiler(tmp_path):
+    path = native.build(tmp_path, spec=native.F32)
+    assert path.exists() and path.name.startswith("native_f32-")
+    assert native.build(tmp_path, spec=native.F32) == path
+    assert native.build(tmp_path) != path  # the bf16 library is a library of its own
+
+
+@runs_here
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", [*SHAPES, (2, 2, 2, 5, 9, 16, False), (1, 3, 1, 30, 30, 16, True)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64(shape, kv_dtype):
+    b, h, kvh, m, n, d, causal = shape
+    g = torch.Generator().manual_seed(hash(shape) % 2**31)
+    q = torch.randn(b, h, m, d, generator=g)
+    k, v = (torch.randn(b, kvh, n, d, generator=g).to(kv_dtype) for _ in range(2))
+    res = _lib().flash(q, k, v, d**-0.5, causal)
+    assert res is not None
+    out, lse = res
+    ref_out, ref_lse = _reference(q, k, v, d**-0.5, causal)
+    assert out.dtype == torch.float32 and out.shape == q.shape and lse.shape == q.shape[:3]
+    assert (out.double() - ref_out).abs().max().item() < 1e-5
+    assert (lse.double() - ref_lse).abs().max().item() < 1e-5
+    if kvh == h and causal == (m == n):  # and at least as close as PyTorch's own kernel, within float32 noise
+        t_out, _ = cpu_flash(q, k.float(), v.float(), d**-0.5, None, causal)
+        t_err = (t_out.double() - ref_out).abs().max().item()
+        assert (out.double() - ref_out).abs().max().item() <= 4 * t_err + 1e-6
+
+
+@runs_here
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_reads_strided_views_in_place(kv_dtype):
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(2, 3, 500, 64, generator=g).to(kv_dtype)  # [k|v, kvh, slots, d]
+    k, v = cache[0, :, 100:400].unsqueeze(0), cache[1, :, 100:400].unsqueeze(0)
+    q = torch.randn(50, 9, 64, generator=g).transpose(0, 1).unsqueeze(0)  # [1, 9, 50, 64], strided
+    res = _lib().flash(q, k, v, 0.125, False)
+    assert res is not None
+    ref_out, ref_lse = _reference(q, k, v, 0.125, False)
+    assert (res[0].double() - ref_out).abs().max().item() < 1e-5
+    assert (res[1].double() - ref_lse).abs().max().item() < 1e-5
+
+
+@runs_here
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_sequences_of_their_own_lengths(threads, kv_dtype):
+    """``kv_lens``: what lies past each sequence's keys (NaN here) is never read."""
+    g = torch.Generator().manual_seed(4)
+    lens = [5, 70, 1, 64, 300, 1100]  # the last one long enough for key splits
+    n = max(lens)
+    q = torch.randn(len(lens), 3, 3, 64, generator=g)
+    k, v = (torch.randn(len(lens), 3, n, 64, generator=g).to(kv_dtype) for _ in range(2))
+    for b, length in enumerate(lens):
+        k[b, :, length:] = v[b, :, length:] = float("nan")
+    res = _lib().flash(q, k, v, 0.125, False, threads, kv_lens=torch.tensor(lens))
+    assert res is not None
+    for b, length in enumerate(lens):
+        ref_out, ref_lse = _reference(q[b : b + 1], k[b : b + 1, :, :length], v[b : b + 1, :, :length], 0.125, False)
+        assert (res[0][b].double() - ref_out[0]).abs().max().item() < 1e-5
+        assert (res[1][b].double() - ref_lse[0]).abs().max().item() < 1e-5
+
+
+@runs_here
+@pytest.mark.parametrize("rows", [3, 40], ids=["decode-like", "chunk-like"])  # packed per item / up front
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_reads_keys_by_slot_from_a_paged_cache(kv_dtype, rows):
+    g = torch.Generator().manual_seed(6)
+    cache = torch.randn(2, 3, 1500, 64, generator=g).to(kv_dtype)
+    lens = [9, 40, 1, 1200]
+    idx = torch.zeros(len(lens), max(lens), dtype=torch.long)
+    for b, length in enumerate(lens):
+        idx[b, :length] = torch.randperm(1500, generator=g)[:length]
+    q = torch.randn(len(lens), 3, rows, 64, generator=g)
+    res = _lib().flash(q, cache[0], cache[1], 0.125, False, kv_lens=torch.tensor(lens), kv_idx=idx)
+    assert res is not None
+    for b, length in enumerate(lens):
+        k, v = cache[0][:, idx[b, :length]].unsqueeze(0), cache[1][:, idx[b, :length]].unsqueeze(0)
+        ref_out, ref_lse = _reference(q[b : b + 1], k, v, 0.125, False)
+        assert (res[0][b].double() - ref_out[0]).abs().max().item() < 1e-5
+        assert (res[1][b].double() - ref_lse[0]).abs().max().item() < 1e-5
+
+
+GUARD_PAGE_PROBE = """
+import ctypes, mmap, torch
+from promptcache.model import native
+n, d = 17, 64
+mm = mmap.mmap(-1, 2 * 4096)
+base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+assert libc.mprotect(base + 4096, 4096, 0) == 0  # the second page: no access
+idx = torch.frombuffer(mm, dtype=torch.int64, count=n, offset=4096 - 8 * n).view(1, n)  # ends at the page
+idx.copy_(torch.arange(n).view(1, n))
+for dtype in (torch.float32, torch.bfloat16):
+    cache = torch.randn(1, 32, d).to(dtype)
+    for rows in (1, 40):
+        res = native.library_f32().flash(torch.randn(1, 1, rows, d), cache, cache, 0.125, False, kv_idx=idx)
+        assert res is not None and torch.isfinite(res[1]).all()
+"""
+
+
+@runs_here
+def test_slot_index_is_not_read_past_its_end():
+    """Keys are padded to 16 inside the kernel; the slot index is read only for real keys (run
+    apart: a crash is a failure here, not the end of the suite)."""
+    res = subprocess.run([sys.executable, "-c", GUARD_PAGE_PROBE], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+@runs_here
+def test_declines_what_it_does_not_take():
+    lib = _lib()
+    q = torch.randn(1, 2, 4, 24)  # head size not a multiple of 16
+    assert lib.flash(q, q, q, 0.1, False) is None
+    q = torch.randn(1, 2, 4, 64)
+    assert lib.flash(q, q[..., ::2, :], q[..., ::2, :], 0.1, False) is not None
+    assert lib.flash(q.transpose(-1, -2).contiguous().transpose(-1, -2), q, q, 0.1, False) is None  # d strided
+    # what it declines, native_flash hands to PyTorch's kernel, with the same meaning
+    q = torch.randn(1, 2, 4, 24)
+    out, lse = native_flash(q, q, q, 0.1)
+    ref_out, ref_lse = _reference(q, q, q, 0.1, False)
+    assert (out.double() - ref_out).abs().max().item() < 1e-5
+
+
+def test_mode_switch(monkeypatch):
+    can = native.can_run(spec=native.F32)
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "auto")
+    assert native.native_attention_f32(flags={"avx2", "fma"}) == can
+    assert not native.native_attention_f32(flags={"avx2", "fma", "avx512f"})  # PyTorch's AVX-512 kernel there
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
+    assert native.native_attention_f32(flags={"avx2", "fma", "avx512f"}) == can
+    assert pick_backend(torch.device("cpu"), False, torch.float32).name == ("cpu-native" if can else "cpu-cascade")
+    assert pick_backend(torch.device("cpu"), True, torch.float32).name == "deterministic"  # its own ops
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "torch")
+    assert not native.native_attention_f32()
+    assert pick_backend(torch.device("cpu"), False, torch.float32).name == "cpu-cascade"
+
+
+@runs_here
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cache", [True, False], ids=["cache-on", "cache-off"])
+def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cache, kv_cache_dtype):
+    """The float32 policy (bf16 weights, float32 math: an AVX2 CPU's default) forced onto the kernel,
+    head size 32, grouped heads: chunked prefill, cascade decode over a cached prefix and batched
+    decode call it, and greedy tokens and logprobs agree with transformers in float32."""
+    import transformers as tf
+    from conftest import TOKENIZER_DIR, hf_config
+    from test_precision import _check_against
+
+    from promptcache import LLM, SamplingParams
+
+    cfg = hf_config("llama", hidden_size=128, head_dim=32)  # 4 heads, 2 KV heads
+    torch.manual_seed(11)
+    tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((TOKENIZER_DIR / name).read_bytes())
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(10, 4000, (100,), generator=g).tolist()
+    prompts = [torch.randint(10, 4000, (150,), generator=g).tolist()]
+    prompts += [shared + torch.randint(10, 4000, (20,), generator=g).tolist() for _ in range(3)]
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
+    llm = LLM(str(tmp_path), dtype="bfloat16", compute_dtype="float32", kv_cache_dtype=kv_cache_dtype,
+              num_blocks=128, max_num_batched_tokens=64, enable_prefix_caching=cache)
+    assert llm.engine.runner.attention.name == "cpu-native"
+    lib = _lib()
+    calls = {"causal": 0, "cached": 0, "tails": 0}
+    flash = lib.flash
+
+    def counted(q, k, v, scale, causal, num_threads=None, kv_lens=None, kv_idx=None):
+        # cached keys come from the cache as stored; fresh ones (causal parts) as float32 rounded alike
+        assert q.dtype == torch.float32 and k.dtype == (torch.float32 if causal else getattr(torch, kv_cache_dtype))
+        res = flash(q, k, v, scale, causal, num_threads, kv_lens, kv_idx)
+        calls["causal" if causal else "cached" if kv_lens is None else "tails"] += res is not None
+        return res
+
+    monkeypatch.setattr(lib, "flash", counted)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=5)
+    outs = llm.generate(prompts, params)
+    assert calls["causal"] > 0 and calls["cached"] > 0 and calls["tails"] > 0, calls
+    assert [o.usage.cached_tokens for o in outs] == ([0, 0, 96, 96] if cache else [0] * 4)
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    tol = 1e-3 if kv_cache_dtype == "float32" else 5e-2  # a bf16 cache rounds K/V
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                                 min_new_tokens=8, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        lps = [torch.log_softmax(lg[0].float(), -1) for lg in ref.logits]
+        _check_against(out, ref.sequences[0, len(prompt):].tolist(), lambda i, t, lps=lps: lps[i][t].item(), tol)
