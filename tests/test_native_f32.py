@@ -21,7 +21,7 @@ runs_here = pytest.mark.skipif(not native.can_run(spec=native.F32), reason="the 
 KV_DTYPES = [torch.float32, torch.bfloat16]  # float32 math over a float32 or a bf16 KV cache
 
 
-def _lib() -> native.LibraryF32:
+def _lib() -> native.Library:
     lib = native.library_f32()
     assert lib is not None
     return lib
@@ -156,14 +156,14 @@ def test_declines_what_it_does_not_take():
 def test_mode_switch(monkeypatch):
     can = native.can_run(spec=native.F32)
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "auto")
-    assert native.native_attention_f32(flags={"avx2", "fma"}) == can
-    assert not native.native_attention_f32(flags={"avx2", "fma", "avx512f"})  # PyTorch's AVX-512 kernel there
+    assert native.native_f32(flags={"avx2", "fma"}) == can
+    assert not native.native_f32(flags={"avx2", "fma", "avx512f"})  # PyTorch's AVX-512 kernel there
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
-    assert native.native_attention_f32(flags={"avx2", "fma", "avx512f"}) == can
+    assert native.native_f32(flags={"avx2", "fma", "avx512f"}) == can
     assert pick_backend(torch.device("cpu"), False, torch.float32).name == ("cpu-native" if can else "cpu-cascade")
     assert pick_backend(torch.device("cpu"), True, torch.float32).name == "deterministic"  # its own ops
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "torch")
-    assert not native.native_attention_f32()
+    assert not native.native_f32()
     assert pick_backend(torch.device("cpu"), False, torch.float32).name == "cpu-cascade"
 
 
@@ -171,9 +171,10 @@ def test_mode_switch(monkeypatch):
 @pytest.mark.parametrize("kv_cache_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("cache", [True, False], ids=["cache-on", "cache-off"])
 def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cache, kv_cache_dtype):
-    """The float32 policy (bf16 weights, float32 math: an AVX2 CPU's default) forced onto the kernel,
+    """The float32 policy (bf16 weights, float32 math: an AVX2 CPU's default) forced onto the kernels,
     head size 32, grouped heads: chunked prefill, cascade decode over a cached prefix and batched
-    decode call it, and greedy tokens and logprobs agree with transformers in float32."""
+    decode call the flash kernel, the layers the row-wise ops, and greedy tokens and logprobs agree
+    with transformers in float32."""
     import transformers as tf
     from conftest import TOKENIZER_DIR, hf_config
     from test_precision import _check_against
@@ -193,6 +194,11 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
     llm = LLM(str(tmp_path), dtype="bfloat16", compute_dtype="float32", kv_cache_dtype=kv_cache_dtype,
               num_blocks=128, max_num_batched_tokens=64, enable_prefix_caching=cache)
     assert llm.engine.runner.attention.name == "cpu-native"
+    from promptcache.model.transformer import MLP, Attention, RMSNorm
+
+    modules = list(llm.engine.runner.loaded.model.modules())  # RMSNorm, RoPE, gated SiLU in one pass each
+    assert all(m.native is not None for m in modules if isinstance(m, RMSNorm | Attention))
+    assert all(m.silu_mul is not None for m in modules if isinstance(m, MLP))
     lib = _lib()
     calls = {"causal": 0, "cached": 0, "tails": 0}
     flash = lib.flash
@@ -218,3 +224,44 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
                                  min_new_tokens=8, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         lps = [torch.log_softmax(lg[0].float(), -1) for lg in ref.logits]
         _check_against(out, ref.sequences[0, len(prompt):].tolist(), lambda i, t, lps=lps: lps[i][t].item(), tol)
+
+
+@runs_here
+@pytest.mark.parametrize("rows,width", [(1, 64), (7, 100), (300, 576), (33, 1537)])
+def test_row_ops_compute_what_pytorchs_composites_compute(rows, width):
+    """RMSNorm (and the residual add before it), RoPE and SiLU-and-multiply in one pass, float32:
+    RoPE bit-identical (no fused multiply-adds where PyTorch rounds), the others within a float32
+    sum's order and exp's last bits."""
+    import torch.nn.functional as F
+
+    from promptcache.model.attention import write_kv
+    from promptcache.model.transformer import rotate
+
+    lib = _lib()
+    g = torch.Generator().manual_seed(rows * width)
+    wide = torch.randn(rows, width + 8, generator=g) * 3
+    x = wide[:, 3 : 3 + width]  # rows of a stride other than the width
+    w = torch.randn(width, generator=g)
+    ours = lib.rms_norm(x, w, 1e-5)
+    assert ours.shape == x.shape and ours.dtype == torch.float32
+    assert torch.allclose(ours, w * F.rms_norm(x, (width,), eps=1e-5), rtol=1e-5, atol=1e-6)
+    delta = torch.randn(rows, width, generator=g)
+    total, normed = lib.add_rms_norm(x, delta, w, 1e-5)
+    assert torch.equal(total, x + delta)
+    assert torch.allclose(normed, w * F.rms_norm(x + delta, (width,), eps=1e-5), rtol=1e-5, atol=1e-6)
+    d = 2 * (width // 4) or 2
+    heads = width // d
+    angles = torch.rand(rows, d // 2, generator=g) * 100
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
+    qk = wide[:, : heads * d].view(rows, heads, d)
+    assert torch.equal(lib.rope(qk, cos, sin), rotate(qk, (cos, sin)))
+    gate_up = torch.randn(rows, 2 * width, generator=g) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.allclose(lib.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    ours_kv, theirs_kv = (torch.zeros(2, 3, 64, 32) for _ in range(2))
+    qkv = torch.randn(10, 15, 32, generator=g)
+    slots = torch.tensor([5, 6, 7, 40, 41, 63, 0, 1, 2, 3])
+    lib.write_kv(ours_kv, qkv[:, 9:12], qkv[:, 12:], slots)
+    write_kv(theirs_kv, qkv[:, 9:12], qkv[:, 12:], slots)
+    assert torch.equal(ours_kv, theirs_kv)

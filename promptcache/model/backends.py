@@ -85,6 +85,6 @@ def pick_backend(device: torch.device, deterministic: bool, dtype: torch.dtype =
     if device.type != "cpu":
         return Portable()
     if (dtype == torch.bfloat16 and native.native_attention()) or (
-            dtype == torch.float32 and native.native_attention_f32()):
+            dtype == torch.float32 and native.native_f32()):
         return CascadeNative()
     return CascadeCPU()

@@ -237,8 +237,8 @@ def _tail_call(kernel: Kernel, grouped: bool, q: torch.Tensor, kv_cache: torch.T
 
 
 def _write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, grouped: bool) -> None:
-    lib = native.library() if grouped else None
-    if lib is not None and k.dtype == kv_cache.dtype == torch.bfloat16:
+    lib = native.library_for(k.dtype) if grouped and k.dtype == kv_cache.dtype else None
+    if lib is not None:
         lib.write_kv(kv_cache, k, v, slots)  # rows copied to their slots (index_copy_ is ~10x slower here)
     else:
         write_kv(kv_cache, k, v, slots)

@@ -39,13 +39,8 @@ def native_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     instead of ``mask``: sequence b attends to its first kv_lens[b] keys. ``kv_idx`` [B, N]: k, v
     are a paged cache's ``[kvh, slots, d]`` and sequence b's keys are at those slots (read in place
     natively, gathered for the fallback)."""
-    lib: native.Library | native.LibraryF32 | None = None
-    if mask is None and k.dtype == v.dtype:
-        if q.dtype == k.dtype == torch.bfloat16:
-            lib = native.library()
-        elif q.dtype == torch.float32 and k.dtype in (torch.float32, torch.bfloat16):
-            lib = native.library_f32()
-    if lib is not None:
+    lib = native.library_for(q.dtype) if mask is None and k.dtype == v.dtype else None
+    if lib is not None and (k.dtype == q.dtype or k.dtype == torch.bfloat16):  # float32 math reads a bf16 cache
         res = lib.flash(q, k, v, scale, causal, kv_lens=kv_lens, kv_idx=kv_idx)
         if res is not None:
             return res

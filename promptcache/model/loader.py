@@ -218,6 +218,7 @@ def load_model(
     if prepack and device.type == "cpu" and not deterministic:
         # oneDNN's layout once, not a reorder per call; a tied embedding table in its values' dtype
         prepack_linears(model, embed_dtype=rounding if rounding != dtype else None)
-    if device.type == "cpu" and not deterministic and dtype == torch.bfloat16 and native.native_ops():
-        model.use_native_ops(native.library())  # RMSNorm, gated SiLU in one pass each
+    lib = native.ops_library(dtype) if device.type == "cpu" and not deterministic else None
+    if lib is not None:
+        model.use_native_ops(lib)  # RMSNorm, RoPE, gated SiLU in one pass each
     return LoadedModel(model, arch, model_dir, hf_config, load_generation_config(model_dir))

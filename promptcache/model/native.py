@@ -28,7 +28,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from torch.profiler import record_function
@@ -36,7 +35,6 @@ from torch.profiler import record_function
 from promptcache.home import cache_root
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 CSRC = Path(__file__).with_name("csrc")
 
@@ -52,6 +50,7 @@ class Spec:
     headers: tuple[Path, ...]
     isa: tuple[str, ...]
     needs: tuple[str, ...]
+    dtype: torch.dtype  # of the tensors its ops take
 
     @property
     def cflags(self) -> tuple[str, ...]:
@@ -60,10 +59,10 @@ class Spec:
 
 BF16 = Spec("native_bf16", (CSRC / "flash_bf16.c", CSRC / "ops_bf16.c"), (CSRC / "exp512.h",),
             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"),
-            ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"))
+            ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"), torch.bfloat16)
 # float32 math (CPUs without native bf16: the engine computes in float32 there)
-F32 = Spec("native_f32", (CSRC / "flash_f32.c",), (CSRC / "exp256.h",), ("-mavx2", "-mfma"),
-           ("avx2", "fma"))
+F32 = Spec("native_f32", (CSRC / "flash_f32.c", CSRC / "ops_f32.c"), (CSRC / "exp256.h",), ("-mavx2", "-mfma"),
+           ("avx2", "fma"), torch.float32)
 SPECS = (BF16, F32)
 MODES = ("auto", "native", "torch")
 
@@ -112,146 +111,125 @@ def build(out_dir: Path | None = None, spec: Spec = BF16) -> Path:
 
 
 class Library:
-    def __init__(self, path: Path) -> None:
+    """One compiled library: bf16 (``BF16``: bf16 tensors throughout) or float32 (``F32``: float32
+    tensors; its flash kernel also reads a bf16 KV cache). The same ops, the same signatures."""
+
+    def __init__(self, path: Path, dtype: torch.dtype = torch.bfloat16) -> None:
         torch.get_num_threads()  # torch's OpenMP runtime is loaded first: the library reuses it
         self.lib = ctypes.CDLL(str(path))
+        self.dtype = dtype
+        self.sfx = "bf16" if dtype == torch.bfloat16 else "f32"
         p, i64, arr = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
-        self.lib.pc_flash_bf16.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, arr, arr, arr, arr, arr, p,
-                                           p, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-        self.lib.pc_flash_bf16.restype = ctypes.c_int
-        self.lib.pc_rms_norm_bf16.argtypes = [p, i64, p, p, i64, i64, ctypes.c_float, ctypes.c_int]
-        self.lib.pc_rms_norm_bf16.restype = None
-        self.lib.pc_silu_mul_bf16.argtypes = [p, i64, p, i64, i64, ctypes.c_int]
-        self.lib.pc_silu_mul_bf16.restype = None
-        self.lib.pc_write_kv_bf16.argtypes = [p, i64, i64, p, i64, i64, p, p, i64, i64, p, i64, i64, i64, ctypes.c_int]
-        self.lib.pc_write_kv_bf16.restype = None
-        self.lib.pc_rope_bf16.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, i64, ctypes.c_int]
-        self.lib.pc_rope_bf16.restype = None
-        self.lib.pc_add_rms_norm_bf16.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float, ctypes.c_int]
-        self.lib.pc_add_rms_norm_bf16.restype = None
+        f32, i32 = ctypes.c_float, ctypes.c_int
+        # the float32 kernel takes one more argument before the thread count: whether K/V are bf16
+        extra = [i32] if self.sfx == "f32" else []
+        signatures = {
+            "flash": ([p, p, p, p, p, i64, i64, i64, i64, i64, i64, arr, arr, arr, arr, arr, p, p, f32, i32, *extra,
+                       i32], ctypes.c_int),
+            "rms_norm": ([p, i64, p, p, i64, i64, f32, i32], None),
+            "add_rms_norm": ([p, p, p, p, p, i64, i64, f32, i32], None),
+            "silu_mul": ([p, i64, p, i64, i64, i32], None),
+            "rope": ([p, i64, i64, p, p, i64, p, i64, i64, i64, i32], None),
+            "write_kv": ([p, i64, i64, p, i64, i64, p, p, i64, i64, p, i64, i64, i64, i32], None),
+        }
+        self.fn: dict[str, Callable[..., int | None]] = {}
+        for name, (argtypes, restype) in signatures.items():
+            fn = getattr(self.lib, f"pc_{name}_{self.sfx}")
+            fn.argtypes, fn.restype = argtypes, restype
+            self.fn[name] = fn
+
+    def _call(self, name: str, *args: object) -> None:
+        with _named(f"native::{name}_{self.sfx}"):  # named in torch profiler tables
+            self.fn[name](*args, torch.get_num_threads())
 
     def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``s = x + delta`` and ``rms_norm(s)`` (as ``rms_norm``) in one pass: x, delta [T, H] bf16."""
+        """``s = x + delta`` and ``rms_norm(s)`` (as ``rms_norm``) in one pass: x, delta [T, H]."""
         x, delta = x.contiguous(), delta.contiguous()
-        assert x.dtype == delta.dtype == weight.dtype == torch.bfloat16 and x.shape == delta.shape and x.dim() == 2
+        assert x.dtype == delta.dtype == weight.dtype == self.dtype and x.shape == delta.shape and x.dim() == 2
         total, out = torch.empty_like(x), torch.empty_like(x)
-        with _named("native::add_rms_norm_bf16"):
-            self.lib.pc_add_rms_norm_bf16(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), total.data_ptr(),
-                                          out.data_ptr(), x.shape[0], x.shape[1], eps, torch.get_num_threads())
+        self._call("add_rms_norm", x.data_ptr(), delta.data_ptr(), weight.data_ptr(), total.data_ptr(), out.data_ptr(),
+                   x.shape[0], x.shape[1], eps)
         return total, out
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate-half RoPE in one pass: x [T, heads, d] bf16 (any row / head strides), cos, sin
-        [T, 1, d] bf16 -> ``x * cos + rotate_half(x) * sin`` [T, heads, d], contiguous."""
+        """Rotate-half RoPE in one pass: x [T, heads, d] (any row / head strides), cos, sin [T, 1, d]
+        -> ``x * cos + rotate_half(x) * sin`` [T, heads, d], contiguous."""
         t, heads, d = x.shape
-        assert x.dtype == cos.dtype == sin.dtype == torch.bfloat16 and d % 2 == 0
+        assert x.dtype == cos.dtype == sin.dtype == self.dtype and d % 2 == 0
         assert x.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride() == sin.stride()
         assert cos.shape == sin.shape == (t, 1, d)
-        out = torch.empty(t, heads, d, dtype=torch.bfloat16)
-        with _named("native::rope_bf16"):
-            self.lib.pc_rope_bf16(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(),
-                                  cos.stride(0), out.data_ptr(), t, heads, d, torch.get_num_threads())
+        out = torch.empty(t, heads, d, dtype=self.dtype)
+        self._call("rope", x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), cos.stride(0),
+                   out.data_ptr(), t, heads, d)
         return out
 
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """``attention.write_kv`` for bf16: k, v [T, kvh, d] into kv_cache [2, kvh, slots, d] at ``slots``
-        (the step's slot mapping: in range by construction, not checked per call)."""
+        """``attention.write_kv``: k, v [T, kvh, d] into kv_cache [2, kvh, slots, d] at ``slots`` (the
+        step's slot mapping: in range by construction, not checked per call)."""
         t, h, d = k.shape
-        assert k.dtype == v.dtype == kv_cache.dtype == torch.bfloat16 and k.stride(-1) == v.stride(-1) == 1
+        assert k.dtype == v.dtype == kv_cache.dtype == self.dtype and k.stride(-1) == v.stride(-1) == 1
         assert slots.dtype == torch.int64 and slots.is_contiguous() and kv_cache.stride(-1) == 1
         assert slots.shape == (t,) and v.shape == k.shape and kv_cache.shape[1] == h and kv_cache.shape[3] == d
-        with _named("native::write_kv_bf16"):
-            self.lib.pc_write_kv_bf16(k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
-                                      v.stride(1), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), kv_cache.stride(1),
-                                      kv_cache.stride(2), slots.data_ptr(), t, h, d, torch.get_num_threads())
+        self._call("write_kv", k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
+                   kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), kv_cache.stride(1), kv_cache.stride(2),
+                   slots.data_ptr(), t, h, d)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """x [..., H] bf16 (rows of any stride, last dim contiguous), weight [H] bf16 -> bf16, contiguous:
-        ``weight * rms_norm(x.float()).to(bf16)`` in one pass."""
+        """x [..., H] (rows of any stride, last dim contiguous), weight [H] -> contiguous, in one pass:
+        ``weight * rms_norm(x.float()).to(x.dtype)``."""
         h = x.shape[-1]
         rows = x.reshape(-1, h)  # a view where it can be
-        assert x.dtype == weight.dtype == torch.bfloat16 and rows.stride(-1) == 1 and weight.is_contiguous()
-        out = torch.empty(rows.shape, dtype=torch.bfloat16)
-        with _named("native::rms_norm_bf16"):
-            self.lib.pc_rms_norm_bf16(rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(),
-                                      rows.shape[0], h, eps, torch.get_num_threads())
+        assert x.dtype == weight.dtype == self.dtype and rows.stride(-1) == 1 and weight.is_contiguous()
+        out = torch.empty(rows.shape, dtype=self.dtype)
+        self._call("rms_norm", rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), rows.shape[0], h,
+                   eps)
         return out.view(x.shape)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """gate_up [T, 2I] bf16 -> ``silu(gate) * up`` [T, I] bf16 in one pass."""
+        """gate_up [T, 2I] -> ``silu(gate) * up`` [T, I] in one pass."""
         t, two_i = gate_up.shape
-        assert gate_up.dtype == torch.bfloat16 and gate_up.stride(-1) == 1 and two_i % 2 == 0
-        out = torch.empty(t, two_i // 2, dtype=torch.bfloat16)
-        with _named("native::silu_mul_bf16"):
-            self.lib.pc_silu_mul_bf16(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), t, two_i // 2,
-                                      torch.get_num_threads())
+        assert gate_up.dtype == self.dtype and gate_up.stride(-1) == 1 and two_i % 2 == 0
+        out = torch.empty(t, two_i // 2, dtype=self.dtype)
+        self._call("silu_mul", gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), t, two_i // 2)
         return out
 
     def flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
               num_threads: int | None = None, kv_lens: torch.Tensor | None = None,
               kv_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """q [B, H, M, d], k, v [B, kvh, N, d] bf16 (any strides, last dim contiguous) ->
-        (out [B, H, M, d] bf16, lse [B, H, M] float32), or None for arguments it does not take.
-        ``kv_lens``: [B] int64, the keys of each sequence (the rest of its N are not read).
+        """q [B, H, M, d], k, v [B, kvh, N, d] (any strides, last dim contiguous; bf16 library: all
+        bf16, head size a multiple of 32; float32 library: q float32, k, v float32 or bf16, a multiple
+        of 16) -> (out [B, H, M, d] in q's dtype, lse [B, H, M] float32), or None for arguments it does
+        not take. ``kv_lens``: [B] int64, the keys of each sequence (the rest of its N are not read).
         ``kv_idx``: [B, N] int64, the rows of k, v holding each sequence's keys (then k, v are
         ``[kvh, slots, d]``: a paged cache read in place, no gather). Lengths and slots come from the
         step's plan, in range by construction: they are not checked per call (a check is a sync)."""
-        assert q.dtype == k.dtype == v.dtype == torch.bfloat16
-        return _flash(self.lib.pc_flash_bf16, "native::flash_bf16", (), q, k, v, scale, causal, num_threads, kv_lens,
-                      kv_idx)
-
-
-def _flash(fn: Callable[..., int], name: str, extra: tuple[int, ...], q: torch.Tensor, k: torch.Tensor,
-           v: torch.Tensor, scale: float, causal: bool, num_threads: int | None, kv_lens: torch.Tensor | None,
-           kv_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One flash call of either library (their arguments are the same but for ``extra``, passed
-    before the thread count); output in q's dtype."""
-    b, h, m, d = q.shape
-    if kv_idx is not None:
-        assert kv_idx.dtype == torch.int64 and kv_idx.is_contiguous() and kv_idx.shape[0] == b
-        assert k.dim() == 3
-        k, v = k.unsqueeze(0).expand(b, -1, -1, -1), v.unsqueeze(0).expand(b, -1, -1, -1)  # stride 0 over b
-    kvh, n = k.shape[1], (k.shape[2] if kv_idx is None else kv_idx.shape[1])
-    assert v.shape == k.shape and k.shape[0] == b and k.shape[-1] == d and k.dtype == v.dtype
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return None
-    if kv_lens is not None:
-        assert kv_lens.dtype == torch.int64 and kv_lens.is_contiguous() and kv_lens.shape == (b,)
-    out = torch.empty(b, h, m, d, dtype=q.dtype)
-    lse = torch.empty(b, h, m, dtype=torch.float32)
-    strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
-    lse_strides = (ctypes.c_int64 * 3)(*lse.stride())
-    with _named(name):  # named in torch profiler tables
-        rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), b, h, kvh, m, n, d,
-                *strides, lse_strides, kv_lens.data_ptr() if kv_lens is not None else None,
-                kv_idx.data_ptr() if kv_idx is not None else None, scale, int(causal), *extra,
-                num_threads or torch.get_num_threads())
-    if rc == -2:
-        raise MemoryError(f"{name}: out of memory for its packed K/V")
-    return (out, lse) if rc == 0 else None
-
-
-class LibraryF32:
-    """The float32 flash kernel (``csrc/flash_f32.c``, AVX2 + FMA): float32 queries over float32 or
-    bf16 K/V (a bf16 KV cache beside float32 math), with ``Library.flash``'s shapes and meaning."""
-
-    def __init__(self, path: Path) -> None:
-        torch.get_num_threads()
-        self.lib = ctypes.CDLL(str(path))
-        p, i64, arr = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
-        self.lib.pc_flash_f32.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i64, arr, arr, arr, arr, arr, p,
-                                          p, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        self.lib.pc_flash_f32.restype = ctypes.c_int
-
-    def flash(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-              num_threads: int | None = None, kv_lens: torch.Tensor | None = None,
-              kv_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """As ``Library.flash`` for q float32 and k, v float32 or bf16; out float32. None for what it
-        does not take (head sizes that are not a multiple of 16, a strided last dimension)."""
-        assert q.dtype == torch.float32 and k.dtype in (torch.float32, torch.bfloat16)
-        return _flash(self.lib.pc_flash_f32, "native::flash_f32", (int(k.dtype == torch.bfloat16),), q, k, v, scale,
-                      causal, num_threads, kv_lens, kv_idx)
+        b, h, m, d = q.shape
+        assert q.dtype == self.dtype and k.dtype == v.dtype
+        assert k.dtype == self.dtype or (self.sfx == "f32" and k.dtype == torch.bfloat16)
+        extra = (int(k.dtype == torch.bfloat16),) if self.sfx == "f32" else ()
+        if kv_idx is not None:
+            assert kv_idx.dtype == torch.int64 and kv_idx.is_contiguous() and kv_idx.shape[0] == b
+            assert k.dim() == 3
+            k, v = k.unsqueeze(0).expand(b, -1, -1, -1), v.unsqueeze(0).expand(b, -1, -1, -1)  # stride 0 over b
+        kvh, n = k.shape[1], (k.shape[2] if kv_idx is None else kv_idx.shape[1])
+        assert v.shape == k.shape and k.shape[0] == b and k.shape[-1] == d
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            return None
+        if kv_lens is not None:
+            assert kv_lens.dtype == torch.int64 and kv_lens.is_contiguous() and kv_lens.shape == (b,)
+        out = torch.empty(b, h, m, d, dtype=q.dtype)
+        lse = torch.empty(b, h, m, dtype=torch.float32)
+        strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
+        lse_strides = (ctypes.c_int64 * 3)(*lse.stride())
+        with _named(f"native::flash_{self.sfx}"):
+            rc = self.fn["flash"](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), b, h, kvh,
+                                  m, n, d, *strides, lse_strides, kv_lens.data_ptr() if kv_lens is not None else None,
+                                  kv_idx.data_ptr() if kv_idx is not None else None, scale, int(causal), *extra,
+                                  num_threads or torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError(f"flash_{self.sfx}: out of memory for its packed K/V")
+        return (out, lse) if rc == 0 else None
 
 
 def _named(name: str) -> contextlib.AbstractContextManager[object]:
@@ -263,20 +241,25 @@ def _named(name: str) -> contextlib.AbstractContextManager[object]:
 @functools.cache
 def library() -> Library | None:
     """The compiled bf16 library, or None where it cannot run or build (logged once)."""
-    return _load(BF16, Library)
+    return _load(BF16)
 
 
 @functools.cache
-def library_f32() -> LibraryF32 | None:
+def library_f32() -> Library | None:
     """The compiled float32 library, or None where it cannot run or build (logged once)."""
-    return _load(F32, LibraryF32)
+    return _load(F32)
 
 
-def _load(spec: Spec, cls: Callable[[Path], T]) -> T | None:
+def library_for(dtype: torch.dtype) -> Library | None:
+    """The library whose ops take tensors of ``dtype`` (bf16 or float32), where it runs."""
+    return library() if dtype == torch.bfloat16 else library_f32() if dtype == torch.float32 else None
+
+
+def _load(spec: Spec) -> Library | None:
     if not can_run(spec=spec):
         return None
     try:
-        return cls(build(spec=spec))
+        return Library(build(spec=spec), spec.dtype)
     except (RuntimeError, OSError) as e:
         log.warning("native CPU kernels (%s) unavailable, using PyTorch's: %s", spec.name, e)
         return None
@@ -304,11 +287,20 @@ def native_ops() -> bool:
     return _mode() != "torch" and library() is not None
 
 
-def native_attention_f32(flags: set[str] | None = None) -> bool:
-    """Whether float32 attention runs in our AVX2 kernel: by default where the CPU has no AVX-512
-    (there it is measured against PyTorch's AVX2 kernel; PyTorch's AVX-512 kernel is twice as wide
-    and unmeasured against it), anywhere it runs with ``native``."""
+def native_f32(flags: set[str] | None = None) -> bool:
+    """Whether float32 attention and row-wise ops run in our AVX2 kernels: by default where the CPU
+    has no AVX-512 (there they are measured against PyTorch's AVX2 kernels; PyTorch's AVX-512 ones
+    are twice as wide and unmeasured against them), anywhere they run with ``native``."""
     mode = _mode()
     if mode == "torch" or (mode == "auto" and "avx512f" in (cpu_flags() if flags is None else flags)):
         return False
     return library_f32() is not None
+
+
+def ops_library(dtype: torch.dtype) -> Library | None:
+    """The library whose one-pass row-wise ops a CPU model of this compute dtype uses, if any."""
+    if dtype == torch.bfloat16:
+        return library() if native_ops() else None
+    if dtype == torch.float32:
+        return library_f32() if native_f32() else None
+    return None

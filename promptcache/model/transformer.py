@@ -44,7 +44,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     row_tiled = False  # deterministic mode: fixed-shape row tiles (model/deterministic.py)
-    native: Any = None  # model/native.py's Library: the same ops in one pass (bf16 on AVX512-BF16 CPUs)
+    native: Any = None  # model/native.py's Library: the same ops in one pass (bf16 or float32 CPU kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_tiled:
@@ -134,7 +134,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
-        self.native: Any = None  # model/native.py's Library: RoPE in one pass (bf16 on AVX512-BF16 CPUs)
+        self.native: Any = None  # model/native.py's Library: RoPE in one pass
 
     def _rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.native.rope(x, *rope) if self.native is not None else rotate(x, rope)
@@ -177,7 +177,7 @@ class MLP(nn.Module):
         self.up = Linear(cfg.hidden_size, up_out, bias=cfg.mlp_bias)  # gate|up when gated
         self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.deterministic = False
-        self.silu_mul: Any = None  # model/native.py's Library (gated SiLU, bf16 on AVX512-BF16 CPUs)
+        self.silu_mul: Any = None  # model/native.py's Library (gated SiLU in one pass)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
@@ -246,10 +246,11 @@ class CausalLM(nn.Module):
                     module.deterministic = True
 
     def use_native_ops(self, lib: Any) -> None:
-        """RMSNorm, RoPE and gated SiLU through ``lib`` (model/native.py; bf16 weights on a CPU, not
-        deterministic mode): one pass each instead of PyTorch's three to six."""
+        """RMSNorm, RoPE and gated SiLU through ``lib`` (model/native.py: its dtype is the compute
+        dtype, bf16 or float32, on a CPU, not deterministic mode): one pass each instead of PyTorch's
+        three to six."""
         for module in self.modules():
-            if isinstance(module, RMSNorm) and module.weight.dtype == torch.bfloat16:
+            if isinstance(module, RMSNorm) and module.weight.dtype == lib.dtype:
                 module.native = lib
             elif isinstance(module, MLP) and module.gated and self.cfg.hidden_act in ("silu", "swish"):
                 module.silu_mul = lib
