@@ -162,18 +162,18 @@ static void run_item(const Item *it, const float *q, const int64_t *qs, const Ke
     const float *vrows[KB];
     int64_t rows = M - it->q0 < QB ? M - it->q0 : QB;
     int64_t rowsr = (rows + RB - 1) / RB * RB;
-    for (int64_t r = 0; r < rowsr; r++) {
-        if (r < rows)
-            memcpy(qloc + r * D, q + it->b * qs[0] + it->h * qs[1] + (it->q0 + r) * qs[2], D * sizeof(float));
-        else
-            memset(qloc + r * D, 0, D * sizeof(float));
+    const __m256 vscale = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
+    for (int64_t r = 0; r < rowsr; r++) { /* queries times the scale: scores come out scaled */
+        const float *src = q + it->b * qs[0] + it->h * qs[1] + (it->q0 + r) * qs[2];
+        for (int64_t c = 0; c < D; c += 8)
+            _mm256_storeu_ps(qloc + r * D + c, r < rows ? _mm256_mul_ps(_mm256_loadu_ps(src + c), vscale)
+                                                        : _mm256_setzero_ps());
         mx[r] = -INFINITY;
         sum[r] = 0.0f;
     }
     memset(o, 0, sizeof(float) * rowsr * D);
     int64_t k_hi = it->k_hi;
     if (causal && N - M + it->q0 + rows < k_hi) k_hi = N - M + it->q0 + rows;
-    const __m256 vscale = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
     for (int64_t k0 = it->k_lo; k0 < k_hi; k0 += KB) {
         int64_t nk = k_hi - k0 < KB ? k_hi - k0 : KB;
         int64_t nk16 = (nk + 15) & ~(int64_t)15; /* within the packed keys: they are padded to 16 */
@@ -200,22 +200,16 @@ static void run_item(const Item *it, const float *q, const int64_t *qs, const Ke
             }
             __m256 vmax = ninf;
             int64_t j = 0;
-            for (; j + 8 <= valid; j += 8) {
-                __m256 x = _mm256_mul_ps(_mm256_loadu_ps(sr + j), vscale);
-                _mm256_storeu_ps(sr + j, x);
-                vmax = _mm256_max_ps(vmax, x);
-            }
+            for (; j + 8 <= valid; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sr + j));
             float m_new = hmax256(vmax);
-            for (; j < valid; j++) {
-                sr[j] *= scale;
+            for (; j < valid; j++)
                 if (sr[j] > m_new) m_new = sr[j];
-            }
             for (; j < nk16; j++) sr[j] = -INFINITY;
             if (mx[r] > m_new) m_new = mx[r];
             float alpha = expf(mx[r] - m_new); /* mx = -inf at first: 0 */
             __m256 vm = _mm256_set1_ps(m_new), vsum = _mm256_setzero_ps();
             for (j = 0; j < nk16; j += 8) {
-                __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), vm));
+                __m256 p = exp256_le0(_mm256_sub_ps(_mm256_loadu_ps(sr + j), vm));
                 vsum = _mm256_add_ps(vsum, p);
                 _mm256_storeu_ps(sr + j, p);
             }
