@@ -42,6 +42,11 @@ def planned(q, k, v, kv, attn) -> torch.Tensor:  # type: ignore[no-untyped-def]
     return C.paged_attention(q, k, v, kv, attn, D**-0.5)
 
 
+def planned_native(q, k, v, kv, attn) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    attn.cascade_plan = C.plan_cascade(attn, q.dtype, q.device, by_slot=True)  # the cpu-native backend's plan
+    return C.paged_attention(q, k, v, kv, attn, D**-0.5, cpu_kernel="native")
+
+
 def gathered(q, k, v, kv, attn) -> torch.Tensor:  # type: ignore[no-untyped-def]
     A.write_kv(kv, k, v, attn.slot_mapping)
     outs = []
@@ -90,12 +95,13 @@ def cases() -> list[tuple[str, list[tuple[list[int], int, int]]]]:
 
 def kernel_rates() -> None:
     """The CPU attention kernels' rates by shape (they bound prefill over long contexts): PyTorch's
-    flash kernel, and in bf16 promptcache's own (model/native.py) where this CPU runs it."""
-    lib = native.library()
+    flash kernel, and promptcache's own (model/native.py: bf16 with AVX512-BF16, float32 with AVX2)
+    where this CPU runs it."""
     print("\n| dtype | heads x queries x keys | causal | PyTorch ms | GFLOP/s | native ms | GFLOP/s |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     for dt in (torch.bfloat16, torch.float32):
+        lib = native.library_for(dt)
         shapes = ((9, 2048, 2048, True), (3, 6144, 2048, False), (3, 384, 1920, False), (3, 24, 2048, False))
         for h, m, n, causal in shapes:
             q, k, v = (torch.randn(1, h, length, D).to(dt) for length in (m, n, n))
@@ -103,8 +109,8 @@ def kernel_rates() -> None:
             flops = 4 * h * m * n * D / (2 if causal else 1)
             name = str(dt).removeprefix("torch.")
             ours = "| – | –"
-            if lib is not None and dt == torch.bfloat16:
-                ns, _ = timed(lambda q=q, k=k, v=v, causal=causal: lib.flash(q, k, v, D**-0.5, causal))
+            if lib is not None:
+                ns, _ = timed(lambda q=q, k=k, v=v, causal=causal, lib=lib: lib.flash(q, k, v, D**-0.5, causal))
                 ours = f"| {ns:.2f} | {flops / ns / 1e6:.0f}"
             print(f"| {name} | {h} x {m} x {n} | {causal} | {ms:.2f} | {flops / ms / 1e6:.0f} {ours} |")
 
@@ -113,8 +119,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     torch.set_num_threads(ap.parse_args().threads)
-    print("| dtype | case | planned (ms) | gathered (ms) | max diff |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print("| dtype | case | planned (ms) | planned, native kernel (ms) | gathered (ms) | max diff |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for dt in (torch.bfloat16, torch.float32):
         kv = torch.randn(2, KVH, 8 * 2048 // BLOCK * BLOCK + 4096, D).to(dt)
         for name, tables in cases():
@@ -122,7 +128,12 @@ def main() -> None:
             new_ms, new = timed(planned, q, k, v, kv, attn)
             old_ms, old = timed(gathered, q, k, v, kv, attn)
             diff = (new.float() - old.float()).abs().max().item()
-            print(f"| {str(dt).removeprefix('torch.')} | {name} | {new_ms:.2f} | {old_ms:.2f} | {diff:.1e} |")
+            nat = "–"
+            if native.library_for(dt) is not None:
+                nat_ms, nat_out = timed(planned_native, q, k, v, kv, attn)
+                nat = f"{nat_ms:.2f}"
+                diff = max(diff, (nat_out.float() - old.float()).abs().max().item())
+            print(f"| {str(dt).removeprefix('torch.')} | {name} | {new_ms:.2f} | {nat} | {old_ms:.2f} | {diff:.1e} |")
     kernel_rates()
 
 
