@@ -265,3 +265,31 @@ def test_row_ops_compute_what_pytorchs_composites_compute(rows, width):
     lib.write_kv(ours_kv, qkv[:, 9:12], qkv[:, 12:], slots)
     write_kv(theirs_kv, qkv[:, 9:12], qkv[:, 12:], slots)
     assert torch.equal(ours_kv, theirs_kv)
+
+
+@runs_here
+def test_a_long_context_takes_scratch_of_its_own():
+    """A decode-like call over a context whose packed keys pass the per-thread buffer kept between
+    calls (16 MiB) packs into a buffer of its own, freed after (no thread keeps that size)."""
+    g = torch.Generator().manual_seed(8)
+    n, d = 8200, 256  # 8,208 keys x 256 dims x (K + converted V): 4.2 M floats per item
+    q = torch.randn(8, 1, 1, d, generator=g)
+    k, v = (torch.randn(8, 1, n, d, generator=g).bfloat16() for _ in range(2))
+    res = _lib().flash(q, k, v, d**-0.5, False)
+    assert res is not None
+    ref_out, ref_lse = _reference(q, k, v, d**-0.5, False)
+    assert (res[0].double() - ref_out).abs().max().item() < 1e-5
+    assert (res[1].double() - ref_lse).abs().max().item() < 1e-5
+
+
+@runs_here
+def test_wrapper_checks_what_the_kernels_would_read_past():
+    lib = _lib()
+    x = torch.randn(4, 16)
+    with pytest.raises(AssertionError):
+        lib.rms_norm(x, torch.randn(8), 1e-5)  # a weight shorter than the row
+    with pytest.raises(AssertionError):
+        lib.add_rms_norm(x, x, torch.randn(32)[::2], 1e-5)  # a strided weight
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(AssertionError):  # causal over per-sequence lengths: not a call anyone makes
+        lib.flash(q, q, q, 0.25, True, kv_lens=torch.tensor([2]))

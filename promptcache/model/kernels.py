@@ -51,7 +51,7 @@ def native_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
         v = v.index_select(1, kv_idx.view(-1)).view(kvh, b, n, d).transpose(0, 1).to(q.dtype)
     # PyTorch's kernel aligns a causal mask top-left, and gives a row with no keys lse 0, not -inf:
     # the plan never asks for either (causal parts are square, every tail holds its own token)
-    assert not causal or q.shape[2] == k.shape[2]
+    assert not causal or (q.shape[2] == k.shape[2] and kv_lens is None)
     if kv_lens is not None:  # the same keys as an additive mask [B, 1, 1, N]
         mask = torch.full((q.shape[0], 1, 1, k.shape[2]), float("-inf"), dtype=q.dtype)
         mask.masked_fill_(torch.arange(k.shape[2]) < kv_lens.view(-1, 1, 1, 1), 0.0)

@@ -1,17 +1,25 @@
-"""promptcache's own bf16 CPU kernels, for CPUs with AVX512-BF16: flash attention
-(``csrc/flash_bf16.c``) and a decoder layer's row-wise ops in one pass each (``csrc/ops_bf16.c``:
-RMSNorm, RoPE, SiLU-and-multiply). Compiled on first use with the machine's C compiler and called through
-ctypes (no torch headers, so it builds in a second; the library links the OpenMP runtime torch has
-already loaded, so both share its threads; the GIL is released while a kernel runs).
+"""promptcache's own CPU kernels: flash attention and a decoder layer's row-wise ops in one pass each
+(RMSNorm with the residual add before it, RoPE, SiLU-and-multiply, K/V writes), in two libraries:
+
+- ``BF16`` (``csrc/flash_bf16.c``, ``csrc/ops_bf16.c``): bf16 math, for CPUs with AVX512-BF16;
+- ``F32`` (``csrc/flash_f32.c``, ``csrc/ops_f32.c``): float32 math (its attention also reads a bf16
+  KV cache), for CPUs with AVX2 and FMA — where the engine computes in float32 because bf16 math
+  is not native.
+
+Each is compiled on first use with the machine's C compiler and called through ctypes (no torch
+headers, so it builds in a second; it links the OpenMP runtime torch has already loaded, so both
+share its threads; the GIL is released while a kernel runs).
 
 ``Library.flash`` takes grouped-query heads as they are (query head h reads KV head h // (H / kvh))
-and returns None for what it does not take (head sizes that are not a multiple of 32, a strided
-last dimension): the caller then runs PyTorch's kernel, as without it (``kernels.native_flash``).
+and returns None for what it does not take (head sizes that are not a multiple of 32 for bf16, 16
+for float32, a strided last dimension): the caller then runs PyTorch's kernel, as without it
+(``kernels.native_flash``).
 
-Whether they are used (``native_attention()``, ``native_ops()``): ``PROMPTCACHE_CPU_KERNELS`` =
-``auto`` (default: wherever the CPU can run them, except attention on AMX CPUs, where PyTorch's
-flash kernel runs on the tile units), ``native`` (attention on AMX CPUs too), or ``torch``. Only
-bf16 compute on the CPU uses them, never deterministic mode (its batch-invariant ops are its own).
+Whether they are used: ``PROMPTCACHE_CPU_KERNELS`` = ``auto`` (default: bf16 wherever the CPU can
+run it, except attention on AMX CPUs, where PyTorch's flash kernel runs on the tile units; float32
+on CPUs without AVX-512, where PyTorch's kernels are AVX2 too), ``native`` (both wherever they run),
+or ``torch`` (``native_attention()``, ``native_ops()``, ``native_f32()``). Never in deterministic
+mode (its batch-invariant ops are its own).
 """
 
 from __future__ import annotations
@@ -147,6 +155,7 @@ class Library:
         """``s = x + delta`` and ``rms_norm(s)`` (as ``rms_norm``) in one pass: x, delta [T, H]."""
         x, delta = x.contiguous(), delta.contiguous()
         assert x.dtype == delta.dtype == weight.dtype == self.dtype and x.shape == delta.shape and x.dim() == 2
+        assert weight.is_contiguous() and weight.shape == (x.shape[1],)
         total, out = torch.empty_like(x), torch.empty_like(x)
         self._call("add_rms_norm", x.data_ptr(), delta.data_ptr(), weight.data_ptr(), total.data_ptr(), out.data_ptr(),
                    x.shape[0], x.shape[1], eps)
@@ -181,6 +190,7 @@ class Library:
         h = x.shape[-1]
         rows = x.reshape(-1, h)  # a view where it can be
         assert x.dtype == weight.dtype == self.dtype and rows.stride(-1) == 1 and weight.is_contiguous()
+        assert weight.shape == (h,)
         out = torch.empty(rows.shape, dtype=self.dtype)
         self._call("rms_norm", rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), rows.shape[0], h,
                    eps)
@@ -203,8 +213,11 @@ class Library:
         not take. ``kv_lens``: [B] int64, the keys of each sequence (the rest of its N are not read).
         ``kv_idx``: [B, N] int64, the rows of k, v holding each sequence's keys (then k, v are
         ``[kvh, slots, d]``: a paged cache read in place, no gather). Lengths and slots come from the
-        step's plan, in range by construction: they are not checked per call (a check is a sync)."""
+        step's plan, in range by construction: they are not checked per call (a check is a sync).
+        Not both ``causal`` and ``kv_lens`` (no caller needs it, and "causal" over a shortened key
+        range has two readings: the kernel would align it at each sequence's end)."""
         b, h, m, d = q.shape
+        assert not (causal and kv_lens is not None)
         assert q.dtype == self.dtype and k.dtype == v.dtype
         assert k.dtype == self.dtype or (self.sfx == "f32" and k.dtype == torch.bfloat16)
         extra = (int(k.dtype == torch.bfloat16),) if self.sfx == "f32" else ()

@@ -240,10 +240,15 @@ static void run_item(const Item *it, const float *q, const int64_t *qs, const Ke
 }
 
 /* A buffer of at least n floats owned by the calling thread and kept for its next call (as in
- * flash_bf16.c: no fresh mapping per work item). */
-static float *thread_scratch(int64_t n) {
+ * flash_bf16.c: no fresh mapping per work item) — up to SCRATCH_KEEP floats: a larger one (a
+ * work item over a very long context) is the caller's, freed after the item (*owned set), so one
+ * long step does not leave every thread holding its size. */
+#define SCRATCH_KEEP (4 << 20) /* floats: 16 MiB per thread at most */
+static float *thread_scratch(int64_t n, int *owned) {
     static _Thread_local float *buf = NULL;
     static _Thread_local int64_t len = 0;
+    *owned = n > SCRATCH_KEEP;
+    if (*owned) return (float *)malloc(sizeof(float) * n);
     if (n > len) {
         free(buf);
         buf = (float *)malloc(sizeof(float) * n);
@@ -346,7 +351,8 @@ int pc_flash_f32(const float *q, const void *k, const void *v, float *out, float
             continue;
         }
         int64_t len = own.k_hi > own.k_lo ? own.k_hi - own.k_lo : 0, lpad = (len + 15) & ~(int64_t)15;
-        float *local = thread_scratch(lpad * D * (kv_bf16 ? 2 : 1) + 16);
+        int owned = 0;
+        float *local = thread_scratch(lpad * D * (kv_bf16 ? 2 : 1) + 16, &owned);
         if (local == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -366,6 +372,7 @@ int pc_flash_f32(const float *q, const void *k, const void *v, float *out, float
             kv.vidx = lidx, kv.vstride = vs[2];
         }
         run_item(&own, q, qs, &kv, M, n, D, scale, causal, out, os, lse, ls, po, pl);
+        if (owned) free(local);
     }
     if (failed) {
         free(items);
