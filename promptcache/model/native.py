@@ -71,7 +71,6 @@ BF16 = Spec("native_bf16", (CSRC / "flash_bf16.c", CSRC / "ops_bf16.c"), (CSRC /
 # float32 math (CPUs without native bf16: the engine computes in float32 there)
 F32 = Spec("native_f32", (CSRC / "flash_f32.c", CSRC / "ops_f32.c"), (CSRC / "exp256.h",), ("-mavx2", "-mfma"),
            ("avx2", "fma"), torch.float32)
-SPECS = (BF16, F32)
 MODES = ("auto", "native", "torch")
 
 
