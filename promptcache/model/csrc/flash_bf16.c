@@ -271,10 +271,16 @@ static void run_item(const Item *it, const bf16 *q, const int64_t *qs, const uin
 
 /* A buffer of at least n pairs owned by the calling thread and kept for its next call (the threads
  * are OpenMP's pool, which lives as long as the process): a fresh allocation per work item would
- * be a fresh mapping, and its pages would fault in, wherever malloc hands large blocks to mmap. */
-static uint32_t *thread_scratch(int64_t n) {
+ * be a fresh mapping, and its pages would fault in, wherever malloc hands large blocks to mmap.
+ * Kept up to SCRATCH_KEEP pairs: a larger one (a work item over a very long context) is the
+ * caller's, freed after the item (*owned set), so one long step does not leave every thread
+ * holding its size (as in flash_f32.c). */
+#define SCRATCH_KEEP (4 << 20) /* pairs: 16 MiB per thread at most */
+static uint32_t *thread_scratch(int64_t n, int *owned) {
     static _Thread_local uint32_t *buf = NULL;
     static _Thread_local int64_t len = 0;
+    *owned = n > SCRATCH_KEEP;
+    if (*owned) return (uint32_t *)malloc(sizeof(uint32_t) * n);
     if (n > len) {
         free(buf);
         buf = (uint32_t *)malloc(sizeof(uint32_t) * n);
@@ -370,7 +376,8 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
             continue;
         }
         int64_t len = own.k_hi > own.k_lo ? own.k_hi - own.k_lo : 0, lpad = (len + 63) & ~(int64_t)63;
-        uint32_t *local = thread_scratch(lpad * D + 16);
+        int owned = 0;
+        uint32_t *local = thread_scratch(lpad * D + 16, &owned);
         if (local == NULL) {
 #pragma omp atomic write
             failed = 1;
@@ -387,6 +394,7 @@ int pc_flash_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, float 
             pack_v(v + b * vs[0] + h * vs[1] + own.k_lo * vs[2], vs[2], NULL, len, lpad, D, lv);
         }
         run_item(&own, q, qs, lk, lv, own.k_lo, M, n, D, scale, causal, out, os, lse, ls, po, pl);
+        if (owned) free(local);
     }
     if (failed) {
         free(items);
