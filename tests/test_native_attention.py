@@ -294,11 +294,13 @@ def test_other_policies_keep_pytorchs_ops(monkeypatch, kwargs):
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
     llm = LLM("random:tiny", num_blocks=16, **kwargs)
     modules = list(llm.engine.runner.loaded.model.modules())
-    float32 = "deterministic" not in kwargs and native.can_run(spec=native.F32)
+    deterministic = "deterministic" in kwargs
+    float32 = not deterministic and native.can_run(spec=native.F32)  # the float32 kernels run here
     lib = native.library_f32() if float32 else None
     assert all(m.native is lib for m in modules if isinstance(m, RMSNorm | Attention))
     assert all(m.silu_mul is lib for m in modules if isinstance(m, MLP))
-    assert llm.engine.runner.attention.name == ("cpu-native" if float32 else "deterministic")
+    expected = "deterministic" if deterministic else "cpu-native" if float32 else "cpu-cascade"
+    assert llm.engine.runner.attention.name == expected
 
 
 @runs_here
