@@ -143,6 +143,31 @@ def test_native_kernel_path_matches_float64(path, q_dtype, kv_dtype, plan, by_sl
     assert err < max(TOL[q_dtype], TOL[kv_dtype]), f"{path} {q_dtype}/{kv_dtype}: max error {err:.2e}"
 
 
+@pytest.mark.skipif(not native.can_run(spec=native.F32), reason="the float32 kernel needs AVX2 and FMA")
+def test_by_slot_plans_put_every_decode_tail_in_the_one_call(monkeypatch):
+    """A kernel reading tails by slot and length pads nothing: by default a ``by_slot`` plan puts
+    every decode's tail in the step's one tail call however long it is, where a by-run plan gives
+    the ones past ``SHORT_CONTEXT`` calls of their own (here 2 tokens, so most tails pass it)."""
+    import promptcache.model.cascade as cascade
+
+    monkeypatch.setattr(cascade, "SHORT_CONTEXT", 2)
+    # (path, its decodes, the calls of their own a by-run plan gives them: a group's members' longer
+    # tails as chunks, a lone decode's context as a group of one)
+    for path, decodes, own_calls in (("two-groups", 3, 2), ("batched-decode", 3, 3)):
+        q, k, v, kv_cache, attn = _setup(path, torch.float32, torch.float32, d=32)
+        by_run = plan_cascade(attn, torch.float32, q.device)
+        by_slot = plan_cascade(attn, torch.float32, q.device, by_slot=True)
+        lone_groups = len(by_run.groups) if path == "batched-decode" else 0
+        assert sum(not c.fresh for c in by_run.chunks) + lone_groups == own_calls
+        assert by_slot.tail_rows is not None and by_slot.tail_rows.numel() == decodes
+        assert all(c.fresh for c in by_slot.chunks)  # no decode has a call of its own
+        assert by_slot.tail_only == (path == "batched-decode")  # lone decodes: no group calls at all
+        attn.cascade_plan = by_slot
+        out = paged_attention(q, k, v, kv_cache, attn, 32**-0.5, cpu_kernel="native")
+        err = (out.double() - _reference(q, kv_cache, attn, 32**-0.5)).abs().max().item()
+        assert err < TOL[torch.float32], f"{path}: max error {err:.2e}"
+
+
 @pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_deterministic_attention_row_does_not_depend_on_batch(q_dtype, kv_dtype):
     """A decode row's output is bit-identical alone, in a batch, or as part of a prefill chunk."""
