@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from promptcache.model import attention as A  # noqa: E402
 from promptcache.model import cascade as C  # noqa: E402
+from promptcache.model import cascade_plan as P  # noqa: E402
 from promptcache.model import native  # noqa: E402
 
 H, KVH, D = 9, 3, 64  # smollm2-135m's heads
@@ -38,12 +39,12 @@ def timed(fn, *args, repeats: int = 10) -> tuple[float, torch.Tensor]:  # type: 
 
 
 def planned(q, k, v, kv, attn) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    attn.cascade_plan = C.plan_cascade(attn, q.dtype, q.device)  # once per step: counted here too
+    attn.cascade_plan = P.plan_cascade(attn, q.dtype, q.device)  # once per step: counted here too
     return C.paged_attention(q, k, v, kv, attn, D**-0.5)
 
 
 def planned_native(q, k, v, kv, attn) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    attn.cascade_plan = C.plan_cascade(attn, q.dtype, q.device, by_slot=True)  # the cpu-native backend's plan
+    attn.cascade_plan = P.plan_cascade(attn, q.dtype, q.device, by_slot=True)  # the cpu-native backend's plan
     return C.paged_attention(q, k, v, kv, attn, D**-0.5, cpu_kernel="native")
 
 

@@ -13,7 +13,8 @@ import torch
 
 from promptcache.model import native
 from promptcache.model.attention import AttentionMetadata, runs_of_blocks
-from promptcache.model.cascade import paged_attention, plan_cascade
+from promptcache.model.cascade import paged_attention
+from promptcache.model.cascade_plan import plan_cascade
 from promptcache.model.deterministic import deterministic_attention
 
 BLOCK = 4
@@ -148,9 +149,9 @@ def test_by_slot_plans_put_every_decode_tail_in_the_one_call(monkeypatch):
     """A kernel reading tails by slot and length pads nothing: by default a ``by_slot`` plan puts
     every decode's tail in the step's one tail call however long it is, where a by-run plan gives
     the ones past ``SHORT_CONTEXT`` calls of their own (here 2 tokens, so most tails pass it)."""
-    import promptcache.model.cascade as cascade
+    import promptcache.model.cascade_plan as cascade_plan
 
-    monkeypatch.setattr(cascade, "SHORT_CONTEXT", 2)
+    monkeypatch.setattr(cascade_plan, "SHORT_CONTEXT", 2)
     # (path, its decodes, the calls of their own a by-run plan gives them: a group's members' longer
     # tails as chunks, a lone decode's context as a group of one)
     for path, decodes, own_calls in (("two-groups", 3, 2), ("batched-decode", 3, 3)):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import promptcache.model.cascade as cascade
+import promptcache.model.cascade_plan as cascade_plan
 from promptcache import LLM, SamplingParams
 from promptcache.engine.model_runner import ModelRunner
 
@@ -79,7 +79,7 @@ def transformers_reference(
 def run_cell(path: str, dtype: str, compute: str, cache: bool, device: str = "cpu"):
     """Generate the batch, then prompt 0 alone; record what the runner and attention did."""
     seen = {"chunked": 0, "decode_batch": 0, "cascade_group": 0}
-    plan, execute = cascade.plan_cascade, ModelRunner.execute
+    plan, execute = cascade_plan.plan_cascade, ModelRunner.execute
 
     def spy_plan(attn, *args, **kwargs):
         p = plan(attn, *args, **kwargs)
@@ -94,12 +94,12 @@ def run_cell(path: str, dtype: str, compute: str, cache: bool, device: str = "cp
     llm = LLM(path, dtype=dtype, compute_dtype=compute, num_blocks=128, max_num_batched_tokens=BUDGET,
               enable_prefix_caching=cache, device=device)
     params = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True, logprobs=5)
-    cascade.plan_cascade, ModelRunner.execute = spy_plan, spy_execute  # type: ignore[method-assign]
+    cascade_plan.plan_cascade, ModelRunner.execute = spy_plan, spy_execute  # type: ignore[method-assign]
     try:
         batch = llm.generate(PROMPTS, params)
         alone = llm.generate([PROMPTS[0]], params)[0]
     finally:
-        cascade.plan_cascade, ModelRunner.execute = plan, execute  # type: ignore[method-assign]
+        cascade_plan.plan_cascade, ModelRunner.execute = plan, execute  # type: ignore[method-assign]
     return llm.engine.runner, batch, alone, seen
 
 

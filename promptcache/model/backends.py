@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from promptcache.model import cascade as _cascade
+from promptcache.model import cascade_plan as _plan
 from promptcache.model import deterministic as _deterministic
 from promptcache.model import kernels as _kernels
 from promptcache.model import native
@@ -39,7 +40,7 @@ class CascadeCPU:
     name = "cpu-cascade"
 
     def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
-        attn.cascade_plan = _cascade.plan_cascade(attn, dtype, device)
+        attn.cascade_plan = _plan.plan_cascade(attn, dtype, device)
 
     def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
         return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _kernels.cpu_flash)
@@ -49,7 +50,7 @@ class CascadeNative(CascadeCPU):
     name = "cpu-native"
 
     def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
-        attn.cascade_plan = _cascade.plan_cascade(attn, dtype, device, by_slot=True)
+        attn.cascade_plan = _plan.plan_cascade(attn, dtype, device, by_slot=True)
 
     def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
         return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _kernels.native_flash, grouped=True)
@@ -59,7 +60,7 @@ class Portable:
     name = "portable"
 
     def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
-        attn.cascade_plan = _cascade.plan_cascade(attn, dtype, device)
+        attn.cascade_plan = _plan.plan_cascade(attn, dtype, device)
 
     def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
         return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _kernels.math_attention)
