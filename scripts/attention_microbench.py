@@ -2,8 +2,9 @@
 place, shared prefixes once) against gathering each sequence's whole context (what the portable path
 did before), with their largest difference.
 
-Cases: a prefill chunk over a cached context (one run, or a fragmented block table), and a decode
-step of 32 sequences in 4 groups sharing 2,048-token prefixes whose blocks are fragmented.
+Cases: a prefill chunk over a cached context (one run, or a fragmented block table), a decode
+step of 32 sequences in 4 groups sharing 2,048-token prefixes whose blocks are fragmented, and one of
+32 unrelated sequences with 1,024-token contexts of their own.
 
     .venv/bin/python scripts/attention_microbench.py [--threads 2]
 """
@@ -91,6 +92,10 @@ def cases() -> list[tuple[str, list[tuple[list[int], int, int]]]]:
             own = [4 * prefix + 8 * (8 * g + j) + b for b in range(8)]
             groups.append((shared + own, 2048 + 64 + 5, 1))
     out.append(("32 decodes, 4 groups, fragmented prefixes", groups))
+    # unrelated chats decoding together: each its own 1,024-token context, blocks in descending ids
+    first = 4 * prefix + 8 * 32
+    lone = [(list(range(first + 65 * (i + 1) - 1, first + 65 * i - 1, -1)), 1024, 1) for i in range(32)]
+    out.append(("32 lone decodes, 1,024-token contexts, fragmented", lone))
     return out
 
 
@@ -122,8 +127,9 @@ def main() -> None:
     torch.set_num_threads(ap.parse_args().threads)
     print("| dtype | case | planned (ms) | planned, native kernel (ms) | gathered (ms) | max diff |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
+    slots = (max(b for _, tables in cases() for blocks, _, _ in tables for b in blocks) + 1) * BLOCK
     for dt in (torch.bfloat16, torch.float32):
-        kv = torch.randn(2, KVH, 8 * 2048 // BLOCK * BLOCK + 4096, D).to(dt)
+        kv = torch.randn(2, KVH, slots, D).to(dt)
         for name, tables in cases():
             q, k, v, attn = step(tables, dt)
             new_ms, new = timed(planned, q, k, v, kv, attn)
