@@ -8,11 +8,14 @@ next matmul on native-bf16 CPUs) and close to the exact result.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from promptcache.model import native
 from promptcache.model.attention import AttentionMetadata, runs_of_blocks
+from promptcache.model.backends import CascadeNative
 from promptcache.model.cascade import paged_attention
 from promptcache.model.cascade_plan import plan_cascade
 from promptcache.model.deterministic import deterministic_attention
@@ -167,6 +170,22 @@ def test_by_slot_plans_put_every_decode_tail_in_the_one_call(monkeypatch):
         out = paged_attention(q, k, v, kv_cache, attn, 32**-0.5, cpu_kernel="native")
         err = (out.double() - _reference(q, kv_cache, attn, 32**-0.5)).abs().max().item()
         assert err < TOL[torch.float32], f"{path}: max error {err:.2e}"
+        # the backend plans so while a tail's query heads fit one of the kernel's query blocks; past
+        # that (the kernel would pack every tail up front) long tails keep calls of their own
+        attn.num_kv_heads = KVH
+        CascadeNative().prepare(attn, KVH * GROUP, torch.float32, q.device)
+        assert attn.cascade_plan.tail_rows.numel() == decodes
+        CascadeNative().prepare(attn, KVH * (native.query_block(torch.float32) + 1), torch.float32, q.device)
+        plan = attn.cascade_plan
+        assert sum(not c.fresh for c in plan.chunks) + (len(plan.groups) if lone_groups else 0) == own_calls
+
+
+def test_kernel_facts_match_their_sources():
+    """The query block and head sizes the Python side plans by are the C kernels' own."""
+    for spec in (native.BF16, native.F32):
+        text = spec.sources[0].read_text()
+        assert re.search(rf"#define QB {spec.query_block}\b", text)
+        assert f"D % {spec.head_multiple} != 0 || D > MAXD" in text and "#define MAXD 256" in text
 
 
 @pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))

@@ -161,6 +161,11 @@ def test_mode_switch(monkeypatch):
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
     assert native.native_f32(flags={"avx2", "fma", "avx512f"}) == can
     assert pick_backend(torch.device("cpu"), False, torch.float32).name == ("cpu-native" if can else "cpu-cascade")
+    assert pick_backend(torch.device("cpu"), False, torch.float32, 64).name == ("cpu-native" if can else "cpu-cascade")
+    # a head size the kernel declines (a multiple of 8, not 16; past 256): PyTorch's kernel and its plan,
+    # not our backend falling back on every call (its by-slot plans would pad long tails into the fallback)
+    assert pick_backend(torch.device("cpu"), False, torch.float32, 24).name == "cpu-cascade"
+    assert pick_backend(torch.device("cpu"), False, torch.float32, 288).name == "cpu-cascade"
     assert pick_backend(torch.device("cpu"), True, torch.float32).name == "deterministic"  # its own ops
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "torch")
     assert not native.native_f32()

@@ -113,7 +113,8 @@ class ModelRunner:
             for _ in range(arch.num_layers)
         ]
         self.sampler = Sampler(config.scheduler.seed)
-        self.attention: AttentionBackend = pick_backend(self.device, config.model.deterministic, self.compute_dtype)
+        self.attention: AttentionBackend = pick_backend(self.device, config.model.deterministic, self.compute_dtype,
+                                                        arch.head_dim)
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -50,7 +50,13 @@ class CascadeNative(CascadeCPU):
     name = "cpu-native"
 
     def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
-        attn.cascade_plan = _plan.plan_cascade(attn, dtype, device, by_slot=True)
+        # every decode's tail in the one tail call, however long (read by slot, stopped at its length) —
+        # while a tail's query heads fit one of the kernel's query blocks: past that (models with more
+        # query heads per KV head) the kernel packs all tails up front, memory growing with tails x the
+        # longest, so long tails keep calls of their own
+        group = num_heads // max(1, int(attn.num_kv_heads))
+        short = None if group <= native.query_block(dtype) else _plan.SHORT_CONTEXT
+        attn.cascade_plan = _plan.plan_cascade(attn, dtype, device, by_slot=True, short_context=short)
 
     def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
         return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _kernels.native_flash, grouped=True)
@@ -80,12 +86,17 @@ class Deterministic:
         return _deterministic.deterministic_attention(q, k, v, kv_cache, attn, scale, cpu_kernels=self.cpu_kernels)
 
 
-def pick_backend(device: torch.device, deterministic: bool, dtype: torch.dtype = torch.float32) -> AttentionBackend:
+def pick_backend(device: torch.device, deterministic: bool, dtype: torch.dtype = torch.float32,
+                 head_dim: int | None = None) -> AttentionBackend:
+    """``head_dim``: the model's; our kernels decline some sizes (``native.takes_head_dim``), and a
+    model whose every call would fall back is better off with PyTorch's kernel and its plan (by-slot
+    plans send long tails to the one call: a fallback would gather and pad them)."""
     if deterministic:
         return Deterministic(cpu_kernels=device.type == "cpu")
     if device.type != "cpu":
         return Portable()
-    if (dtype == torch.bfloat16 and native.native_attention()) or (
-            dtype == torch.float32 and native.native_f32()):
+    native_kernel = (dtype == torch.bfloat16 and native.native_attention()) or (
+        dtype == torch.float32 and native.native_f32())
+    if native_kernel and (head_dim is None or native.takes_head_dim(dtype, head_dim)):
         return CascadeNative()
     return CascadeCPU()

@@ -59,6 +59,8 @@ class Spec:
     isa: tuple[str, ...]
     needs: tuple[str, ...]
     dtype: torch.dtype  # of the tensors its ops take
+    head_multiple: int  # head sizes its flash kernel takes: multiples of this, up to 256
+    query_block: int  # its flash kernel's queries per work item (QB in the source)
 
     @property
     def cflags(self) -> tuple[str, ...]:
@@ -67,10 +69,10 @@ class Spec:
 
 BF16 = Spec("native_bf16", (CSRC / "flash_bf16.c", CSRC / "ops_bf16.c"), (CSRC / "exp512.h",),
             ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"),
-            ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"), torch.bfloat16)
+            ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"), torch.bfloat16, 32, 32)
 # float32 math (CPUs without native bf16: the engine computes in float32 there)
 F32 = Spec("native_f32", (CSRC / "flash_f32.c", CSRC / "ops_f32.c"), (CSRC / "exp256.h",), ("-mavx2", "-mfma"),
-           ("avx2", "fma"), torch.float32)
+           ("avx2", "fma"), torch.float32, 16, 24)
 MODES = ("auto", "native", "torch")
 
 
@@ -307,6 +309,25 @@ def native_f32(flags: set[str] | None = None) -> bool:
     if mode == "torch" or (mode == "auto" and "avx512f" in (cpu_flags() if flags is None else flags)):
         return False
     return library_f32() is not None
+
+
+def _spec(dtype: torch.dtype) -> Spec | None:
+    return {torch.bfloat16: BF16, torch.float32: F32}.get(dtype)
+
+
+def takes_head_dim(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether our flash kernel for ``dtype`` takes heads of this size (bf16: a multiple of 32, float32:
+    of 16; at most 256). Where it does not, every call would fall back to PyTorch's kernel."""
+    spec = _spec(dtype)
+    return spec is not None and head_dim % spec.head_multiple == 0 and 0 < head_dim <= 256
+
+
+def query_block(dtype: torch.dtype) -> int:
+    """Queries per work item of our flash kernel for ``dtype``: a call whose rows per KV head fit one
+    block packs each work item's own keys right before it reads them (decode-like calls); larger
+    ones pack every KV head's keys up front, all at once."""
+    spec = _spec(dtype)
+    return spec.query_block if spec is not None else 0
 
 
 def ops_library(dtype: torch.dtype) -> Library | None:
