@@ -216,9 +216,23 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
         return res
 
     monkeypatch.setattr(lib, "flash", counted)
+    # decode steps (4 rows at most here) multiply by each linear's bf16 values, prefill chunks by oneDNN's
+    from promptcache.model.transformer import W16_MAX_ROWS, Linear
+
+    linears = [m for m in modules if isinstance(m, Linear)]
+    assert linears and all(m.w16 is not None and m.w16_lib is lib for m in linears)
+    linear_w16 = lib.linear_w16
+
+    def counted_w16(x, w16, bias):
+        assert x.shape[0] <= W16_MAX_ROWS
+        calls["w16"] = calls.get("w16", 0) + 1
+        return linear_w16(x, w16, bias)
+
+    monkeypatch.setattr(lib, "linear_w16", counted_w16)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=5)
     outs = llm.generate(prompts, params)
     assert calls["causal"] > 0 and calls["cached"] > 0 and calls["tails"] > 0, calls
+    assert calls["w16"] >= 7 * len(linears), calls  # every linear in each of the 7 decode steps at least
     assert [o.usage.cached_tokens for o in outs] == ([0, 0, 96, 96] if cache else [0] * 4)
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     tol = 1e-3 if kv_cache_dtype == "float32" else 5e-2  # a bf16 cache rounds K/V
@@ -229,6 +243,26 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
                                  min_new_tokens=8, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         lps = [torch.log_softmax(lg[0].float(), -1) for lg in ref.logits]
         _check_against(out, ref.sequences[0, len(prompt):].tolist(), lambda i, t, lps=lps: lps[i][t].item(), tol)
+
+
+@runs_here
+@pytest.mark.parametrize("m,n,k", [(1, 13, 8), (2, 64, 576), (3, 5, 24), (4, 100, 1536), (7, 257, 64), (8, 3, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_on_bf16_weights(m, n, k, bias):
+    """``linear_w16``: float32 x times a bf16 weight (its values exactly) against float64, any row
+    count up to a decode batch's (tiles of 3 rows and 4 weight rows: every remainder), rows of x
+    strided, a weight row count not a multiple of 4, with and without a bias."""
+    lib = _lib()
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k + 8, generator=g)[:, 4 : 4 + k]  # rows strided: k + 8 apart
+    w16 = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g) if bias else None
+    out = lib.linear_w16(x, w16, b)
+    ref = x.double() @ w16.double().T + (b.double() if b is not None else 0.0)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    assert (out.double() - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item()) * k**0.5
+    with pytest.raises(AssertionError):  # K must be a multiple of 8 (the loader keeps no copy otherwise)
+        lib.linear_w16(torch.randn(2, 12), torch.randn(3, 12).to(torch.bfloat16), None)
 
 
 @runs_here

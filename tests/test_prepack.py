@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from promptcache.engine.precision import cpu_has_native_bf16
+from promptcache.model import native
 from promptcache.model.attention import AttentionMetadata
 from promptcache.model.backends import pick_backend
 from promptcache.model.loader import load_model
 from promptcache.model.shapes import random_checkpoint
-from promptcache.model.transformer import Linear
+from promptcache.model.transformer import W16_MAX_ROWS, Linear
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
 
@@ -95,3 +96,39 @@ def test_tied_table_kept_in_its_values_dtype():
 def test_deterministic_mode_keeps_plain_tiled_linears():
     loaded = load_model(random_checkpoint("tiny"), torch.float32, torch.device("cpu"), 256, deterministic=True)
     assert all(m.packed is None and m.row_tiled for m in loaded.model.modules() if isinstance(m, Linear))
+
+
+@pytest.mark.skipif(not native.can_run(spec=native.F32), reason="the float32 kernels need AVX2 and FMA")
+def test_few_row_inputs_read_the_bf16_values(monkeypatch):
+    """float32 math on bf16 values with our float32 kernels: each linear also keeps its bf16 values
+    (a tied head: the embedding's own table, no copy); inputs of up to ``W16_MAX_ROWS`` rows multiply
+    by them, larger ones by the packed float32 copy, with the same results but for a float32 sum's
+    order. Without our kernels, or on float32 values, nothing more is kept."""
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
+    path = random_checkpoint("tiny")
+    loaded = load_model(path, torch.float32, torch.device("cpu"), 256, value_dtype=torch.bfloat16)
+    linears = [m for m in loaded.model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.w16 is not None and m.w16_lib is native.library_f32() for m in linears)
+    assert loaded.model.lm_head.w16.data_ptr() == loaded.model.embed.weight.data_ptr()
+    g = torch.Generator().manual_seed(3)
+    calls = []
+    lib = native.library_f32()
+    linear_w16 = lib.linear_w16
+
+    def counted(x, w16, bias):
+        calls.append(x.shape[0])
+        return linear_w16(x, w16, bias)
+
+    monkeypatch.setattr(lib, "linear_w16", counted)
+    for m in linears:
+        assert torch.equal(m.w16.float(), m.plain_weight())
+        x = torch.randn(3, m.in_features, generator=g)
+        few = m(x)  # 3 rows: the bf16 values
+        many = m(torch.cat([x, torch.zeros(W16_MAX_ROWS, m.in_features)]))[:3]  # 11 rows: oneDNN's packed copy
+        assert (few - many).abs().max().item() < 1e-5 * max(1.0, many.abs().max().item()) * m.in_features**0.5
+    assert calls == [3] * len(linears)
+    assert not any(m.w16 is not None for m in load_model(path, torch.float32, torch.device("cpu"), 256).model.modules()
+                   if isinstance(m, Linear))  # float32 values
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "torch")
+    off = load_model(path, torch.float32, torch.device("cpu"), 256, value_dtype=torch.bfloat16)
+    assert not any(m.w16 is not None for m in off.model.modules() if isinstance(m, Linear))

@@ -215,10 +215,12 @@ def load_model(
     del params  # the plain weights must not outlive packing (one copy of each at a time)
     model.finish_loading(device)
     model.eval()
-    if prepack and device.type == "cpu" and not deterministic:
-        # oneDNN's layout once, not a reorder per call; a tied embedding table in its values' dtype
-        prepack_linears(model, embed_dtype=rounding if rounding != dtype else None)
     lib = native.ops_library(dtype) if device.type == "cpu" and not deterministic else None
+    if prepack and device.type == "cpu" and not deterministic:
+        # oneDNN's layout once, not a reorder per call; a tied embedding table in its values' dtype;
+        # float32 math on a bf16 checkpoint: each linear's bf16 values too, for decode steps
+        prepack_linears(model, embed_dtype=rounding if rounding != dtype else None,
+                        w16_lib=lib if dtype == torch.float32 else None)
     if lib is not None:
         model.use_native_ops(lib)  # RMSNorm, RoPE, gated SiLU in one pass each
     return LoadedModel(model, arch, model_dir, hf_config, load_generation_config(model_dir))

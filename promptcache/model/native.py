@@ -141,6 +141,8 @@ class Library:
             "rope": ([p, i64, i64, p, p, i64, p, i64, i64, i64, i32], None),
             "write_kv": ([p, i64, i64, p, i64, i64, p, p, i64, i64, p, i64, i64, i64, i32], None),
         }
+        if self.sfx == "f32":  # float32 math on bf16 weights (few rows)
+            signatures["linear_w16"] = ([p, i64, p, p, p, i64, i64, i64, i64, i32], None)
         self.fn: dict[str, Callable[..., int | None]] = {}
         for name, (argtypes, restype) in signatures.items():
             fn = getattr(self.lib, f"pc_{name}_{self.sfx}")
@@ -161,6 +163,19 @@ class Library:
         self._call("add_rms_norm", x.data_ptr(), delta.data_ptr(), weight.data_ptr(), total.data_ptr(), out.data_ptr(),
                    x.shape[0], x.shape[1], eps)
         return total, out
+
+    def linear_w16(self, x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ w16.T + bias`` in float32 (float32 library): x [M, K] float32 (rows of any stride, the
+        last dim contiguous), w16 [N, K] bf16 contiguous, K a multiple of 8 -> [M, N] float32. For few
+        rows (decode steps), where reading the weight bounds the matmul: bf16 weights read half the bytes."""
+        m, k = x.shape
+        assert self.sfx == "f32" and x.dtype == torch.float32 and w16.dtype == torch.bfloat16 and x.stride(1) == 1
+        assert w16.is_contiguous() and w16.shape[1] == k and k % 8 == 0
+        assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (w16.shape[0],))
+        out = torch.empty(m, w16.shape[0], dtype=torch.float32)
+        self._call("linear_w16", x.data_ptr(), x.stride(0), w16.data_ptr(),
+                   bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0), m, w16.shape[0], k)
+        return out
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate-half RoPE in one pass: x [T, heads, d] (any row / head strides), cos, sin [T, 1, d]

@@ -39,10 +39,23 @@ def _pack(linear: Linear) -> torch.Tensor | None:
     return packed if torch.allclose(got.float(), want.float(), rtol=tol, atol=tol) else None
 
 
-def prepack_linears(model: CausalLM, embed_dtype: torch.dtype | None = None) -> int:
+def _keep_w16(module: Linear, weight: torch.Tensor, embed_dtype: torch.dtype | None, lib: object) -> None:
+    """Keep a float32 linear's bf16 values (exact: a bf16 checkpoint) for inputs of a few rows, which
+    ``lib.linear_w16`` multiplies by reading half the bytes (``Linear.w16``)."""
+    if lib is None or embed_dtype != torch.bfloat16 or weight.shape[1] % 8 != 0:
+        return
+    narrow = weight.to(torch.bfloat16).contiguous()  # the tied head: the embedding's table itself
+    if weight.dtype == torch.bfloat16 or torch.equal(narrow.float(), weight):
+        module.w16, module.w16_lib = narrow, lib
+
+
+def prepack_linears(model: CausalLM, embed_dtype: torch.dtype | None = None, w16_lib: object = None) -> int:
     """Pack every linear of a CPU model that is not row-tiled; returns how many were packed (0 where
     oneDNN is unavailable). ``embed_dtype``: the 16-bit dtype whose values float32 weights hold; a
-    tied embedding table is then stored in it once its head is packed."""
+    tied embedding table is then stored in it once its head is packed. ``w16_lib``: our float32
+    library, where it runs; with bf16 values in float32 weights each linear then also keeps them in
+    bf16 for few-row inputs (decode steps: half the weight bytes to read; the tied head reuses the
+    embedding's bf16 table, the other linears cost half their float32 size again)."""
     if not torch.backends.mkldnn.is_available():
         return 0
     embed = model.embed.weight
@@ -63,6 +76,8 @@ def prepack_linears(model: CausalLM, embed_dtype: torch.dtype | None = None) -> 
                     narrow = embed.to(embed_dtype)
                     if torch.equal(narrow.float(), embed):  # exact: the values are embed_dtype's
                         model.embed.weight = module.weight = nn.Parameter(narrow, requires_grad=False)
+                _keep_w16(module, module.weight.detach(), embed_dtype, w16_lib)
                 continue
+            _keep_w16(module, module.weight.detach(), embed_dtype, w16_lib)
             module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)  # free the plain copy
     return count

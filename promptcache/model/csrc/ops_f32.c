@@ -122,3 +122,53 @@ void pc_write_kv_f32(const float *k, int64_t kst, int64_t ksh, const float *v, i
             memcpy(cache_v + h * ch + slots[t] * cs, v + t * vst + h * vsh, D * sizeof(float));
         }
 }
+
+/* y = x w^T (+ bias) for few rows of x (decode steps), the weight in bf16 — the values a bf16
+ * checkpoint holds, exactly — converted to float32 as it is read: float32 math reading half the
+ * bytes of the float32 copy oneDNN multiplies by (a decode step's linears are bound by reading
+ * their weights). x [M, K] (row stride xs), w [N, K] bf16 contiguous, bias [N] or NULL, y [M, N]
+ * (row stride ys); K a multiple of 8. Each output is one dot product over k (8 lanes, summed at the
+ * end); 4 weight rows x up to 3 rows of x per tile, 12 accumulators. */
+#define W16_NR 4
+static inline __m256 load8_w16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline __attribute__((always_inline)) void w16_tile(const float *x, int64_t xs, const uint16_t *w, int64_t k_len,
+                                                           int64_t n0, int nr, int mr, const float *bias, float *y,
+                                                           int64_t ys) {
+    __m256 acc[3][W16_NR];
+    const uint16_t *wr[W16_NR];
+    for (int j = 0; j < W16_NR; j++) wr[j] = w + (n0 + (j < nr ? j : 0)) * k_len; /* past N: row n0 again, unused */
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < W16_NR; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k_len; k += 8) {
+        __m256 wv[W16_NR];
+        for (int j = 0; j < W16_NR; j++) wv[j] = load8_w16(wr[j] + k);
+        for (int i = 0; i < mr; i++) {
+            __m256 xv = _mm256_loadu_ps(x + i * xs + k);
+            for (int j = 0; j < W16_NR; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) y[i * ys + n0 + j] = hsum256(acc[i][j]) + (bias != NULL ? bias[n0 + j] : 0.0f);
+}
+
+void pc_linear_w16_f32(const float *x, int64_t xs, const uint16_t *w, const float *bias, float *y, int64_t ys, int64_t m,
+                       int64_t n, int64_t k_len, int num_threads) {
+    int64_t blocks = (n + W16_NR - 1) / W16_NR;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * W16_NR;
+        int nr = n - n0 < W16_NR ? (int)(n - n0) : W16_NR;
+        for (int64_t m0 = 0; m0 < m; m0 += 3) {
+            const float *xm = x + m0 * xs;
+            float *ym = y + m0 * ys;
+            switch (m - m0 < 3 ? m - m0 : 3) { /* constant row counts: each case its own unrolled tile */
+            case 1: w16_tile(xm, xs, w, k_len, n0, nr, 1, bias, ym, ys); break;
+            case 2: w16_tile(xm, xs, w, k_len, n0, nr, 2, bias, ym, ys); break;
+            default: w16_tile(xm, xs, w, k_len, n0, nr, 3, bias, ym, ys); break;
+            }
+        }
+    }
+}
