@@ -261,8 +261,12 @@ def test_linear_on_bf16_weights(m, n, k, bias):
     ref = x.double() @ w16.double().T + (b.double() if b is not None else 0.0)
     assert out.dtype == torch.float32 and out.shape == (m, n)
     assert (out.double() - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item()) * k**0.5
-    with pytest.raises(AssertionError):  # K must be a multiple of 8 (the loader keeps no copy otherwise)
+    with pytest.raises(ValueError, match="multiple of 8"):  # the loader keeps no copy then
         lib.linear_w16(torch.randn(2, 12), torch.randn(3, 12).to(torch.bfloat16), None)
+    with pytest.raises(ValueError, match="expected"):  # x wider than the weight: never read past either
+        lib.linear_w16(torch.randn(2, 16), torch.randn(3, 8).to(torch.bfloat16), None)
+    with pytest.raises(ValueError, match="bias"):
+        lib.linear_w16(torch.randn(2, 8), torch.randn(3, 8).to(torch.bfloat16), torch.randn(4))
 
 
 @runs_here

@@ -169,9 +169,14 @@ class Library:
         last dim contiguous), w16 [N, K] bf16 contiguous, K a multiple of 8 -> [M, N] float32. For few
         rows (decode steps), where reading the weight bounds the matmul: bf16 weights read half the bytes."""
         m, k = x.shape
-        assert self.sfx == "f32" and x.dtype == torch.float32 and w16.dtype == torch.bfloat16 and x.stride(1) == 1
-        assert w16.is_contiguous() and w16.shape[1] == k and k % 8 == 0
-        assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (w16.shape[0],))
+        # checked as errors, not asserts (``python -O`` drops those): the kernel reads 8 values at a time
+        if not (self.sfx == "f32" and x.dtype == torch.float32 and w16.dtype == torch.bfloat16 and x.stride(1) == 1
+                and w16.is_contiguous() and w16.shape[1] == k and k % 8 == 0):
+            raise ValueError(f"linear_w16: x {tuple(x.shape)} {x.dtype}, w16 {tuple(w16.shape)} {w16.dtype}: expected "
+                             "float32 x with contiguous rows and a contiguous bf16 weight, widths a multiple of 8")
+        if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()
+                                     and bias.shape == (w16.shape[0],)):
+            raise ValueError(f"linear_w16: bias {tuple(bias.shape)} {bias.dtype}: expected [{w16.shape[0]}] float32")
         out = torch.empty(m, w16.shape[0], dtype=torch.float32)
         self._call("linear_w16", x.data_ptr(), x.stride(0), w16.data_ptr(),
                    bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0), m, w16.shape[0], k)
