@@ -166,6 +166,7 @@ def test_by_slot_plans_put_every_decode_tail_in_the_one_call(monkeypatch):
         assert by_slot.tail_rows is not None and by_slot.tail_rows.numel() == decodes
         assert all(c.fresh for c in by_slot.chunks)  # no decode has a call of its own
         assert by_slot.tail_only == (path == "batched-decode")  # lone decodes: no group calls at all
+        assert by_slot.tail_mask is None and by_run.tail_mask is not None  # lengths, not a padding mask
         attn.cascade_plan = by_slot
         out = paged_attention(q, k, v, kv_cache, attn, 32**-0.5, cpu_kernel="native")
         err = (out.double() - _reference(q, kv_cache, attn, 32**-0.5)).abs().max().item()

@@ -63,7 +63,7 @@ class CascadePlan:
     chunks: list[Chunk]
     tail_rows: torch.Tensor | None  # [R] permuted rows of the step's decodes
     tail_idx: torch.Tensor | None  # [R, L] slots of each decode's tail, zero-padded
-    tail_mask: torch.Tensor | None  # [R, 1, 1, L] additive: 0 on real slots, -inf on padding
+    tail_mask: torch.Tensor | None  # [R, 1, 1, L] additive: 0 on real slots, -inf on padding (not by_slot plans)
     tail_lens: torch.Tensor | None  # [R] int64 on the CPU: real slots of each tail (kernels that take lengths)
     whole_tail: bool = False  # some decodes are in no group: their whole context is in the tail
     perm_identity: bool = False  # the permuted batch is the batch (a step of one group, nothing cold)
@@ -159,7 +159,8 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
     chunks: list[Chunk] = []
     tail_rows: list[int] = []
     tails: list[list[Run]] = []
-    by_slot_runs: list[list[Run]] = []  # the cached keys of each group, then of each chunk (by_slot plans)
+    group_runs: list[list[Run]] = []  # by_slot plans: each group's cached keys, then each chunk's
+    chunk_runs: list[list[Run]] = []
     whole_tail = False  # some decode has its whole context in the tail (no group part first)
     for members in by_first.values():
         members.sort(key=lambda i: qsl[i + 1] - qsl[i] > 1)  # decodes first (stable)
@@ -182,15 +183,15 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
                 runs = _runs_between(ctx_runs[i], shared_len, lens[i] - (n if n > 1 else 0))
                 chunks.append(Chunk(row, row + n, qsl[i], qsl[i + 1], [] if by_slot else _keys(runs, min_run, device),
                                     fresh=n > 1))
-                by_slot_runs.append(runs)
+                chunk_runs.append(runs)
         if shared_len:
             runs = runs_before(ctx_runs[members[0]], shared_len)
             groups.append(Group(lo, len(perm), len(members), [] if by_slot else _keys(runs, min_run, device)))
-            by_slot_runs.insert(len(groups) - 1, runs)
+            group_runs.append(runs)
         else:
             whole_tail = True
-    if by_slot and by_slot_runs:  # every group's and chunk's slots, expanded at once: a row of one index each
-        idx, counts = _slot_rows(by_slot_runs)
+    if by_slot and (groups or chunks):  # every group's and chunk's slots, expanded at once: a row of one index each
+        idx, counts = _slot_rows(group_runs + chunk_runs)
         idx = idx.to(device)
         rows = [idx[r, :c].view(1, -1) if c else None for r, c in enumerate(counts.tolist())]
         groups = [replace(g, idx=rows[j]) for j, g in enumerate(groups)]
@@ -198,9 +199,11 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
     tail_idx = tail_mask = tail_lens = None
     if tails:
         idx, tail_lens = _slot_rows(tails)
-        mask = torch.zeros(idx.shape, dtype=dtype).masked_fill_(torch.arange(idx.shape[1]) >= tail_lens[:, None],
-                                                                 float("-inf"))
-        tail_idx, tail_mask = idx.to(device), mask.view(idx.shape[0], 1, 1, idx.shape[1]).to(device)
+        tail_idx = idx.to(device)
+        if not by_slot:  # kernels that take the tails gathered, padded and masked (by_slot ones take lengths)
+            mask = torch.zeros(idx.shape, dtype=dtype).masked_fill_(torch.arange(idx.shape[1]) >= tail_lens[:, None],
+                                                                     float("-inf"))
+            tail_mask = mask.view(idx.shape[0], 1, 1, idx.shape[1]).to(device)
     return CascadePlan(
         cold=cold,
         perm=torch.tensor(perm, dtype=torch.long, device=device) if perm else None,
