@@ -16,6 +16,7 @@ from test_native_attention import SHAPES, _reference
 from promptcache.model import native
 from promptcache.model.backends import pick_backend
 from promptcache.model.kernels import cpu_flash, native_flash
+from promptcache.model.native_lib import pack_w16, unpack_w16
 
 runs_here = pytest.mark.skipif(not native.can_run(spec=native.F32), reason="the float32 kernel needs AVX2 and FMA")
 KV_DTYPES = [torch.float32, torch.bfloat16]  # float32 math over a float32 or a bf16 KV cache
@@ -216,17 +217,16 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
         return res
 
     monkeypatch.setattr(lib, "flash", counted)
-    # decode steps (4 rows at most here) multiply by each linear's bf16 values, prefill chunks by oneDNN's
-    from promptcache.model.transformer import W16_MAX_ROWS, Linear
+    # every linear multiplies by its bf16 values (panels; no float32 copy), prefill chunks and decode steps
+    from promptcache.model.transformer import Linear
 
     linears = [m for m in modules if isinstance(m, Linear)]
-    assert linears and all(m.w16 is not None and m.w16_lib is lib for m in linears)
+    assert linears and all(m.w16 is not None and m.w16_lib is lib and m.packed is None for m in linears)
     linear_w16 = lib.linear_w16
 
-    def counted_w16(x, w16, bias):
-        assert x.shape[0] <= W16_MAX_ROWS
+    def counted_w16(x, panels, n, bias):
         calls["w16"] = calls.get("w16", 0) + 1
-        return linear_w16(x, w16, bias)
+        return linear_w16(x, panels, n, bias)
 
     monkeypatch.setattr(lib, "linear_w16", counted_w16)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=5)
@@ -246,27 +246,32 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
 
 
 @runs_here
-@pytest.mark.parametrize("m,n,k", [(1, 13, 8), (2, 64, 576), (3, 5, 24), (4, 100, 1536), (7, 257, 64), (8, 3, 16)])
+@pytest.mark.parametrize("m,n,k", [(1, 13, 8), (2, 64, 576), (3, 5, 24), (4, 100, 1536), (7, 257, 64), (8, 3, 16),
+                                   (23, 16, 7), (24, 17, 100), (30, 40, 576), (200, 33, 64), (385, 20, 40)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_on_bf16_weights(m, n, k, bias):
-    """``linear_w16``: float32 x times a bf16 weight (its values exactly) against float64, any row
-    count up to a decode batch's (tiles of 3 rows and 4 weight rows: every remainder), rows of x
-    strided, a weight row count not a multiple of 4, with and without a bias."""
+    """``linear_w16``: float32 x times a bf16 weight (its values exactly, in ``pack_w16``'s panels)
+    against float64: tiles of 1-6 rows, panels of 16 outputs and their remainders (N not a multiple of
+    16, of 8), any K, passes of 192 rows and the panel converted once for passes of 24 rows or more,
+    rows of x strided, with and without a bias; each row's result the same bits as alone."""
     lib = _lib()
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k + 8, generator=g)[:, 4 : 4 + k]  # rows strided: k + 8 apart
     w16 = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    panels = pack_w16(w16)
+    assert torch.equal(unpack_w16(panels, n), w16)
     b = torch.randn(n, generator=g) if bias else None
-    out = lib.linear_w16(x, w16, b)
+    out = lib.linear_w16(x, panels, n, b)
     ref = x.double() @ w16.double().T + (b.double() if b is not None else 0.0)
     assert out.dtype == torch.float32 and out.shape == (m, n)
     assert (out.double() - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item()) * k**0.5
-    with pytest.raises(ValueError, match="multiple of 8"):  # the loader keeps no copy then
-        lib.linear_w16(torch.randn(2, 12), torch.randn(3, 12).to(torch.bfloat16), None)
+    assert torch.equal(lib.linear_w16(x[-1:], panels, n, b), out[-1:])  # batch-invariant
     with pytest.raises(ValueError, match="expected"):  # x wider than the weight: never read past either
-        lib.linear_w16(torch.randn(2, 16), torch.randn(3, 8).to(torch.bfloat16), None)
+        lib.linear_w16(torch.randn(2, 16), pack_w16(torch.randn(3, 8).to(torch.bfloat16)), 3, None)
+    with pytest.raises(ValueError, match="expected"):  # panels of another N
+        lib.linear_w16(torch.randn(2, 8), pack_w16(torch.randn(3, 8).to(torch.bfloat16)), 17, None)
     with pytest.raises(ValueError, match="bias"):
-        lib.linear_w16(torch.randn(2, 8), torch.randn(3, 8).to(torch.bfloat16), torch.randn(4))
+        lib.linear_w16(torch.randn(2, 8), pack_w16(torch.randn(3, 8).to(torch.bfloat16)), 3, torch.randn(4))
 
 
 @runs_here

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from promptcache.engine.precision import cpu_has_native_bf16
@@ -17,7 +18,7 @@ from promptcache.model.attention import AttentionMetadata
 from promptcache.model.backends import pick_backend
 from promptcache.model.loader import load_model
 from promptcache.model.shapes import random_checkpoint
-from promptcache.model.transformer import W16_MAX_ROWS, Linear
+from promptcache.model.transformer import Linear
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if cpu_has_native_bf16() else [])
 
@@ -73,9 +74,11 @@ def test_packed_linears_match_plain(tmp_path, tie, dtype):
         assert (got - want).abs().max().item() < 1e-4
 
 
-def test_tied_table_kept_in_its_values_dtype():
+def test_tied_table_kept_in_its_values_dtype(monkeypatch):
     """float32 compute on bf16 values (a CPU without native bf16): the tied embedding table is stored
-    in bf16 once its head has a packed copy (half the copy's memory), and lookups upcast it exactly."""
+    in bf16 once its head has a packed copy (half the copy's memory), and lookups upcast it exactly.
+    PyTorch's kernels here: with ours the linears keep bf16 panels instead (next test)."""
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "torch")
     path = random_checkpoint("tiny")
     plain = load_model(path, torch.float32, torch.device("cpu"), 256, value_dtype=torch.bfloat16, prepack=False)
     packed = load_model(path, torch.float32, torch.device("cpu"), 256, value_dtype=torch.bfloat16)
@@ -99,34 +102,47 @@ def test_deterministic_mode_keeps_plain_tiled_linears():
 
 
 @pytest.mark.skipif(not native.can_run(spec=native.F32), reason="the float32 kernels need AVX2 and FMA")
-def test_few_row_inputs_read_the_bf16_values(monkeypatch):
-    """float32 math on bf16 values with our float32 kernels: each linear also keeps its bf16 values
-    (a tied head: the embedding's own table, no copy); inputs of up to ``W16_MAX_ROWS`` rows multiply
-    by them, larger ones by the packed float32 copy, with the same results but for a float32 sum's
-    order. Without our kernels, or on float32 values, nothing more is kept."""
+def test_float32_math_on_bf16_values_keeps_only_bf16_panels(monkeypatch):
+    """float32 math on bf16 values with our float32 kernels: each linear keeps only its bf16 values,
+    in ``linear_w16``'s panels (no float32 copy, no oneDNN packing; a tied head keeps the embedding's
+    bf16 table for lookups beside its panels), every row count multiplies by them, and the logits
+    match the plain float32 path's but for a float32 sum's order. A row's output does not depend on
+    the rows beside it (one chain of fused multiply-adds per output, whatever the tiling). Without
+    our kernels, or on float32 values, no panels."""
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
     path = random_checkpoint("tiny")
+    plain = load_model(path, torch.float32, torch.device("cpu"), 256, value_dtype=torch.bfloat16, prepack=False)
     loaded = load_model(path, torch.float32, torch.device("cpu"), 256, value_dtype=torch.bfloat16)
+    lib = native.library_f32()
     linears = [m for m in loaded.model.modules() if isinstance(m, Linear)]
-    assert linears and all(m.w16 is not None and m.w16_lib is native.library_f32() for m in linears)
-    assert loaded.model.lm_head.w16.data_ptr() == loaded.model.embed.weight.data_ptr()
+    assert linears and all(m.w16 is not None and m.w16_lib is lib and m.packed is None for m in linears)
+    assert [m.weight.numel() == 0 for m in linears] == [m is not loaded.model.lm_head for m in linears]
+    embed = loaded.model.embed.weight
+    assert embed.dtype == torch.bfloat16 and loaded.model.lm_head.weight is embed
+    for a, b in zip(linears, (m for m in plain.model.modules() if isinstance(m, Linear)), strict=True):
+        assert a.w16.dtype == torch.bfloat16 and torch.equal(a.plain_weight(), b.weight)
     g = torch.Generator().manual_seed(3)
     calls = []
-    lib = native.library_f32()
     linear_w16 = lib.linear_w16
 
-    def counted(x, w16, bias):
+    def counted(x, panels, n, bias):
         calls.append(x.shape[0])
-        return linear_w16(x, w16, bias)
+        return linear_w16(x, panels, n, bias)
 
     monkeypatch.setattr(lib, "linear_w16", counted)
     for m in linears:
-        assert torch.equal(m.w16.float(), m.plain_weight())
         x = torch.randn(3, m.in_features, generator=g)
-        few = m(x)  # 3 rows: the bf16 values
-        many = m(torch.cat([x, torch.zeros(W16_MAX_ROWS, m.in_features)]))[:3]  # 11 rows: oneDNN's packed copy
-        assert (few - many).abs().max().item() < 1e-5 * max(1.0, many.abs().max().item()) * m.in_features**0.5
-    assert calls == [3] * len(linears)
+        few = m(x)
+        many = m(torch.cat([torch.randn(200, m.in_features, generator=g), x]))[-3:]  # past 192-row passes
+        assert torch.equal(few, many)  # batch-invariant
+        want = F.linear(x.double(), m.plain_weight().double(), None if m.bias is None else m.bias.double())
+        assert (few.double() - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item()) * m.in_features**0.5
+        assert few.shape == (3, m.out_features) and m(x.view(1, 3, -1)).shape == (1, 3, m.out_features)
+    assert calls[:2] == [3, 203] and len(calls) == 3 * len(linears)
+    ids = list(range(10, 80))
+    got = _logits(loaded.model, loaded.arch, torch.float32, ids)
+    want = _logits(plain.model, plain.arch, torch.float32, ids)
+    assert (got - want).abs().max().item() < 1e-4
     assert not any(m.w16 is not None for m in load_model(path, torch.float32, torch.device("cpu"), 256).model.modules()
                    if isinstance(m, Linear))  # float32 values
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "torch")

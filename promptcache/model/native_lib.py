@@ -36,7 +36,7 @@ class Library:
             "rope": ([p, i64, i64, p, p, i64, p, i64, i64, i64, i32], None),
             "write_kv": ([p, i64, i64, p, i64, i64, p, p, i64, i64, p, i64, i64, i64, i32], None),
         }
-        if self.sfx == "f32":  # float32 math on bf16 weights (few rows)
+        if self.sfx == "f32":  # float32 math on bf16 weights
             signatures["linear_w16"] = ([p, i64, p, p, p, i64, i64, i64, i64, i32], None)
         self.fn: dict[str, Callable[..., int | None]] = {}
         for name, (argtypes, restype) in signatures.items():
@@ -59,22 +59,23 @@ class Library:
                    x.shape[0], x.shape[1], eps)
         return total, out
 
-    def linear_w16(self, x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x @ w16.T + bias`` in float32 (float32 library): x [M, K] float32 (rows of any stride, the
-        last dim contiguous), w16 [N, K] bf16 contiguous, K a multiple of 8 -> [M, N] float32. For few
-        rows (decode steps), where reading the weight bounds the matmul: bf16 weights read half the bytes."""
+    def linear_w16(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ w.T + bias`` in float32 (float32 library) for a weight ``w`` [n, K] whose bf16 values
+        ``pack_w16`` packed into ``panels``: x [M, K] float32 (rows of any stride, the last dim
+        contiguous) -> [M, n] float32. A register-blocked GEMM reading half the bytes of a float32
+        weight; each row's result is independent of the rows beside it."""
         m, k = x.shape
-        # checked as errors, not asserts (``python -O`` drops those): the kernel reads 8 values at a time
-        if not (self.sfx == "f32" and x.dtype == torch.float32 and w16.dtype == torch.bfloat16 and x.stride(1) == 1
-                and w16.is_contiguous() and w16.shape[1] == k and k % 8 == 0):
-            raise ValueError(f"linear_w16: x {tuple(x.shape)} {x.dtype}, w16 {tuple(w16.shape)} {w16.dtype}: expected "
-                             "float32 x with contiguous rows and a contiguous bf16 weight, widths a multiple of 8")
-        if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()
-                                     and bias.shape == (w16.shape[0],)):
-            raise ValueError(f"linear_w16: bias {tuple(bias.shape)} {bias.dtype}: expected [{w16.shape[0]}] float32")
-        out = torch.empty(m, w16.shape[0], dtype=torch.float32)
-        self._call("linear_w16", x.data_ptr(), x.stride(0), w16.data_ptr(),
-                   bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0), m, w16.shape[0], k)
+        # checked as errors, not asserts (``python -O`` drops those): the C code trusts these shapes
+        if not (self.sfx == "f32" and x.dtype == torch.float32 and panels.dtype == torch.bfloat16 and x.stride(1) == 1
+                and panels.is_contiguous() and panels.shape == ((n + 15) // 16, k, 16)):
+            raise ValueError(f"linear_w16: x {tuple(x.shape)} {x.dtype}, panels {tuple(panels.shape)} "
+                             f"{panels.dtype}, n {n}: expected float32 x with contiguous rows and pack_w16's "
+                             f"panels of an [{n}, {k}] weight")
+        if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (n,)):
+            raise ValueError(f"linear_w16: bias {tuple(bias.shape)} {bias.dtype}: expected [{n}] float32")
+        out = torch.empty(m, n, dtype=torch.float32)
+        self._call("linear_w16", x.data_ptr(), x.stride(0), panels.data_ptr(),
+                   bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0), m, n, k)
         return out
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -165,3 +166,25 @@ def _named(name: str) -> contextlib.AbstractContextManager[object]:
     """A torch profiler range named ``name`` while a profiler runs (``native::*`` in its tables);
     nothing otherwise (a range costs ~20 us per call, 6 % of a decode step)."""
     return record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
+
+
+# within a panel's 16 outputs at one k: 0, 8, 1, 9, ..., 7, 15 (ops_f32.c's pc_linear_w16_f32 unpacks
+# each 32-bit word's halves into outputs j and j + 8)
+_PANEL_ORDER = torch.arange(16).view(2, 8).t().reshape(-1)
+
+
+def pack_w16(weight: torch.Tensor) -> torch.Tensor:
+    """An ``[N, K]`` weight's bf16 values as ``linear_w16``'s panels ``[ceil(N / 16), K, 16]`` (outputs
+    past N are zeros)."""
+    n, k = weight.shape
+    padded = torch.zeros((n + 15) // 16 * 16, k, dtype=torch.bfloat16)
+    padded[:n] = weight
+    return padded.view(-1, 16, k)[:, _PANEL_ORDER].transpose(1, 2).contiguous()
+
+
+def unpack_w16(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """``pack_w16``'s inverse: the ``[n, K]`` bf16 weight."""
+    k = panels.shape[1]
+    plain = torch.empty(panels.shape[0], 16, k, dtype=panels.dtype)
+    plain[:, _PANEL_ORDER] = panels.transpose(1, 2)
+    return plain.view(-1, k)[:n]

@@ -13,6 +13,13 @@ on a 2-core AVX2 EPYC: 16.9 -> 9.3 ms for 1 row, 45.4 -> 13.1 ms for 8, 78.2 -> 
 Where float32 weights hold 16-bit values (a bf16 checkpoint on a CPU without native bf16), the
 embedding table is kept in that 16-bit dtype (exact; rows are upcast as they are looked up), so the
 extra copy costs half a table. Deterministic mode keeps its fixed-row-tile ``F.linear``.
+
+Float32 math on a bf16 checkpoint with our float32 kernels (CPUs without native bf16) skips oneDNN:
+each linear keeps only its bf16 values, packed in 16-output panels that ``linear_w16`` (ops_f32.c)
+multiplies by, converting as it reads. Half the memory of float32 weights and half the bytes per
+matmul; on a 2-core AVX2 EPYC, smollm2-135m's 30 layers of linears + head with the weights cold:
+1 row 49.9 -> 19.3 ms, 8 rows 76.6 -> 32.2, 32 rows 117 -> 86, 128 rows 331 -> 298, 2,048 rows
+(no head) 3.49 -> 3.23 s against oneDNN's packed float32 (``/tmp``-script in benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from promptcache.model.native_lib import pack_w16
 from promptcache.model.transformer import CausalLM, Linear
 
 PROBE_ROWS = 5
@@ -39,45 +47,47 @@ def _pack(linear: Linear) -> torch.Tensor | None:
     return packed if torch.allclose(got.float(), want.float(), rtol=tol, atol=tol) else None
 
 
-def _keep_w16(module: Linear, weight: torch.Tensor, embed_dtype: torch.dtype | None, lib: object) -> None:
-    """Keep a float32 linear's bf16 values (exact: a bf16 checkpoint) for inputs of a few rows, which
-    ``lib.linear_w16`` multiplies by reading half the bytes (``Linear.w16``)."""
-    if lib is None or embed_dtype != torch.bfloat16 or weight.shape[1] % 8 != 0:
-        return
-    narrow = weight.to(torch.bfloat16).contiguous()  # the tied head: the embedding's table itself
-    if weight.dtype == torch.bfloat16 or torch.equal(narrow.float(), weight):
-        module.w16, module.w16_lib = narrow, lib
+def _panels(weight: torch.Tensor, embed_dtype: torch.dtype | None, lib: object) -> torch.Tensor | None:
+    """A float32 linear's bf16 values (exact: a bf16 checkpoint) in ``lib.linear_w16``'s panels, where
+    our float32 library runs; None otherwise."""
+    if lib is None or embed_dtype != torch.bfloat16:
+        return None
+    narrow = weight.to(torch.bfloat16)
+    if weight.dtype != torch.bfloat16 and not torch.equal(narrow.float(), weight):
+        return None
+    return pack_w16(narrow)
 
 
 def prepack_linears(model: CausalLM, embed_dtype: torch.dtype | None = None, w16_lib: object = None) -> int:
     """Pack every linear of a CPU model that is not row-tiled; returns how many were packed (0 where
-    oneDNN is unavailable). ``embed_dtype``: the 16-bit dtype whose values float32 weights hold; a
-    tied embedding table is then stored in it once its head is packed. ``w16_lib``: our float32
-    library, where it runs; with bf16 values in float32 weights each linear then also keeps them in
-    bf16 for few-row inputs (decode steps: half the weight bytes to read; the tied head reuses the
-    embedding's bf16 table, the other linears cost half their float32 size again)."""
-    if not torch.backends.mkldnn.is_available():
-        return 0
+    oneDNN is unavailable and ``w16_lib`` is not given). ``embed_dtype``: the 16-bit dtype whose
+    values float32 weights hold; a tied embedding table is then stored in it once its head is packed.
+    ``w16_lib``: our float32 library, where it runs; with bf16 values in float32 weights each linear
+    then keeps only those, in the panels its ``linear_w16`` multiplies by (half the memory of the
+    float32 weights, half the bytes to read per matmul), instead of oneDNN's float32 packing."""
     embed = model.embed.weight
     count = 0
     with torch.no_grad():
         for module in model.modules():
             if not isinstance(module, Linear) or module.row_tiled or module.packed is not None:
                 continue
+            if module.w16 is not None:
+                continue
             if module.weight.device.type != "cpu":
                 continue
-            packed = _pack(module)
-            if packed is None:
+            panels = _panels(module.weight.detach(), embed_dtype, w16_lib)
+            if panels is not None:
+                module.w16, module.w16_lib = panels, w16_lib
+            elif torch.backends.mkldnn.is_available() and (packed := _pack(module)) is not None:
+                module.packed = packed
+            else:
                 continue
-            module.packed = packed
             count += 1
             if module.weight is embed:  # tied: the embedding keeps the plain table (its lookups need it)
                 if embed_dtype is not None and embed.dtype == torch.float32 and embed_dtype != embed.dtype:
                     narrow = embed.to(embed_dtype)
                     if torch.equal(narrow.float(), embed):  # exact: the values are embed_dtype's
                         model.embed.weight = module.weight = nn.Parameter(narrow, requires_grad=False)
-                _keep_w16(module, module.weight.detach(), embed_dtype, w16_lib)
                 continue
-            _keep_w16(module, module.weight.detach(), embed_dtype, w16_lib)
             module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)  # free the plain copy
     return count

@@ -16,32 +16,35 @@ from torch import nn
 from promptcache.model.attention import AttentionMetadata
 from promptcache.model.config import ArchConfig
 from promptcache.model.deterministic import pointwise, tiled_linear, tiled_rows
-
-W16_MAX_ROWS = 8  # inputs of at most this many rows use the bf16 weight copy (``Linear.w16``)
+from promptcache.model.native_lib import unpack_w16
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` that can run batch-invariant (fixed-shape row tiles, model/deterministic.py), or
-    on a weight packed once in oneDNN's own layout (CPU, model/prepack.py); float32 math on a bf16
-    checkpoint also keeps the weight's bf16 values for inputs of a few rows (decode steps), read by
-    our float32 library's ``linear_w16`` (half the bytes: those matmuls are bound by reading them)."""
+    on a weight packed once (CPU, model/prepack.py): in oneDNN's own layout, or — float32 math on a
+    bf16 checkpoint with our float32 kernels — as its bf16 values in panels that our library's
+    ``linear_w16`` multiplies by (half the bytes, no float32 copy)."""
 
     row_tiled = False
     packed: torch.Tensor | None = None  # the weight in oneDNN's layout; the plain one is then freed
-    w16: torch.Tensor | None = None  # the weight's values in bf16 (exact), for few-row inputs
-    w16_lib: Any = None  # model/native.py's float32 Library that multiplies by it
+    w16: torch.Tensor | None = None  # or its bf16 values (exact) in native_lib.pack_w16's panels
+    w16_lib: Any = None  # model/native.py's float32 Library that multiplies by them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_tiled:
             return tiled_linear(x, self.weight, self.bias)
-        if self.w16 is not None and x.dim() == 2 and x.shape[0] <= W16_MAX_ROWS and x.stride(1) == 1:
-            return self.w16_lib.linear_w16(x, self.w16, self.bias)
+        if self.w16 is not None:
+            rows = x if x.dim() == 2 and x.stride(1) == 1 else x.reshape(-1, x.shape[-1]).contiguous()
+            out = self.w16_lib.linear_w16(rows, self.w16, self.out_features, self.bias)
+            return out if rows is x else out.view(*x.shape[:-1], self.out_features)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
     def plain_weight(self) -> torch.Tensor:
         """The weight as ``[out, in]`` values (unpacked: a copy when packed)."""
+        if self.w16 is not None:
+            return unpack_w16(self.w16, self.out_features).float()
         return self.packed.to_dense() if self.packed is not None else self.weight
 
 

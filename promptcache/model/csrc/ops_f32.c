@@ -10,7 +10,9 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "exp256.h"
@@ -123,52 +125,97 @@ void pc_write_kv_f32(const float *k, int64_t kst, int64_t ksh, const float *v, i
         }
 }
 
-/* y = x w^T (+ bias) for few rows of x (decode steps), the weight in bf16 — the values a bf16
- * checkpoint holds, exactly — converted to float32 as it is read: float32 math reading half the
- * bytes of the float32 copy oneDNN multiplies by (a decode step's linears are bound by reading
- * their weights). x [M, K] (row stride xs), w [N, K] bf16 contiguous, bias [N] or NULL, y [M, N]
- * (row stride ys); K a multiple of 8. Each output is one dot product over k (8 lanes, summed at the
- * end); 4 weight rows x up to 3 rows of x per tile, 12 accumulators. */
-#define W16_NR 4
-static inline __m256 load8_w16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-static inline __attribute__((always_inline)) void w16_tile(const float *x, int64_t xs, const uint16_t *w, int64_t k_len,
-                                                           int64_t n0, int nr, int mr, const float *bias, float *y,
-                                                           int64_t ys) {
-    __m256 acc[3][W16_NR];
-    const uint16_t *wr[W16_NR];
-    for (int j = 0; j < W16_NR; j++) wr[j] = w + (n0 + (j < nr ? j : 0)) * k_len; /* past N: row n0 again, unused */
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < W16_NR; j++) acc[i][j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < k_len; k += 8) {
-        __m256 wv[W16_NR];
-        for (int j = 0; j < W16_NR; j++) wv[j] = load8_w16(wr[j] + k);
+/* y = x w^T (+ bias) in float32, the weight in bf16 — the values a bf16 checkpoint holds, exactly —
+ * converted to float32 as it is read: float32 math on half the bytes (a decode step's linears are
+ * bound by reading their weights), and no float32 copy of the weights at all. x [M, K] (row stride
+ * xs), y [M, N] (row stride ys), bias [N] or NULL; the weight packed in panels of 16 outputs
+ * (native_lib.pack_w16): panel p holds outputs 16p..16p+15 as [K][16] bf16, the 16 of each k ordered
+ * 0, 8, 1, 9, ..., 7, 15, so one 32-byte load gives outputs 0-7 in the low halves of its 32-bit
+ * words (a shift makes them floats) and 8-15 in the high halves (a mask does). A register-blocked
+ * GEMM: a tile is up to 6 rows of x x one panel, 12 accumulators, each x value broadcast once per k.
+ * Each output is one float32 chain of fused multiply-adds over k, whatever M, the tiling or the
+ * thread count: a row's result does not depend on the rows beside it. */
+#define P16_MR 6
+static inline __attribute__((always_inline)) void p16_tile(const float *x, int64_t xs, const uint16_t *wp,
+                                                           const float *wf, int64_t k_len, int mr, int nr,
+                                                           const float *bias, float *y, int64_t ys) {
+    __m256 acc[P16_MR][2];
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < k_len; k++) {
+        __m256 lo, hi;
+        if (wf != NULL) { /* the panel already converted (many tiles share it) */
+            lo = _mm256_loadu_ps(wf + k * 16), hi = _mm256_loadu_ps(wf + k * 16 + 8);
+        } else {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(wp + k * 16));
+            lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), hi = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        }
         for (int i = 0; i < mr; i++) {
-            __m256 xv = _mm256_loadu_ps(x + i * xs + k);
-            for (int j = 0; j < W16_NR; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+            __m256 xb = _mm256_broadcast_ss(x + i * xs + k);
+            acc[i][0] = _mm256_fmadd_ps(xb, lo, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(xb, hi, acc[i][1]);
         }
     }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) y[i * ys + n0 + j] = hsum256(acc[i][j]) + (bias != NULL ? bias[n0 + j] : 0.0f);
+    __m256 b0 = bias != NULL ? load_n(bias, nr) : _mm256_setzero_ps();
+    __m256 b1 = bias != NULL && nr > 8 ? load_n(bias + 8, nr - 8) : _mm256_setzero_ps();
+    for (int i = 0; i < mr; i++) {
+        store_n(y + i * ys, _mm256_add_ps(acc[i][0], b0), nr);
+        if (nr > 8) store_n(y + i * ys + 8, _mm256_add_ps(acc[i][1], b1), nr - 8);
+    }
 }
 
-void pc_linear_w16_f32(const float *x, int64_t xs, const uint16_t *w, const float *bias, float *y, int64_t ys, int64_t m,
-                       int64_t n, int64_t k_len, int num_threads) {
-    int64_t blocks = (n + W16_NR - 1) / W16_NR;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t n0 = b * W16_NR;
-        int nr = n - n0 < W16_NR ? (int)(n - n0) : W16_NR;
-        for (int64_t m0 = 0; m0 < m; m0 += 3) {
-            const float *xm = x + m0 * xs;
-            float *ym = y + m0 * ys;
-            switch (m - m0 < 3 ? m - m0 : 3) { /* constant row counts: each case its own unrolled tile */
-            case 1: w16_tile(xm, xs, w, k_len, n0, nr, 1, bias, ym, ys); break;
-            case 2: w16_tile(xm, xs, w, k_len, n0, nr, 2, bias, ym, ys); break;
-            default: w16_tile(xm, xs, w, k_len, n0, nr, 3, bias, ym, ys); break;
+/* one panel's outputs for rows m0..m_hi of x; wf: the panel converted, or NULL */
+static void p16_rows(const float *x, int64_t xs, const uint16_t *wp, const float *wf, int64_t k_len, int nr,
+                     const float *bias, float *y, int64_t ys, int64_t m0, int64_t m_hi) {
+    for (; m0 < m_hi; m0 += P16_MR) {
+        const float *xm = x + m0 * xs;
+        float *ym = y + m0 * ys;
+        int64_t mr = m_hi - m0 < P16_MR ? m_hi - m0 : P16_MR;
+        if (wf != NULL && mr == P16_MR) {
+            p16_tile(xm, xs, wp, wf, k_len, P16_MR, nr, bias, ym, ys);
+            continue;
+        }
+        switch (mr) { /* constant row counts: each its own unrolled tile */
+        case 1: p16_tile(xm, xs, wp, NULL, k_len, 1, nr, bias, ym, ys); break;
+        case 2: p16_tile(xm, xs, wp, NULL, k_len, 2, nr, bias, ym, ys); break;
+        case 3: p16_tile(xm, xs, wp, NULL, k_len, 3, nr, bias, ym, ys); break;
+        case 4: p16_tile(xm, xs, wp, NULL, k_len, 4, nr, bias, ym, ys); break;
+        case 5: p16_tile(xm, xs, wp, NULL, k_len, 5, nr, bias, ym, ys); break;
+        default: p16_tile(xm, xs, wp, NULL, k_len, 6, nr, bias, ym, ys); break;
+        }
+    }
+}
+
+#define P16_MB 192 /* rows of x per pass over a thread's panels: 6 x K floats per tile stay in L1, the pass's in L2 */
+#define P16_CONVERT 24 /* a pass of at least this many rows converts each panel to float32 once */
+void pc_linear_w16_f32(const float *x, int64_t xs, const uint16_t *wp, const float *bias, float *y, int64_t ys,
+                       int64_t m, int64_t n, int64_t k_len, int num_threads) {
+    int64_t panels = (n + 15) / 16;
+#pragma omp parallel num_threads(num_threads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t p_lo = panels * t / nt, p_hi = panels * (t + 1) / nt;
+        float *cv = m >= P16_CONVERT ? aligned_alloc(64, (size_t)k_len * 16 * sizeof(float)) : NULL;
+        for (int64_t mb = 0; mb < m; mb += P16_MB) {
+            int64_t m_hi = m - mb < P16_MB ? m : mb + P16_MB;
+            for (int64_t p = p_lo; p < p_hi; p++) {
+                int64_t n0 = p * 16;
+                const uint16_t *w = wp + p * k_len * 16;
+                const float *wf = NULL;
+                if (cv != NULL && m_hi - mb >= P16_CONVERT) {
+                    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+                    for (int64_t k = 0; k < k_len; k++) {
+                        __m256i v = _mm256_loadu_si256((const __m256i *)(w + k * 16));
+                        _mm256_store_ps(cv + k * 16, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+                        _mm256_store_ps(cv + k * 16 + 8, _mm256_castsi256_ps(_mm256_and_si256(v, high)));
+                    }
+                    wf = cv;
+                }
+                p16_rows(x, xs, w, wf, k_len, n - n0 < 16 ? (int)(n - n0) : 16, bias != NULL ? bias + n0 : NULL,
+                         y + n0, ys, mb, m_hi);
             }
         }
+        free(cv);
     }
 }
