@@ -137,14 +137,15 @@ void pc_write_kv_f32(const float *k, int64_t kst, int64_t ksh, const float *v, i
  * thread count: a row's result does not depend on the rows beside it. */
 #define P16_MR 6
 static inline __attribute__((always_inline)) void p16_tile(const float *x, int64_t xs, const uint16_t *wp,
-                                                           const float *wf, int64_t k_len, int mr, int nr,
-                                                           const float *bias, float *y, int64_t ys) {
+                                                           const float *wf, const uint16_t *next, int64_t k_len,
+                                                           int mr, int nr, const float *bias, float *y, int64_t ys) {
     __m256 acc[P16_MR][2];
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
     for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
 #pragma GCC unroll 4
     for (int64_t k = 0; k < k_len; k++) {
         __m256 lo, hi;
+        if (next != NULL && (k & 1) == 0) _mm_prefetch((const char *)(next + k * 16), _MM_HINT_T1);
         if (wf != NULL) { /* the panel already converted (many tiles share it) */
             lo = _mm256_loadu_ps(wf + k * 16), hi = _mm256_loadu_ps(wf + k * 16 + 8);
         } else {
@@ -165,24 +166,28 @@ static inline __attribute__((always_inline)) void p16_tile(const float *x, int64
     }
 }
 
-/* one panel's outputs for rows m0..m_hi of x; wf: the panel converted, or NULL */
-static void p16_rows(const float *x, int64_t xs, const uint16_t *wp, const float *wf, int64_t k_len, int nr,
-                     const float *bias, float *y, int64_t ys, int64_t m0, int64_t m_hi) {
-    for (; m0 < m_hi; m0 += P16_MR) {
+/* one panel's outputs for rows m0..m_hi of x; wf: the panel converted, or NULL; next: the panel to
+ * fetch into L2 meanwhile (the first tile's loop touches it: weights come from memory), or NULL */
+static void p16_rows(const float *x, int64_t xs, const uint16_t *wp, const float *wf, const uint16_t *next,
+                     int64_t k_len, int nr, const float *bias, float *y, int64_t ys, int64_t m0, int64_t m_hi) {
+    for (; m0 < m_hi; m0 += P16_MR, next = NULL) {
         const float *xm = x + m0 * xs;
         float *ym = y + m0 * ys;
         int64_t mr = m_hi - m0 < P16_MR ? m_hi - m0 : P16_MR;
         if (wf != NULL && mr == P16_MR) {
-            p16_tile(xm, xs, wp, wf, k_len, P16_MR, nr, bias, ym, ys);
+            if (next != NULL) /* the first tile only: a copy of its own, the others' loop without the test */
+                p16_tile(xm, xs, wp, wf, next, k_len, P16_MR, nr, bias, ym, ys);
+            else
+                p16_tile(xm, xs, wp, wf, NULL, k_len, P16_MR, nr, bias, ym, ys);
             continue;
         }
         switch (mr) { /* constant row counts: each its own unrolled tile */
-        case 1: p16_tile(xm, xs, wp, NULL, k_len, 1, nr, bias, ym, ys); break;
-        case 2: p16_tile(xm, xs, wp, NULL, k_len, 2, nr, bias, ym, ys); break;
-        case 3: p16_tile(xm, xs, wp, NULL, k_len, 3, nr, bias, ym, ys); break;
-        case 4: p16_tile(xm, xs, wp, NULL, k_len, 4, nr, bias, ym, ys); break;
-        case 5: p16_tile(xm, xs, wp, NULL, k_len, 5, nr, bias, ym, ys); break;
-        default: p16_tile(xm, xs, wp, NULL, k_len, 6, nr, bias, ym, ys); break;
+        case 1: p16_tile(xm, xs, wp, NULL, next, k_len, 1, nr, bias, ym, ys); break;
+        case 2: p16_tile(xm, xs, wp, NULL, next, k_len, 2, nr, bias, ym, ys); break;
+        case 3: p16_tile(xm, xs, wp, NULL, next, k_len, 3, nr, bias, ym, ys); break;
+        case 4: p16_tile(xm, xs, wp, NULL, next, k_len, 4, nr, bias, ym, ys); break;
+        case 5: p16_tile(xm, xs, wp, NULL, next, k_len, 5, nr, bias, ym, ys); break;
+        default: p16_tile(xm, xs, wp, NULL, next, k_len, 6, nr, bias, ym, ys); break;
         }
     }
 }
@@ -212,7 +217,7 @@ void pc_linear_w16_f32(const float *x, int64_t xs, const uint16_t *wp, const flo
                     }
                     wf = cv;
                 }
-                p16_rows(x, xs, w, wf, k_len, n - n0 < 16 ? (int)(n - n0) : 16, bias != NULL ? bias + n0 : NULL,
+                p16_rows(x, xs, w, wf, p + 1 < p_hi ? w + k_len * 16 : NULL, k_len, n - n0 < 16 ? (int)(n - n0) : 16, bias != NULL ? bias + n0 : NULL,
                          y + n0, ys, mb, m_hi);
             }
         }
