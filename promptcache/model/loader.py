@@ -21,7 +21,7 @@ from promptcache.model import native
 from promptcache.model.config import ArchConfig, arch_from_hf_config
 from promptcache.model.prepack import prepack_linears
 from promptcache.model.shapes import DEFAULT_MODEL_DIR, random_checkpoint
-from promptcache.model.transformer import CausalLM
+from promptcache.model.transformer import CausalLM, Linear
 
 CHECKPOINT_FILES = [
     "config.json",
@@ -196,6 +196,14 @@ def load_model(
         model = CausalLM(arch, max_model_len=max_model_len, deterministic=deterministic)
     model.to_empty(device=device)
     model.to(dtype)
+    lib = native.ops_library(dtype) if device.type == "cpu" and not deterministic else None
+    if prepack and lib is not None and dtype == torch.float32 and rounding == torch.bfloat16 and lib.sfx == "f32":
+        # float32 math on bf16 values with our kernels: the linears keep only bf16 panels
+        # (model/prepack.py), so they load in bf16 (exact) and a float32 copy never exists
+        for module in model.modules():
+            if isinstance(module, Linear) and not (module is model.lm_head and arch.tie_word_embeddings):
+                module.weight = torch.nn.Parameter(torch.empty_like(module.weight, dtype=torch.bfloat16),
+                                                   requires_grad=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     plan_fn = _llama_plan if arch.family == "llama" else _gpt2_plan
     with ExitStack() as stack:
@@ -211,11 +219,10 @@ def load_model(
             if tuple(tensor.shape) != tuple(target.shape):
                 raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != {tuple(target.shape)}")
             with torch.no_grad():
-                target.copy_(tensor.to(rounding).to(dtype))
+                target.copy_(tensor.to(rounding).to(target.dtype))  # bf16 linears (above): no float32 copy
     del params  # the plain weights must not outlive packing (one copy of each at a time)
     model.finish_loading(device)
     model.eval()
-    lib = native.ops_library(dtype) if device.type == "cpu" and not deterministic else None
     if prepack and device.type == "cpu" and not deterministic:
         # oneDNN's layout once, not a reorder per call; a tied embedding table in its values' dtype;
         # float32 math on a bf16 checkpoint: each linear's bf16 values too, for decode steps
