@@ -9,6 +9,7 @@ import httpx
 
 from promptcache.bench.http_client import HttpBackend
 from promptcache.bench.machine import percentile, prefill_flops
+from promptcache.bench.prefix_pair import PrefixPair
 from promptcache.bench.report import markdown
 from promptcache.bench.workloads import (
     TOKEN_HIGH,
@@ -115,6 +116,16 @@ def test_bench_prefix_pair_with_transformers(tmp_path):
     assert r["cached_tokens"] == 64 and r["greedy_match"] is True
     assert {t["name"] for t in r["targets"]} >= {"warm TTFT / suffix-only TTFT"}
     assert r["transformers"]["logits_to_keep"] is True
+
+
+def test_prefix_pair_repeats_over_http_never_share_prompts():
+    """A server's cache cannot be reset, so each repeat takes fresh ids: none of a run's prompts may
+    come back in a run at a nearby ``--seed`` (they would be cached, and "cold" would read a hit)."""
+    runs = [PrefixPair(prompt_tokens=48, suffix_tokens=16, repeats=3, seed=seed) for seed in (7, 8, 9)]
+    prompts = [tuple(p) for pp in runs for r in range(pp.repeats) for p in pp.prompts(pp.repeat_seed(r))]
+    assert len(prompts) == 27 and len(set(prompts)) == 27
+    prefixes = {p[:32] for p in prompts}
+    assert len(prefixes) == 18  # first and second share their prefix; suffix-only prompts are 16 ids
 
 
 def test_bench_multi_turn_and_long_doc(tmp_path):

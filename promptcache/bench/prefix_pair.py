@@ -52,6 +52,12 @@ class PrefixPair:
             self.suffix_tokens
         )
 
+    def repeat_seed(self, repeat: int) -> int:
+        """The ids of a repeat where the cache cannot be reset (a server): fresh for every repeat of
+        every ``--seed`` (``seed + repeat`` made runs at consecutive seeds share prompts, so the
+        second run's "cold" prompts were cached by the first's)."""
+        return self.seed * 1_000_003 + repeat + 1
+
     def params(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "suffix_tokens": self.suffix_tokens,
                 "output_tokens": self.output_tokens, "repeats": self.repeats, "seed": self.seed}
@@ -74,8 +80,7 @@ def run_prefix_pair(pp: PrefixPair, backend: Backend, baseline: TransformersBase
     cold_out: dict[int, RequestResult] = {}  # which prompt (0 or 1) -> a cold run of it
     warm_out: dict[int, RequestResult] = {}
     for r in range(pp.repeats):
-        seed = pp.seed if backend.can_reset else pp.seed + r
-        pair = pp.prompts(seed)
+        pair = pp.prompts(pp.seed if backend.can_reset else pp.repeat_seed(r))
         first = r % 2 if backend.can_reset else 0
         cold = _one(backend, f"cold-{r}", pair[first], pp.output_tokens, reset=True)
         warm = _one(backend, f"warm-{r}", pair[1 - first], pp.output_tokens, reset=False)

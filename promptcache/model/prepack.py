@@ -19,7 +19,7 @@ each linear keeps only its bf16 values, packed in 16-output panels that ``linear
 multiplies by, converting as it reads. Half the memory of float32 weights and half the bytes per
 matmul; on a 2-core AVX2 EPYC, smollm2-135m's 30 layers of linears + head with the weights cold:
 1 row 49.9 -> 19.3 ms, 8 rows 76.6 -> 32.2, 32 rows 117 -> 86, 128 rows 331 -> 298, 2,048 rows
-(no head) 3.49 -> 3.23 s against oneDNN's packed float32 (``/tmp``-script in benchmarks/README.md).
+(no head) 3.49 -> 3.23 s against oneDNN's packed float32 (``scripts/linear_microbench.py``).
 """
 
 from __future__ import annotations
