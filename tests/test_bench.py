@@ -7,9 +7,10 @@ from pathlib import Path
 
 import httpx
 
+from promptcache.bench.backends import RequestResult
 from promptcache.bench.http_client import HttpBackend
 from promptcache.bench.machine import percentile, prefill_flops
-from promptcache.bench.prefix_pair import PrefixPair
+from promptcache.bench.prefix_pair import PrefixPair, run_prefix_pair
 from promptcache.bench.report import markdown
 from promptcache.bench.workloads import (
     TOKEN_HIGH,
@@ -118,14 +119,32 @@ def test_bench_prefix_pair_with_transformers(tmp_path):
     assert r["transformers"]["logits_to_keep"] is True
 
 
+class _ServerLike:
+    """A backend whose cache cannot be reset (a server): records the prompts it is sent."""
+
+    name, can_reset = "server-like", False
+
+    def __init__(self) -> None:
+        self.prompts: list[tuple[int, ...]] = []
+
+    def run_wave(self, requests, on_done=None):
+        self.prompts += [tuple(r.prompt_ids) for r in requests]
+        return [RequestResult(r.name, len(r.prompt_ids), 0, [1], "", 1, 0.1, 0.1) for r in requests]
+
+
 def test_prefix_pair_repeats_over_http_never_share_prompts():
     """A server's cache cannot be reset, so each repeat takes fresh ids: none of a run's prompts may
-    come back in a run at a nearby ``--seed`` (they would be cached, and "cold" would read a hit)."""
-    runs = [PrefixPair(prompt_tokens=48, suffix_tokens=16, repeats=3, seed=seed) for seed in (7, 8, 9)]
-    prompts = [tuple(p) for pp in runs for r in range(pp.repeats) for p in pp.prompts(pp.repeat_seed(r))]
-    assert len(prompts) == 27 and len(set(prompts)) == 27
-    prefixes = {p[:32] for p in prompts}
-    assert len(prefixes) == 18  # first and second share their prefix; suffix-only prompts are 16 ids
+    come back in a run at a nearby ``--seed`` (they would be cached, and "cold" would read a hit).
+    Runs the protocol itself (``run_prefix_pair``) against a server-like backend."""
+    sent = []
+    for seed in (7, 8, 9):
+        backend = _ServerLike()
+        run_prefix_pair(PrefixPair(prompt_tokens=48, suffix_tokens=16, repeats=3, seed=seed), backend,
+                        progress=False)
+        sent.append([p for p in backend.prompts[1:]])  # after the warm-up request
+    prompts = [p for run in sent for p in run]
+    assert len(prompts) == 27 and len(set(prompts)) == 27  # cold, warm, suffix-only x 3 repeats x 3 seeds
+    assert len({p[:32] for p in prompts}) == 18  # each repeat's cold and warm prompts share their prefix
 
 
 def test_bench_multi_turn_and_long_doc(tmp_path):

@@ -265,7 +265,14 @@ def test_linear_on_bf16_weights(m, n, k, bias):
     ref = x.double() @ w16.double().T + (b.double() if b is not None else 0.0)
     assert out.dtype == torch.float32 and out.shape == (m, n)
     assert (out.double() - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item()) * k**0.5
-    assert torch.equal(lib.linear_w16(x[-1:], panels, n, b), out[-1:])  # batch-invariant
+    for i in {0, m // 2, m - 1}:  # batch-invariant: row 0 sits in a converted tile from 24 rows on
+        assert torch.equal(lib.linear_w16(x[i : i + 1], panels, n, b), out[i : i + 1])
+    threads = torch.get_num_threads()
+    try:  # panels split between threads (the tests run single-threaded): the same bits
+        torch.set_num_threads(2)
+        assert torch.equal(lib.linear_w16(x, panels, n, b), out)
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="expected"):  # x wider than the weight: never read past either
         lib.linear_w16(torch.randn(2, 16), pack_w16(torch.randn(3, 8).to(torch.bfloat16)), 3, None)
     with pytest.raises(ValueError, match="expected"):  # panels of another N

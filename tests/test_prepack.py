@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from promptcache.engine.precision import cpu_has_native_bf16
-from promptcache.model import native
+from promptcache.model import loader, native
 from promptcache.model.attention import AttentionMetadata
 from promptcache.model.backends import pick_backend
 from promptcache.model.loader import load_model
+from promptcache.model.prepack import prepack_linears
 from promptcache.model.shapes import random_checkpoint
 from promptcache.model.transformer import Linear
 
@@ -112,7 +113,16 @@ def test_float32_math_on_bf16_values_keeps_only_bf16_panels(monkeypatch):
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
     path = random_checkpoint("tiny")
     plain = load_model(path, torch.float32, torch.device("cpu"), 256, value_dtype=torch.bfloat16, prepack=False)
+    arrived = []
+
+    def seen(model, **kw):  # the weights as loaded, before packing: the linears in bf16 already
+        arrived.extend((m is model.lm_head, m.weight.dtype) for m in model.modules() if isinstance(m, Linear))
+        return prepack_linears(model, **kw)
+
+    monkeypatch.setattr(loader, "prepack_linears", seen)
     loaded = load_model(path, torch.float32, torch.device("cpu"), 256, value_dtype=torch.bfloat16)
+    # no float32 copy ever made; the tied head is the embedding's table (float32 until packing narrows it)
+    assert arrived and all(dtype == (torch.float32 if head else torch.bfloat16) for head, dtype in arrived)
     lib = native.library_f32()
     linears = [m for m in loaded.model.modules() if isinstance(m, Linear)]
     assert linears and all(m.w16 is not None and m.w16_lib is lib and m.packed is None for m in linears)
@@ -133,12 +143,13 @@ def test_float32_math_on_bf16_values_keeps_only_bf16_panels(monkeypatch):
     for m in linears:
         x = torch.randn(3, m.in_features, generator=g)
         few = m(x)
-        many = m(torch.cat([torch.randn(200, m.in_features, generator=g), x]))[-3:]  # past 192-row passes
-        assert torch.equal(few, many)  # batch-invariant
+        # batch-invariant: first in a 203-row call (a tile of a converted panel), last (past a 192-row pass)
+        many = m(torch.cat([x, torch.randn(200, m.in_features, generator=g), x]))
+        assert torch.equal(few, many[:3]) and torch.equal(few, many[-3:])
         want = F.linear(x.double(), m.plain_weight().double(), None if m.bias is None else m.bias.double())
         assert (few.double() - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item()) * m.in_features**0.5
         assert few.shape == (3, m.out_features) and m(x.view(1, 3, -1)).shape == (1, 3, m.out_features)
-    assert calls[:2] == [3, 203] and len(calls) == 3 * len(linears)
+    assert calls[:2] == [3, 206] and len(calls) == 3 * len(linears)
     ids = list(range(10, 80))
     got = _logits(loaded.model, loaded.arch, torch.float32, ids)
     want = _logits(plain.model, plain.arch, torch.float32, ids)

@@ -53,9 +53,10 @@ class PrefixPair:
         )
 
     def repeat_seed(self, repeat: int) -> int:
-        """The ids of a repeat where the cache cannot be reset (a server): fresh for every repeat of
-        every ``--seed`` (``seed + repeat`` made runs at consecutive seeds share prompts, so the
-        second run's "cold" prompts were cached by the first's)."""
+        """The ids of a repeat where the cache cannot be reset (a server): runs at different
+        ``--seed`` values never share a repeat's ids (``seed + repeat`` made runs at consecutive seeds
+        share prompts, so the second run's "cold" prompts were cached by the first's). The same seed
+        twice against one server repeats its prompts: use a fresh seed per run."""
         return self.seed * 1_000_003 + repeat + 1
 
     def params(self) -> dict[str, int]:
