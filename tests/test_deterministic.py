@@ -118,3 +118,44 @@ def test_the_model_never_picks_an_attention_kernel_itself(checkpoint):
     attn = AttentionMetadata(torch.tensor([0, 1]), [0, 2], [2], [[(0, 2)]], num_kv_heads=2)
     with pytest.raises(ValueError, match="backend is not set"):
         runner.loaded.model(torch.tensor([5, 6]), torch.tensor([0, 1]), attn, runner.kv_caches)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bf16_panels_replace_the_row_tiles(tmp_path, monkeypatch, family):
+    """Float32 math on a bf16 checkpoint with our float32 kernels: the linears' bf16-panel GEMM gives a
+    row the same bits alone or in any batch, so deterministic mode takes it instead of 32-row tiles
+    (norms stay tiled); logprobs stay bit-identical across cache, batch and chunking, and the cache
+    namespace frames the kernel (its K/V differ in the last bits from the row tiles')."""
+    from conftest import save_hf_checkpoint
+
+    from promptcache.model import native
+    from promptcache.model.transformer import Linear
+
+    if not native.can_run(spec=native.F32):
+        pytest.skip("the float32 kernels need AVX2 and FMA")
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "native")
+    path = str(save_hf_checkpoint(family, tmp_path / family, seed=7))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
+
+    def engine(cache: bool, budget: int) -> LLM:
+        return LLM(path, dtype="bfloat16", compute_dtype="float32", deterministic=True, num_blocks=256,
+                   enable_prefix_caching=cache, max_num_batched_tokens=budget, device="cpu")
+
+    cached = engine(True, 2048)
+    model = cached.engine.runner.loaded.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.w16 is not None and not m.row_tiled for m in linears)
+    assert all(m.row_tiled for m in model.modules() if hasattr(m, "row_tiled") and not isinstance(m, Linear))
+    assert cached.engine.namespace.linears == "bf16-panels"
+    batch = cached.generate(PROMPTS, params)
+    assert sum(o.usage.cached_tokens for o in batch) > 0
+    reference = _logprobs(batch)
+    assert _logprobs(engine(False, 64).generate(PROMPTS, params)) == reference
+    singles = engine(True, 48)
+    assert _logprobs([singles.generate([p], params)[0] for p in PROMPTS]) == reference
+    monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", "torch")  # row tiles again, another namespace
+    tiled = engine(True, 2048)
+    assert all(m.row_tiled and m.w16 is None for m in tiled.engine.runner.loaded.model.modules()
+               if isinstance(m, Linear))
+    assert tiled.engine.namespace.linears == ""
+    assert tiled.engine.namespace.root(None) != cached.engine.namespace.root(None)

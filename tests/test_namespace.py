@@ -63,6 +63,7 @@ def test_root_frames_dtypes_layout_mode_and_tenant():
         Namespace(model="m", compute_dtype="bfloat16", kv_dtype="bfloat16", kv_layout="other"),
         Namespace(model="m", compute_dtype="bfloat16", kv_dtype="bfloat16", deterministic=True),
         Namespace(model="m", compute_dtype="bfloat16", kv_dtype="bfloat16", seed=b"other-seed"),
+        Namespace(model="m", compute_dtype="bfloat16", kv_dtype="bfloat16", linears="bf16-panels"),
     ]
     roots = {base.root(None), base.root("acme")} | {v.root(None) for v in variants}
     assert len(roots) == 2 + len(variants)

@@ -91,13 +91,14 @@ class Namespace:
     kv_layout: str = KV_LAYOUT
     deterministic: bool = False  # deterministic mode computes other bits for the same tokens
     seed: bytes = DEFAULT_HASH_SEED
+    linears: str = ""  # a linear kernel other than the dtypes' default (model/loader.py LoadedModel.linears)
 
     @property
     def key(self) -> str:
         """The model part of the root, as framed into the hash (also a tier's compatibility key)."""
         mode = "deterministic" if self.deterministic else "default"
         parts = (self.model, self.weights_dtype or self.compute_dtype, self.compute_dtype, self.kv_dtype,
-                 self.device, self.kv_layout, mode)
+                 self.device, self.kv_layout, mode) + ((self.linears,) if self.linears else ())
         return "|".join(parts)
 
     def root(self, tenant: str | None) -> BlockHash:

@@ -54,6 +54,7 @@ class LLMEngine:
             device=hardware_key(r.device),
             deterministic=self.config.model.deterministic,
             seed=self.config.cache.hash_seed,
+            linears=r.loaded.linears,
         )
         # disk / Redis below memory (engine/tiering.py); None when neither is configured
         tiers_on = self.config.tiers.enabled and self.config.cache.enable_prefix_caching  # nothing to load into

@@ -175,6 +175,9 @@ class LoadedModel:
     directory: Path
     hf_config: dict[str, Any]
     generation_config: dict[str, Any]
+    # what multiplies the linears, where it is not the dtypes' default (it sets the K/V's bits: part
+    # of the cache namespace): "bf16-panels" (ops_f32.c's linear_w16), else ""
+    linears: str = ""
 
 
 def load_model(
@@ -197,9 +200,13 @@ def load_model(
     model.to_empty(device=device)
     model.to(dtype)
     lib = native.ops_library(dtype) if device.type == "cpu" and not deterministic else None
-    if prepack and lib is not None and dtype == torch.float32 and rounding == torch.bfloat16 and lib.sfx == "f32":
-        # float32 math on bf16 values with our kernels: the linears keep only bf16 panels
-        # (model/prepack.py), so they load in bf16 (exact) and a float32 copy never exists
+    # float32 math on bf16 values with our float32 kernels: the linears keep only bf16 panels
+    # (model/prepack.py; batch-invariant, so deterministic mode takes them too), so they load in
+    # bf16 (exact) and a float32 copy never exists
+    panels = (prepack and device.type == "cpu" and dtype == torch.float32 and rounding == torch.bfloat16
+              and native.native_f32())
+    w16_lib = native.library_f32() if panels else None
+    if w16_lib is not None:
         for module in model.modules():
             if isinstance(module, Linear) and not (module is model.lm_head and arch.tie_word_embeddings):
                 module.weight = torch.nn.Parameter(torch.empty_like(module.weight, dtype=torch.bfloat16),
@@ -223,11 +230,12 @@ def load_model(
     del params  # the plain weights must not outlive packing (one copy of each at a time)
     model.finish_loading(device)
     model.eval()
-    if prepack and device.type == "cpu" and not deterministic:
-        # oneDNN's layout once, not a reorder per call; a tied embedding table in its values' dtype;
-        # float32 math on a bf16 checkpoint: each linear's bf16 values too, for decode steps
-        prepack_linears(model, embed_dtype=rounding if rounding != dtype else None,
-                        w16_lib=lib if dtype == torch.float32 else None)
+    if prepack and device.type == "cpu" and (not deterministic or w16_lib is not None):
+        # oneDNN's layout once, not a reorder per call (not in deterministic mode: its row tiles);
+        # bf16 panels as above; a tied embedding table in its values' dtype
+        prepack_linears(model, embed_dtype=rounding if rounding != dtype else None, w16_lib=w16_lib,
+                        deterministic=deterministic)
     if lib is not None:
         model.use_native_ops(lib)  # RMSNorm, RoPE, gated SiLU in one pass each
-    return LoadedModel(model, arch, model_dir, hf_config, load_generation_config(model_dir))
+    linears = "bf16-panels" if any(isinstance(m, Linear) and m.w16 is not None for m in model.modules()) else ""
+    return LoadedModel(model, arch, model_dir, hf_config, load_generation_config(model_dir), linears)

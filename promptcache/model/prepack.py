@@ -12,7 +12,8 @@ memory: the head is the largest matmul of a decode step (``[49152, 576]`` for sm
 on a 2-core AVX2 EPYC: 16.9 -> 9.3 ms for 1 row, 45.4 -> 13.1 ms for 8, 78.2 -> 26.5 ms for 32).
 Where float32 weights hold 16-bit values (a bf16 checkpoint on a CPU without native bf16), the
 embedding table is kept in that 16-bit dtype (exact; rows are upcast as they are looked up), so the
-extra copy costs half a table. Deterministic mode keeps its fixed-row-tile ``F.linear``.
+extra copy costs half a table. Deterministic mode keeps its fixed-row-tile ``F.linear`` (but for
+the bf16 panels below, batch-invariant as they are).
 
 Float32 math on a bf16 checkpoint with our float32 kernels (CPUs without native bf16) skips oneDNN:
 each linear keeps only its bf16 values, packed in 16-output panels that ``linear_w16`` (ops_f32.c)
@@ -58,18 +59,21 @@ def _panels(weight: torch.Tensor, embed_dtype: torch.dtype | None, lib: object) 
     return pack_w16(narrow)
 
 
-def prepack_linears(model: CausalLM, embed_dtype: torch.dtype | None = None, w16_lib: object = None) -> int:
+def prepack_linears(model: CausalLM, embed_dtype: torch.dtype | None = None, w16_lib: object = None,
+                    deterministic: bool = False) -> int:
     """Pack every linear of a CPU model that is not row-tiled; returns how many were packed (0 where
     oneDNN is unavailable and ``w16_lib`` is not given). ``embed_dtype``: the 16-bit dtype whose
     values float32 weights hold; a tied embedding table is then stored in it once its head is packed.
     ``w16_lib``: our float32 library, where it runs; with bf16 values in float32 weights each linear
     then keeps only those, in the panels its ``linear_w16`` multiplies by (half the memory of the
-    float32 weights, half the bytes to read per matmul), instead of oneDNN's float32 packing."""
+    float32 weights, half the bytes to read per matmul), instead of oneDNN's float32 packing.
+    ``deterministic``: only those panels (a row's result does not depend on the rows beside it, so
+    they replace the row tiles); other linears stay row-tiled."""
     embed = model.embed.weight
     count = 0
     with torch.no_grad():
         for module in model.modules():
-            if not isinstance(module, Linear) or module.row_tiled or module.packed is not None:
+            if not isinstance(module, Linear) or module.packed is not None or module.row_tiled != deterministic:
                 continue
             if module.w16 is not None:
                 continue
@@ -77,7 +81,9 @@ def prepack_linears(model: CausalLM, embed_dtype: torch.dtype | None = None, w16
                 continue
             panels = _panels(module.weight.detach(), embed_dtype, w16_lib)
             if panels is not None:
-                module.w16, module.w16_lib = panels, w16_lib
+                module.w16, module.w16_lib, module.row_tiled = panels, w16_lib, False
+            elif deterministic:
+                continue
             elif torch.backends.mkldnn.is_available() and (packed := _pack(module)) is not None:
                 module.packed = packed
             else:
