@@ -73,11 +73,11 @@ def prepack_linears(model: CausalLM, embed_dtype: torch.dtype | None = None, w16
     count = 0
     with torch.no_grad():
         for module in model.modules():
-            if not isinstance(module, Linear) or module.packed is not None or module.row_tiled != deterministic:
-                continue
-            if module.w16 is not None:
+            if not isinstance(module, Linear) or module.row_tiled != deterministic:
                 continue
             if module.weight.device.type != "cpu":
+                continue
+            if module.packed is not None or module.w16 is not None:  # packed already (a second call)
                 continue
             panels = _panels(module.weight.detach(), embed_dtype, w16_lib)
             if panels is not None:
