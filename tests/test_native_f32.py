@@ -338,6 +338,25 @@ def test_a_long_context_takes_scratch_of_its_own():
 
 
 @runs_here
+
+
+@runs_here
+def test_packed_keys_of_a_call_kept_grown_and_past_the_limit():
+    """Calls that pack every head's K/V up front (several query blocks, or grouped heads) pack into a
+    buffer the calling thread keeps: reused by a smaller call, grown for a larger one, and past 32 MiB
+    a buffer of the call's own (2 x 2 x 8,208 keys x 256 dims: 8.4 M floats) — the kept one, still
+    there, serves the calls after it. Each answer is the reference's."""
+    g = torch.Generator().manual_seed(9)
+    lib = _lib()
+    for b, hq, m, n, d in [(1, 3, 40, 300, 64), (1, 2, 30, 100, 32), (2, 2, 1, 8200, 256), (1, 3, 40, 300, 64),
+                           (2, 4, 50, 2000, 64)]:
+        q = torch.randn(b, hq, m, d, generator=g)
+        k, v = (torch.randn(b, 1, n, d, generator=g) for _ in range(2))
+        res = lib.flash(q, k, v, d**-0.5, False)
+        assert res is not None
+        ref_out, ref_lse = _reference(q, k, v, d**-0.5, False)
+        assert (res[0].double() - ref_out).abs().max().item() < 1e-5, (b, hq, m, n, d)
+        assert (res[1].double() - ref_lse).abs().max().item() < 1e-5
 def test_wrapper_checks_what_the_kernels_would_read_past():
     lib = _lib()
     x = torch.randn(4, 16)
