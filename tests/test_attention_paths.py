@@ -42,6 +42,9 @@ PATHS = {
     # two groups (blocks 0-3 and block 5) and a cold chunk in one step
     "two-groups": [([0, 1, 2, 3, 8], 17, 1), ([0, 1, 2, 3, 9], 18, 1), ([5, 7, 15], 4, 5), ([5, 6, 12], 9, 1),
                    ([13, 14], 0, 6)],
+    # two chunks each alone on its cached context (one over blocks out of order) beside a lone decode
+    # and a cold chunk: by_slot plans attend each such chunk whole, in one causal call by slot
+    "lone-chunks": [([0, 1, 2], 9, 1), ([4, 5, 6, 7], 10, 5), ([13, 14], 0, 6), ([8, 11, 10], 6, 3)],
 }
 # (min_run, short_context): runs of at least min_run slots are read in place, shorter ones gathered
 # (1 = every run in place, a huge value = every cached key gathered; blocks here are 4 slots, runs
@@ -181,6 +184,42 @@ def test_by_slot_plans_put_every_decode_tail_in_the_one_call(monkeypatch):
         assert sum(not c.fresh for c in plan.chunks) + (len(plan.groups) if lone_groups else 0) == own_calls
 
 
+
+@pytest.mark.parametrize("path,whole", [("chunked-prefill", [0]), ("lone-chunks", [1, 3]), ("mixed", []),
+                                        ("shared-chunks", []), ("decode", []), ("prefill", [])])
+def test_by_slot_plans_attend_a_lone_chunk_whole(path, whole, monkeypatch):
+    """A prefill chunk over a cached context no other sequence of the step shares is, in a ``by_slot``
+    plan, one causal call over every slot of its context (its fresh ones stored first, last): not in
+    the permuted batch, no group or chunk of its own, nothing merged — one kernel call, counted. Chunks
+    sharing a prefix keep their group call; decodes and cold chunks are untouched; by-run plans keep
+    the merge. The answer is the float64 reference's, for every dtype pair (a bf16 query falls back to
+    PyTorch's kernel with the causal mask aligned at the context's end)."""
+    q, k, v, kv_cache, attn = _setup(path, torch.float32, torch.float32, d=32)
+    plan = plan_cascade(attn, torch.float32, q.device, by_slot=True)
+    assert [(lo, hi) for lo, hi, _ in plan.whole] == [tuple(attn.query_start_loc[i : i + 2]) for i in whole]
+    for (lo, hi, idx), i in zip(plan.whole, whole, strict=True):
+        assert idx.tolist() == [_slots(attn.context_runs[i])]
+        assert plan.perm is None or not set(range(lo, hi)) & set(plan.perm.tolist())
+    assert plan_cascade(attn, torch.float32, q.device).whole == []
+    if not native.can_run(spec=native.F32):
+        return
+    calls: list[tuple[bool, bool]] = []
+    flash = native.library_f32().flash
+
+    def counted(q, k, v, scale, causal, num_threads=None, kv_lens=None, kv_idx=None):  # type: ignore[no-untyped-def]
+        calls.append((causal, kv_idx is not None))
+        return flash(q, k, v, scale, causal, num_threads, kv_lens, kv_idx)
+
+    monkeypatch.setattr(native.library_f32(), "flash", counted)
+    for q_dtype, kv_dtype in DTYPES:
+        q, k, v, kv_cache, attn = _setup(path, q_dtype, kv_dtype, d=32)
+        attn.cascade_plan = plan_cascade(attn, q_dtype, q.device, by_slot=True)
+        calls.clear()
+        out = paged_attention(q, k, v, kv_cache, attn, 32**-0.5, cpu_kernel="native")
+        err = (out.double() - _reference(q, kv_cache, attn, 32**-0.5)).abs().max().item()
+        assert err < max(TOL[q_dtype], TOL[kv_dtype]), f"{path} {q_dtype}/{kv_dtype}: max error {err:.2e}"
+        if q_dtype == torch.float32:
+            assert calls.count((True, True)) == len(whole)  # causal by slot: only the whole chunks
 def test_kernel_facts_match_their_sources():
     """The query block and head sizes the Python side plans by are the C kernels' own."""
     for spec in (native.BF16, native.F32):

@@ -206,14 +206,16 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
     assert all(m.native is not None for m in modules if isinstance(m, RMSNorm | Attention))
     assert all(m.silu_mul is not None for m in modules if isinstance(m, MLP))
     lib = _lib()
-    calls = {"causal": 0, "cached": 0, "tails": 0}
+    calls = {"causal": 0, "whole": 0, "cached": 0, "tails": 0}
     flash = lib.flash
 
     def counted(q, k, v, scale, causal, num_threads=None, kv_lens=None, kv_idx=None):
-        # cached keys come from the cache as stored; fresh ones (causal parts) as float32 rounded alike
-        assert q.dtype == torch.float32 and k.dtype == (torch.float32 if causal else getattr(torch, kv_cache_dtype))
+        # keys read by slot come from the cache as stored; fresh ones (cold chunks) as float32 rounded alike
+        fresh = causal and kv_idx is None
+        assert q.dtype == torch.float32 and k.dtype == (torch.float32 if fresh else getattr(torch, kv_cache_dtype))
         res = flash(q, k, v, scale, causal, num_threads, kv_lens, kv_idx)
-        calls["causal" if causal else "cached" if kv_lens is None else "tails"] += res is not None
+        kind = "causal" if fresh else "whole" if causal else "cached" if kv_lens is None else "tails"
+        calls[kind] += res is not None
         return res
 
     monkeypatch.setattr(lib, "flash", counted)
@@ -231,7 +233,10 @@ def test_engine_runs_it_and_agrees_with_transformers(tmp_path, monkeypatch, cach
     monkeypatch.setattr(lib, "linear_w16", counted_w16)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=5)
     outs = llm.generate(prompts, params)
-    assert calls["causal"] > 0 and calls["cached"] > 0 and calls["tails"] > 0, calls
+    # cold chunks, later chunks of the 150-token prompt and warm prompts (whole: one causal call over
+    # their slots), decode tails, and with the cache on decodes of the three sharing a prefix (a group call)
+    assert calls["causal"] > 0 and calls["tails"] > 0 and calls["whole"] > 0, calls
+    assert (calls["cached"] > 0) == cache, calls
     assert calls["w16"] >= 7 * len(linears), calls  # every linear in each of the 7 decode steps at least
     assert [o.usage.cached_tokens for o in outs] == ([0, 0, 96, 96] if cache else [0] * 4)
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()

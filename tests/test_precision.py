@@ -83,7 +83,8 @@ def run_cell(path: str, dtype: str, compute: str, cache: bool, device: str = "cp
 
     def spy_plan(attn, *args, **kwargs):
         p = plan(attn, *args, **kwargs)
-        seen["cascade_group"] = max([seen["cascade_group"]] + [g.num_seqs for g in p.groups])
+        # a chunk alone on its cached context is a group of one, or (by_slot plans) attended whole
+        seen["cascade_group"] = max([seen["cascade_group"]] + [g.num_seqs for g in p.groups] + [1] * len(p.whole))
         return p
 
     def spy_execute(self, seqs):

@@ -13,7 +13,9 @@ sequence; no mask: every shared key precedes every query). What is left of each 
   for kernels that read tails by slot and length, ``by_slot`` plans: they pad nothing, so every
   tail, however long, goes to the one call);
 - a prefill chunk's cached keys past the shared part, then its causal attention over its own fresh
-  K/V (read from the projections, not the cache);
+  K/V (read from the projections, not the cache) — except in ``by_slot`` plans, where a chunk whose
+  context no other sequence of the step shares (a warm request, a long prompt's later chunks) is one
+  causal call over every slot of its context, the fresh ones (stored first) last: nothing to merge;
 
 all merged exactly, per query, by their log-sum-exps, in float32. Runs shorter than
 ``MIN_RUN_IN_PLACE`` slots are gathered together into one call instead of many tiny ones (a
@@ -103,6 +105,10 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
             out[lo:hi] = o[0].transpose(0, 1)
         else:
             out[lo:hi] = attend_causal(q[lo:hi], kc, vc, scale)
+    for lo, hi, idx in plan.whole:  # by slot, its fresh K/V (stored above) the last keys: causal, nothing to merge
+        o, _ = native_flash(q[lo:hi].transpose(0, 1).unsqueeze(0), kv_cache[0], kv_cache[1], scale, causal=True,
+                            kv_idx=idx)
+        out[lo:hi] = o[0].transpose(0, 1)
     if plan.perm is None:
         return out
     num_heads, d = q.shape[1:]

@@ -6,7 +6,7 @@ the first layer; every layer reuses it. Pure bookkeeping over block tables: no k
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -70,6 +70,10 @@ class CascadePlan:
     tail_span: tuple[int, int] | None = None  # the decodes' permuted rows, when they are one range
     tail_only: bool = False  # every permuted row is a whole-context decode in the tail call, in order
     by_slot: bool = False  # groups' and chunks' keys only as slot indexes (``idx``): for kernels that read by slot
+    # by_slot plans: prefill chunks sharing their cached context with no other sequence of the step, as
+    # (first batch row, end, [1, context] every slot of the context, its own fresh ones last): one causal
+    # call over the cache, nothing merged (their rows are in no group, chunk or tail, and not in perm)
+    whole: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
 
 
 def _keys(runs: list[Run], min_run: int, device: torch.device) -> list[Keys]:
@@ -161,8 +165,15 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
     tails: list[list[Run]] = []
     group_runs: list[list[Run]] = []  # by_slot plans: each group's cached keys, then each chunk's
     chunk_runs: list[list[Run]] = []
+    whole_rows: list[tuple[int, int]] = []  # by_slot plans: lone prefill chunks, attended whole
+    whole_runs: list[list[Run]] = []
     whole_tail = False  # some decode has its whole context in the tail (no group part first)
     for members in by_first.values():
+        if by_slot and len(members) == 1 and qsl[members[0] + 1] - qsl[members[0]] > 1:
+            i = members[0]  # a prefill chunk alone on its context: every slot, cached and fresh, in one call
+            whole_rows.append((qsl[i], qsl[i + 1]))
+            whole_runs.append(ctx_runs[i])
+            continue
         members.sort(key=lambda i: qsl[i + 1] - qsl[i] > 1)  # decodes first (stable)
         # what every member has cached (a decode's own token stays in its tail)
         cached = min(lens[i] - (qsl[i + 1] - qsl[i]) for i in members)
@@ -190,12 +201,15 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
             group_runs.append(runs)
         else:
             whole_tail = True
-    if by_slot and (groups or chunks):  # every group's and chunk's slots, expanded at once: a row of one index each
-        idx, counts = _slot_rows(group_runs + chunk_runs)
+    whole: list[tuple[int, int, torch.Tensor]] = []
+    if by_slot and (groups or chunks or whole_rows):  # every slot list expanded at once: a row of one index each
+        idx, counts = _slot_rows(group_runs + chunk_runs + whole_runs)
         idx = idx.to(device)
         rows = [idx[r, :c].view(1, -1) if c else None for r, c in enumerate(counts.tolist())]
         groups = [replace(g, idx=rows[j]) for j, g in enumerate(groups)]
         chunks = [replace(c, idx=rows[len(groups) + j]) for j, c in enumerate(chunks)]
+        base = len(groups) + len(chunks)
+        whole = [(lo, hi, rows[base + j]) for j, (lo, hi) in enumerate(whole_rows)]  # type: ignore[misc]
     tail_idx = tail_mask = tail_lens = None
     if tails:
         idx, tail_lens = _slot_rows(tails)
@@ -219,4 +233,5 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
         if tail_rows and tail_rows == list(range(tail_rows[0], tail_rows[-1] + 1)) else None,
         tail_only=not groups and not chunks and bool(tail_rows) and tail_rows == list(range(len(perm))),
         by_slot=by_slot,
+        whole=whole,
     )

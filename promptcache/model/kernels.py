@@ -50,8 +50,13 @@ def native_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
         k = k.index_select(1, kv_idx.view(-1)).view(kvh, b, n, d).transpose(0, 1).to(q.dtype)
         v = v.index_select(1, kv_idx.view(-1)).view(kvh, b, n, d).transpose(0, 1).to(q.dtype)
     # PyTorch's kernel aligns a causal mask top-left, and gives a row with no keys lse 0, not -inf:
-    # the plan never asks for either (causal parts are square, every tail holds its own token)
-    assert not causal or (q.shape[2] == k.shape[2] and kv_lens is None)
+    # the plan never asks for the latter (every tail holds its own token); the former is a mask here
+    assert not (causal and kv_lens is not None)
+    if causal and q.shape[2] != k.shape[2]:  # query i of m sees keys [0, n - m + i]: aligned at the end
+        m, n = q.shape[2], k.shape[2]
+        hidden = torch.ones(m, n, dtype=torch.bool, device=q.device).triu(n - m + 1)
+        mask = torch.zeros(1, 1, m, n, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+        causal = False
     if kv_lens is not None:  # the same keys as an additive mask [B, 1, 1, N]
         mask = torch.full((q.shape[0], 1, 1, k.shape[2]), float("-inf"), dtype=q.dtype)
         mask.masked_fill_(torch.arange(k.shape[2]) < kv_lens.view(-1, 1, 1, 1), 0.0)
