@@ -143,7 +143,9 @@ def test_native_kernel_path_matches_float64(path, q_dtype, kv_dtype, plan, by_sl
     d = 32
     q, k, v, kv_cache, attn = _setup(path, q_dtype, kv_dtype, d=d)
     min_run, short = PLANS[plan]
-    attn.cascade_plan = plan_cascade(attn, q_dtype, q.device, min_run=min_run, short_context=short, by_slot=by_slot)
+    # whole chunks as the backend plans them: float32 only (the bf16 kernel does not split causal keys)
+    attn.cascade_plan = plan_cascade(attn, q_dtype, q.device, min_run=min_run, short_context=short, by_slot=by_slot,
+                                     whole_chunks=by_slot and q_dtype == torch.float32)
     out = paged_attention(q, k, v, kv_cache, attn, d**-0.5, cpu_kernel="native")
     assert out.dtype == q_dtype and out.shape == q.shape
     err = (out.double() - _reference(q, kv_cache, attn, d**-0.5)).abs().max().item()
@@ -184,18 +186,24 @@ def test_by_slot_plans_put_every_decode_tail_in_the_one_call(monkeypatch):
         assert sum(not c.fresh for c in plan.chunks) + (len(plan.groups) if lone_groups else 0) == own_calls
 
 
-
 @pytest.mark.parametrize("path,whole", [("chunked-prefill", [0]), ("lone-chunks", [1, 3]), ("mixed", []),
                                         ("shared-chunks", []), ("decode", []), ("prefill", [])])
 def test_by_slot_plans_attend_a_lone_chunk_whole(path, whole, monkeypatch):
     """A prefill chunk over a cached context no other sequence of the step shares is, in a ``by_slot``
-    plan, one causal call over every slot of its context (its fresh ones stored first, last): not in
-    the permuted batch, no group or chunk of its own, nothing merged — one kernel call, counted. Chunks
-    sharing a prefix keep their group call; decodes and cold chunks are untouched; by-run plans keep
-    the merge. The answer is the float64 reference's, for every dtype pair (a bf16 query falls back to
-    PyTorch's kernel with the causal mask aligned at the context's end)."""
+    plan asking for whole chunks (the backend does in float32), one causal call over every slot of its
+    context (its fresh ones stored first, last): not in the permuted batch, no group or chunk of its
+    own, nothing merged — one kernel call, counted. Chunks sharing a prefix keep their group call;
+    decodes and cold chunks are untouched; by-run plans keep the merge. The answer is the float64
+    reference's, for every dtype pair (a bf16 query falls back to PyTorch's kernel with the causal
+    mask aligned at the context's end)."""
     q, k, v, kv_cache, attn = _setup(path, torch.float32, torch.float32, d=32)
-    plan = plan_cascade(attn, torch.float32, q.device, by_slot=True)
+    plan = plan_cascade(attn, torch.float32, q.device, by_slot=True, whole_chunks=True)
+    assert plan_cascade(attn, torch.float32, q.device, by_slot=True).whole == []  # only when asked
+    attn.num_kv_heads = KVH  # the backend asks for them in float32 only
+    CascadeNative().prepare(attn, KVH * GROUP, torch.float32, q.device)
+    assert len(attn.cascade_plan.whole) == len(whole)
+    CascadeNative().prepare(attn, KVH * GROUP, torch.bfloat16, q.device)
+    assert attn.cascade_plan.whole == []
     assert [(lo, hi) for lo, hi, _ in plan.whole] == [tuple(attn.query_start_loc[i : i + 2]) for i in whole]
     for (lo, hi, idx), i in zip(plan.whole, whole, strict=True):
         assert idx.tolist() == [_slots(attn.context_runs[i])]
@@ -213,13 +221,15 @@ def test_by_slot_plans_attend_a_lone_chunk_whole(path, whole, monkeypatch):
     monkeypatch.setattr(native.library_f32(), "flash", counted)
     for q_dtype, kv_dtype in DTYPES:
         q, k, v, kv_cache, attn = _setup(path, q_dtype, kv_dtype, d=32)
-        attn.cascade_plan = plan_cascade(attn, q_dtype, q.device, by_slot=True)
+        attn.cascade_plan = plan_cascade(attn, q_dtype, q.device, by_slot=True, whole_chunks=True)
         calls.clear()
         out = paged_attention(q, k, v, kv_cache, attn, 32**-0.5, cpu_kernel="native")
         err = (out.double() - _reference(q, kv_cache, attn, 32**-0.5)).abs().max().item()
         assert err < max(TOL[q_dtype], TOL[kv_dtype]), f"{path} {q_dtype}/{kv_dtype}: max error {err:.2e}"
         if q_dtype == torch.float32:
             assert calls.count((True, True)) == len(whole)  # causal by slot: only the whole chunks
+
+
 def test_kernel_facts_match_their_sources():
     """The query block and head sizes the Python side plans by are the C kernels' own."""
     for spec in (native.BF16, native.F32):

@@ -343,9 +343,6 @@ def test_a_long_context_takes_scratch_of_its_own():
 
 
 @runs_here
-
-
-@runs_here
 def test_packed_keys_of_a_call_kept_grown_and_past_the_limit():
     """Calls that pack every head's K/V up front (several query blocks, or grouped heads) pack into a
     buffer the calling thread keeps: reused by a smaller call, grown for a larger one, and past 32 MiB
@@ -362,6 +359,62 @@ def test_packed_keys_of_a_call_kept_grown_and_past_the_limit():
         ref_out, ref_lse = _reference(q, k, v, d**-0.5, False)
         assert (res[0].double() - ref_out).abs().max().item() < 1e-5, (b, hq, m, n, d)
         assert (res[1].double() - ref_lse).abs().max().item() < 1e-5
+
+
+@runs_here
+@pytest.mark.parametrize("hq,hk,m,n,paged", [(4, 2, 3, 1500, False), (2, 2, 1, 900, True), (3, 1, 7, 2000, True)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_few_causal_queries_over_a_long_context_split_its_keys(hq, hk, m, n, paged, threads):
+    """A short chunk attended whole over a long context (causal, few query blocks) splits its keys
+    across threads like a decode does (``want`` 4 items per thread): splits past a query's last key
+    give it nothing (lse -inf) and merge away. By slot or not, every thread count, the reference's."""
+    g = torch.Generator().manual_seed(hq * 100 + m + n)
+    q = torch.randn(1, hq, m, 64, generator=g)
+    if paged:
+        slots = 3 * n
+        cache = torch.randn(2, hk, slots, 64, generator=g)
+        idx = torch.randperm(slots, generator=g)[:n].view(1, n)
+        res = _lib().flash(q, cache[0], cache[1], 0.125, True, num_threads=threads, kv_idx=idx)
+        k, v = (cache[i][:, idx[0]].unsqueeze(0) for i in range(2))
+    else:
+        k, v = (torch.randn(1, hk, n, 64, generator=g) for _ in range(2))
+        res = _lib().flash(q, k, v, 0.125, True, num_threads=threads)
+    assert res is not None
+    ref_out, ref_lse = _reference(q, k, v, 0.125, True)
+    assert (res[0].double() - ref_out).abs().max().item() < 1e-5
+    assert (res[1].double() - ref_lse).abs().max().item() < 1e-5
+
+
+@runs_here
+def test_kept_buffers_of_threads_that_end_are_freed_not_shared():
+    """Each calling thread keeps its own packed-K/V buffer, freed when the thread ends: calls from
+    threads that come and go (an engine stopped and started again) stay right, and a thread's end
+    does not free what another still uses."""
+    import threading
+
+    lib = _lib()
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(1, 4, 30, 64, generator=g)
+    k, v = (torch.randn(1, 2, 700, 64, generator=g) for _ in range(2))
+    ref_out, _ = _reference(q, k, v, 0.125, False)
+    errors: list[float] = []
+
+    def work() -> None:
+        for _ in range(3):
+            res = lib.flash(q, k, v, 0.125, False)
+            errors.append((res[0].double() - ref_out).abs().max().item() if res is not None else float("inf"))
+
+    for _ in range(3):
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for t in threads:
+            t.start()
+        work()  # this thread's buffer, used beside theirs and after they end
+        for t in threads:
+            t.join()
+    assert len(errors) == 27 and max(errors) < 1e-5
+
+
+@runs_here
 def test_wrapper_checks_what_the_kernels_would_read_past():
     lib = _lib()
     x = torch.randn(4, 16)

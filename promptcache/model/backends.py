@@ -56,7 +56,11 @@ class CascadeNative(CascadeCPU):
         # longest, so long tails keep calls of their own
         group = num_heads // max(1, int(attn.num_kv_heads))
         short = None if group <= native.query_block(dtype) else _plan.SHORT_CONTEXT
-        attn.cascade_plan = _plan.plan_cascade(attn, dtype, device, by_slot=True, short_context=short)
+        # a chunk alone on its cached context in one causal call: the float32 kernel splits such a
+        # call's keys when a few tokens' queries would leave threads idle; the bf16 one does not (yet),
+        # so there it keeps the cached part's split call and the merge
+        attn.cascade_plan = _plan.plan_cascade(attn, dtype, device, by_slot=True, short_context=short,
+                                               whole_chunks=dtype == torch.float32)
 
     def __call__(self, q, k, v, kv_cache, attn, scale):  # type: ignore[no-untyped-def]
         return _cascade.cascade_attention(q, k, v, kv_cache, attn, scale, _kernels.native_flash, grouped=True)

@@ -13,9 +13,10 @@ sequence; no mask: every shared key precedes every query). What is left of each 
   for kernels that read tails by slot and length, ``by_slot`` plans: they pad nothing, so every
   tail, however long, goes to the one call);
 - a prefill chunk's cached keys past the shared part, then its causal attention over its own fresh
-  K/V (read from the projections, not the cache) — except in ``by_slot`` plans, where a chunk whose
-  context no other sequence of the step shares (a warm request, a long prompt's later chunks) is one
-  causal call over every slot of its context, the fresh ones (stored first) last: nothing to merge;
+  K/V (read from the projections, not the cache) — except in ``by_slot`` plans for the float32
+  kernel (``whole_chunks``), where a chunk whose context no other sequence of the step shares (a warm
+  request, a long prompt's later chunks) is one causal call over every slot of its context, the fresh
+  ones (stored first) last: nothing to merge;
 
 all merged exactly, per query, by their log-sum-exps, in float32. Runs shorter than
 ``MIN_RUN_IN_PLACE`` slots are gathered together into one call instead of many tiny ones (a

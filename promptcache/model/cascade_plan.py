@@ -143,11 +143,14 @@ def _slot_rows(run_lists: list[list[Run]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.device,
                  min_run: int = MIN_RUN_IN_PLACE, short_context: int | None = None,
-                 by_slot: bool = False) -> CascadePlan:
+                 by_slot: bool = False, whole_chunks: bool = False) -> CascadePlan:
     """The step's plan. ``by_slot``: each group's shared keys and each chunk's private keys also as
     one slot index (``idx``), for a kernel that reads the paged cache by slot: one call however
     fragmented the blocks, nothing to merge. ``short_context``: ``SHORT_CONTEXT`` by default, no
-    limit for ``by_slot`` plans (their kernel reads tails by slot and length: no padding to pay)."""
+    limit for ``by_slot`` plans (their kernel reads tails by slot and length: no padding to pay).
+    ``whole_chunks`` (``by_slot`` plans only): a prefill chunk alone on its cached context is one causal
+    call over all its slots (``CascadePlan.whole``) — for a kernel that splits a causal call's keys
+    when its few queries would leave threads idle."""
     if short_context is None:
         short_context = 1 << 62 if by_slot else SHORT_CONTEXT
     qsl, lens, ctx_runs = attn.query_start_loc, attn.seq_lens, attn.context_runs
@@ -169,7 +172,7 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
     whole_runs: list[list[Run]] = []
     whole_tail = False  # some decode has its whole context in the tail (no group part first)
     for members in by_first.values():
-        if by_slot and len(members) == 1 and qsl[members[0] + 1] - qsl[members[0]] > 1:
+        if by_slot and whole_chunks and len(members) == 1 and qsl[members[0] + 1] - qsl[members[0]] > 1:
             i = members[0]  # a prefill chunk alone on its context: every slot, cached and fresh, in one call
             whole_rows.append((qsl[i], qsl[i + 1]))
             whole_runs.append(ctx_runs[i])

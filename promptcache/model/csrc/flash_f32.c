@@ -27,6 +27,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -251,36 +252,53 @@ static void run_item(const Item *it, const float *q, const int64_t *qs, const Ke
     }
 }
 
-/* A buffer of at least n floats in *buf (the thread's, of *len floats), kept for the thread's next
- * call: a fresh one per call or work item is fresh pages, which the kernel faults in and zeroes (a
- * prefill chunk over 1,920 cached keys measured ~15% slower so, 2 threads) — up to keep floats: a
- * larger one (a very long context) is the caller's, to free after use (*owned set), so one long step
- * does not leave every thread holding its size. */
-static float *kept(float **buf, int64_t *len, int64_t n, int64_t keep, int *owned) {
-    *owned = n > keep;
-    if (*owned) return (float *)malloc(sizeof(float) * n);
-    if (n > *len) {
-        free(*buf);
-        *buf = (float *)malloc(sizeof(float) * n);
-        *len = *buf != NULL ? n : 0;
+/* Buffers each thread keeps between calls: a fresh one per call or work item is fresh pages, which
+ * the kernel faults in and zeroes (a prefill chunk over 1,920 cached keys measured ~15% slower so, 2
+ * threads). Two per thread — [0] a work item's own packed keys (decode-like calls, any worker), [1]
+ * a call's packed K and V for all its heads (the calling thread, itself a worker too) — freed when
+ * the thread ends (an engine's thread that stops must not leave them behind). */
+typedef struct {
+    float *buf;
+    int64_t len;
+} Kept;
+static pthread_key_t kept_key;
+static pthread_once_t kept_once = PTHREAD_ONCE_INIT;
+static void kept_free(void *p) {
+    Kept *k = (Kept *)p;
+    free(k[0].buf);
+    free(k[1].buf);
+    free(k);
+}
+static void kept_init(void) { pthread_key_create(&kept_key, kept_free); }
+
+/* A buffer of at least n floats: the thread's kept one `which`, grown as needed, up to keep floats;
+ * a larger one (a very long context) is the caller's, to free after use (*owned set), so one long
+ * step does not leave every thread holding its size. */
+static float *kept(int which, int64_t n, int64_t keep, int *owned) {
+    pthread_once(&kept_once, kept_init);
+    Kept *k = (Kept *)pthread_getspecific(kept_key);
+    if (k == NULL && n <= keep) {
+        k = (Kept *)calloc(2, sizeof(Kept));
+        if (k != NULL && pthread_setspecific(kept_key, k) != 0) {
+            free(k);
+            k = NULL;
+        }
     }
-    return *buf;
+    *owned = n > keep || k == NULL;
+    if (*owned) return (float *)malloc(sizeof(float) * n);
+    if (n > k[which].len) {
+        free(k[which].buf);
+        k[which].buf = (float *)malloc(sizeof(float) * n);
+        k[which].len = k[which].buf != NULL ? n : 0;
+    }
+    return k[which].buf;
 }
 
-/* a work item's own packed keys (decode-like calls), per worker thread: 16 MiB at most kept */
-static float *thread_scratch(int64_t n, int *owned) {
-    static _Thread_local float *buf = NULL;
-    static _Thread_local int64_t len = 0;
-    return kept(&buf, &len, n, 4 << 20, owned);
-}
+/* a work item's own packed keys, per worker thread: 16 MiB at most kept */
+static float *thread_scratch(int64_t n, int *owned) { return kept(0, n, 4 << 20, owned); }
 
-/* a call's packed K and V for all its heads, per calling thread (a worker's scratch is another
- * buffer: the calling thread is a worker too): 32 MiB at most kept */
-static float *call_scratch(int64_t n, int *owned) {
-    static _Thread_local float *buf = NULL;
-    static _Thread_local int64_t len = 0;
-    return kept(&buf, &len, n, 8 << 20, owned);
-}
+/* a call's packed K and V for all its heads, per calling thread: 32 MiB at most kept */
+static float *call_scratch(int64_t n, int *owned) { return kept(1, n, 8 << 20, owned); }
 
 /* Returns 0, or a negative code for arguments it does not take (-1: the caller falls back) or
  * memory it could not get (-2). */
@@ -317,8 +335,11 @@ int pc_flash_f32(const float *q, const void *k, const void *v, float *out, float
                        vp + bh * per_head);
         }
     }
+    /* split the keys when query blocks alone leave threads idle: a decode's, or a few tokens' causal
+     * chunk over a long context (a split past a query's last key leaves it nothing: lse -inf, merged
+     * away) */
     int64_t splits = 1;
-    if (!causal) { /* split the keys when query blocks alone leave threads idle */
+    {
         int64_t want = 4 * num_threads, have = B * Hq * qblocks;
         while (have * splits < want && N / (splits * 2) >= 2 * KB) splits *= 2;
     }
