@@ -386,10 +386,10 @@ def test_a_few_causal_queries_over_a_long_context_split_its_keys(hq, hk, m, n, p
 
 
 @runs_here
-def test_kept_buffers_of_threads_that_end_are_freed_not_shared():
-    """Each calling thread keeps its own packed-K/V buffer, freed when the thread ends: calls from
-    threads that come and go (an engine stopped and started again) stay right, and a thread's end
-    does not free what another still uses."""
+def test_kept_buffers_serve_threads_that_come_and_go():
+    """Each calling thread keeps its own packed-K/V buffer (freed by a destructor when the thread
+    ends): calls from threads that come and go beside a long-lived one (an engine stopped and started
+    again) stay right — no thread's end frees what another still uses."""
     import threading
 
     lib = _lib()

@@ -208,11 +208,12 @@ def plan_cascade(attn: AttentionMetadata, dtype: torch.dtype, device: torch.devi
     if by_slot and (groups or chunks or whole_rows):  # every slot list expanded at once: a row of one index each
         idx, counts = _slot_rows(group_runs + chunk_runs + whole_runs)
         idx = idx.to(device)
-        rows = [idx[r, :c].view(1, -1) if c else None for r, c in enumerate(counts.tolist())]
+        lengths = counts.tolist()
+        rows = [idx[r, :c].view(1, -1) if c else None for r, c in enumerate(lengths)]
         groups = [replace(g, idx=rows[j]) for j, g in enumerate(groups)]
         chunks = [replace(c, idx=rows[len(groups) + j]) for j, c in enumerate(chunks)]
-        base = len(groups) + len(chunks)
-        whole = [(lo, hi, rows[base + j]) for j, (lo, hi) in enumerate(whole_rows)]  # type: ignore[misc]
+        base = len(groups) + len(chunks)  # a whole chunk's context holds at least its own tokens: never empty
+        whole = [(lo, hi, idx[base + j, : lengths[base + j]].view(1, -1)) for j, (lo, hi) in enumerate(whole_rows)]
     tail_idx = tail_mask = tail_lens = None
     if tails:
         idx, tail_lens = _slot_rows(tails)

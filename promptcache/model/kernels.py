@@ -54,6 +54,7 @@ def native_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     assert not (causal and kv_lens is not None)
     if causal and q.shape[2] != k.shape[2]:  # query i of m sees keys [0, n - m + i]: aligned at the end
         m, n = q.shape[2], k.shape[2]
+        assert mask is None and m < n, "causal over fewer keys than queries, or beside a mask: no caller's"
         hidden = torch.ones(m, n, dtype=torch.bool, device=q.device).triu(n - m + 1)
         mask = torch.zeros(1, 1, m, n, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
         causal = False
