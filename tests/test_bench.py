@@ -147,6 +147,75 @@ def test_prefix_pair_repeats_over_http_never_share_prompts():
     assert len({p[:32] for p in prompts}) == 18  # each repeat's cold and warm prompts share their prefix
 
 
+class _Logged(_ServerLike):
+    """A server-like backend that writes who was sent what, in order, to a log shared with another."""
+
+    def __init__(self, name: str, log: list, ttft_s: float) -> None:
+        super().__init__()
+        self.name, self.log, self.ttft_s = name, log, ttft_s
+
+    def run_wave(self, requests, on_done=None):
+        self.log += [(self.name, r.name, tuple(r.prompt_ids)) for r in requests]
+        return [RequestResult(r.name, len(r.prompt_ids), 0, [len(self.log) % 2], "", 1, self.ttft_s, self.ttft_s)
+                for r in requests]
+
+    def describe(self):
+        return {"backend": "http", "url": self.name}
+
+
+def test_prefix_pair_alternates_with_a_peer_request_by_request():
+    """``--peer-url``: the peer gets the same ids as ours, each request right after (or, every other
+    repeat, right before) ours, so a slow phase of the host hits both; ratios come per repeat."""
+    log: list = []
+    ours, peer = _Logged("ours", log, 0.2), _Logged("peer", log, 0.5)
+    report = run_prefix_pair(PrefixPair(prompt_tokens=48, suffix_tokens=16, repeats=3, seed=3), ours,
+                             progress=False, peer=peer)
+    assert [who for who, _, _ in log[:2]] == ["ours", "peer"]  # each warmed up
+    timed = log[2:]
+    assert len(timed) == 3 * 3 * 2
+    for i in range(0, len(timed), 2):
+        (a, name_a, ids_a), (b, name_b, ids_b) = timed[i], timed[i + 1]
+        repeat = i // 6
+        assert (a, b) == (("ours", "peer") if repeat % 2 == 0 else ("peer", "ours"))
+        assert ids_a == ids_b  # the same ids, back to back
+        assert name_a.removeprefix("peer-") == name_b.removeprefix("peer-")
+    kinds = [name.split("-")[-2] for who, name, _ in timed if who == "ours"]
+    assert kinds == ["cold", "warm", "suffix"] * 3
+    assert len({ids for _, _, ids in timed}) == 9  # fresh ids per repeat, on both sides
+    assert report["warm_over_peer_warm"] == report["cold_over_peer_cold"] == 0.2 / 0.5
+    assert report["warm_over_peer_warm_per_repeat"] == [0.2 / 0.5] * 3
+    assert report["peer_warm_ttft_s"] == 0.5 and report["arms"]["peer warm"]["requests"] == 3
+    # outputs: each request's one id is the log's length parity, so ours and the peer's never agree
+    assert report["peer_greedy_agree_fraction"] == 0.0
+    assert report["greedy_match"] is None  # fresh ids per repeat: no prompt ran both cold and warm
+    assert "| warm / the peer's warm TTFT, each repeat | 0.40, 0.40, 0.40 |" in markdown(report)
+
+
+def test_bench_against_a_peer_server(tmp_path, capsys):
+    """Two real servers on loopback (the same random weights): prefix-pair and shared-prefix with
+    ``--url`` ours and ``--peer-url`` the other; both see the same ids, hit alike, answer alike."""
+    from test_server_harness import running, serve, tiny_engine
+
+    with running(tiny_engine()) as a, serve(a) as ours, running(tiny_engine()) as b, serve(b) as peer:
+        http = ["--url", ours.url, "--peer-url", peer.url, "--no-throughput"]
+        r = _run(tmp_path, "--workload", "prefix-pair", "--prompt-tokens", "96", "--suffix-tokens", "32",
+                 "--repeats", "2", "--output-tokens", "3", *http)
+        assert r["backends"]["peer"]["url"] == peer.url + "/v1"
+        assert r["cached_tokens"] == r["peer_cached_tokens"] == 64
+        assert r["peer_greedy_agree_fraction"] == 1.0  # the same weights, the same kernels
+        assert len(r["warm_over_peer_warm_per_repeat"]) == 2 and r["warm_over_peer_warm"] > 0
+        assert [x["cached_tokens"] for x in r["requests"]["peer warm"]] == [64, 64]
+        assert any(t["name"] == "warm TTFT / the peer's warm TTFT" for t in r["targets"])
+        # both engines ran the same prompt tokens: the warm-up, then 2 x (cold, warm, suffix-only)
+        assert a.call(lambda e: e.stats()["prompt_tokens"]) == b.call(lambda e: e.stats()["prompt_tokens"])
+        r = _run(tmp_path, "--workload", "shared-prefix", "--groups", "2", "--questions", "2",
+                 "--prefix-tokens", "64", "--question-tokens", "8", "--output-tokens", "2", *http)
+        assert set(r["arms"]) == {"cache", "peer"}
+        assert r["arms"]["cache"]["cached_tokens"] == r["arms"]["peer"]["cached_tokens"] == 2 * 64
+        assert r["peer_greedy_agree_fraction"] == 1.0 and r["total_over_peer"] > 0 and r["ttft_p50_over_peer"] > 0
+    assert "| TTFT p50 / the peer's |" in capsys.readouterr().out
+
+
 def test_bench_multi_turn_and_long_doc(tmp_path):
     r = _run(tmp_path, "--workload", "multi-turn", "--users", "2", "--rounds", "2", "--prefix-tokens", "32",
              "--question-tokens", "16", "--output-tokens", "4", "--no-throughput")

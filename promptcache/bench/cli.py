@@ -13,6 +13,8 @@ examples:
   promptcache bench --model random:smollm2-135m --dtype bfloat16 --workload prefix-pair \\
       --baseline transformers --json pair.json --plot pair.png
   promptcache bench --workload shared-prefix --url http://127.0.0.1:8000 --cold-url http://127.0.0.1:8001
+  promptcache bench --workload prefix-pair --url http://127.0.0.1:8093 --peer-url http://127.0.0.1:8092 \
+      --prompt-tokens 2048 --suffix-tokens 128 --repeats 9 --no-throughput
 """
 
 
@@ -77,6 +79,11 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     h.add_argument("--cold-url", help="a second server with prefix caching off: the no-cache arm")
     h.add_argument("--served-model", help="model name to send (default: the first of /v1/models)")
     h.add_argument("--api-key", help="bearer token for the server")
+    h.add_argument("--peer-url", help="another OpenAI-compatible server (vLLM, llama.cpp, ...) given the same "
+                   "token ids in the same run: prefix-pair alternates the two request by request; other "
+                   "workloads run it as an arm after ours")
+    h.add_argument("--peer-served-model", help="model name to send the peer (default: the first of its /v1/models)")
+    h.add_argument("--peer-api-key", help="bearer token for the peer")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     o.add_argument("--plot", metavar="FILE.png", help="plot TTFT per request, coloured by cached fraction")

@@ -10,6 +10,11 @@ Three TTFTs, medians over the repeats:
 Repeats alternate which of the two prompts goes first, so from two repeats on each prompt has run
 both cold and warm and the greedy outputs are compared without extra work; with one repeat the
 second prompt is also run cold once. Over HTTP (no reset) each repeat uses fresh ids instead.
+
+With a peer (``--peer-url``: vLLM, llama.cpp, another promptcache) the peer runs the same ids, request
+by request: ours cold, the peer's cold, ours warm, the peer's warm, ... and the next repeat the peer
+first. A noisy host's slow phases then hit both alike (two runs minutes apart moved a warm TTFT by
+±25 % on a shared 2-core VM), and each repeat gives a ratio of its own.
 """
 
 from __future__ import annotations
@@ -71,34 +76,49 @@ def _one(backend: Backend, name: str, prompt: list[int], max_tokens: int, reset:
     return res
 
 
+KINDS = ("cold", "warm", "suffix-only")
+
+
 def run_prefix_pair(pp: PrefixPair, backend: Backend, baseline: TransformersBaseline | None = None,
-                    progress: bool = True) -> dict[str, Any]:
-    """The engine's repeats, each followed by the baseline's (interleaved: noise hits both alike)."""
+                    progress: bool = True, peer: Backend | None = None) -> dict[str, Any]:
+    """The engine's repeats, each followed by the baseline's (interleaved: noise hits both alike);
+    ``peer``: another server on the same ids, request by request (see the module's docstring)."""
     bar = tqdm(total=pp.repeats, unit="repeat", desc="prefix-pair", disable=not progress, leave=False)
     warm_up(backend)
+    if peer is not None:
+        warm_up(peer)
     tf = _BaselinePair(pp, baseline) if baseline is not None else None
-    samples: dict[str, list[RequestResult]] = {"cold": [], "warm": [], "suffix-only": []}
+    # fresh ids per repeat where a cache cannot be reset — the peer's never can, and both sides
+    # must see the same ids
+    fresh = not backend.can_reset or peer is not None
+    samples: dict[str, list[RequestResult]] = {kind: [] for kind in KINDS}
+    theirs: dict[str, list[RequestResult]] = {kind: [] for kind in KINDS}
     cold_out: dict[int, RequestResult] = {}  # which prompt (0 or 1) -> a cold run of it
     warm_out: dict[int, RequestResult] = {}
     for r in range(pp.repeats):
-        pair = pp.prompts(pp.seed if backend.can_reset else pp.repeat_seed(r))
-        first = r % 2 if backend.can_reset else 0
-        cold = _one(backend, f"cold-{r}", pair[first], pp.output_tokens, reset=True)
-        warm = _one(backend, f"warm-{r}", pair[1 - first], pp.output_tokens, reset=False)
-        suffix = _one(backend, f"suffix-{r}", pair[2], pp.output_tokens, reset=True)
-        samples["cold"].append(cold)
-        samples["warm"].append(warm)
-        samples["suffix-only"].append(suffix)
-        if backend.can_reset:
-            cold_out.setdefault(first, cold)
-            warm_out.setdefault(1 - first, warm)
+        pair = pp.prompts(pp.repeat_seed(r) if fresh else pp.seed)
+        first = 0 if fresh else r % 2
+        prompts = {"cold": pair[first], "warm": pair[1 - first], "suffix-only": pair[2]}
+        sides = [(backend, samples, "")] + ([(peer, theirs, "peer-")] if peer is not None else [])
+        for kind in KINDS:
+            for side, into, tag in sides if r % 2 == 0 else sides[::-1]:
+                name = f"{tag}{kind.split('-')[0]}-{r}"
+                into[kind].append(_one(side, name, prompts[kind], pp.output_tokens, reset=kind != "warm"))
+        if not fresh:
+            cold_out.setdefault(first, samples["cold"][-1])
+            warm_out.setdefault(1 - first, samples["warm"][-1])
         if tf is not None:
             tf.repeat(pair[first], pair[1 - first])
         bar.update(1)
-    if backend.can_reset and 1 not in cold_out:  # one repeat: run the second prompt cold as well
+    if backend.can_reset and not fresh and 1 not in cold_out:  # one repeat: run the second prompt cold too
         cold_out[1] = _one(backend, "cold-check", pp.prompts(pp.seed)[1], pp.output_tokens, reset=True)
     bar.close()
     report = _summarise(pp, samples, cold_out, warm_out)
+    if peer is not None:
+        report.update(_peer_figures(samples, theirs))
+        for kind in KINDS:
+            report["requests"][f"peer {kind}"] = [request_row(x) for x in theirs[kind]]
+            report["arms"][f"peer {kind}"] = summarize(theirs[kind], with_ideal=False)
     if tf is not None:
         report.update(tf.summary())
         for arm, results in tf.arms().items():
@@ -107,6 +127,24 @@ def run_prefix_pair(pp: PrefixPair, backend: Backend, baseline: TransformersBase
         report["cold_over_transformers_cold"] = report["cold_ttft_s"] / report["transformers_cold_ttft_s"]
         report["warm_over_transformers_warm"] = report["warm_ttft_s"] / report["transformers_warm_ttft_s"]
     return report
+
+
+def _peer_figures(ours: dict[str, list[RequestResult]], theirs: dict[str, list[RequestResult]]) -> dict[str, Any]:
+    """Medians of the peer's TTFTs, ours over theirs (ratio of the medians, and each repeat's own
+    ratio: both sides of a repeat ran within seconds of each other), and how often the two sides'
+    greedy outputs agree (the same ids; kernels round differently, so this informs, never fails)."""
+    out: dict[str, Any] = {"peer_cached_tokens": min(x.cached_tokens for x in theirs["warm"])}
+    pairs = [(a, b) for kind in KINDS for a, b in zip(ours[kind], theirs[kind], strict=True)]
+    out["peer_greedy_agree_fraction"] = sum(a.output_key == b.output_key for a, b in pairs) / len(pairs)
+    out["peer_ratios_per_repeat"] = {}
+    for kind in KINDS:
+        key = kind.replace("-", "_")
+        out[f"peer_{key}_ttft_s"] = median([x.ttft_s for x in theirs[kind]])
+        out[f"{key}_over_peer_{key}"] = median([x.ttft_s for x in ours[kind]]) / out[f"peer_{key}_ttft_s"]
+        out["peer_ratios_per_repeat"][kind] = [a.ttft_s / b.ttft_s for a, b in zip(ours[kind], theirs[kind],
+                                                                                   strict=True)]
+    out["warm_over_peer_warm_per_repeat"] = out["peer_ratios_per_repeat"]["warm"]
+    return out
 
 
 class _BaselinePair:

@@ -17,6 +17,13 @@ FIGURES: list[tuple[str, str, str]] = [
     ("cold_over_transformers_cold", "cold / transformers cold TTFT", "{:.3f}"),
     ("warm_over_transformers_warm", "warm / transformers warm TTFT", "{:.3f}"),
     ("transformers_cache_copy_s", "transformers DynamicCache copy (untimed), s", "{:.4f}"),
+    ("cold_over_peer_cold", "cold / the peer's cold TTFT", "{:.3f}"),
+    ("warm_over_peer_warm", "warm / the peer's warm TTFT", "{:.3f}"),
+    ("warm_over_peer_warm_per_repeat", "warm / the peer's warm TTFT, each repeat", "ratios"),
+    ("suffix_only_over_peer_suffix_only", "suffix-only / the peer's suffix-only TTFT", "{:.3f}"),
+    ("total_over_peer", "total time / the peer's", "{:.3f}"),
+    ("ttft_p50_over_peer", "TTFT p50 / the peer's", "{:.3f}"),
+    ("peer_greedy_agree_fraction", "requests whose greedy outputs agree with the peer's", "{:.1%}"),
     ("cached_tokens", "cached tokens (warm)", "{}"),
     ("greedy_match", "greedy outputs cache on == off", "{}"),
     ("greedy_agree_fraction", "requests whose greedy outputs agree, cache on vs off", "{:.1%}"),
@@ -54,6 +61,8 @@ def _fmt(value: Any, spec: str) -> str:
         return "n/a"
     if spec == "mib":
         return f"{value / 2**20:,.0f}"
+    if spec == "ratios":
+        return ", ".join(f"{v:.2f}" for v in value)
     if spec == "gflops":
         return f"{value / 1e9:,.1f}"
     return spec.format(value)

@@ -144,6 +144,11 @@ def run_workload(workload: Workload, arms: dict[str, Backend], progress: bool = 
         report["speedup_total"] = off / on if on > 0 else float("nan")
         p50_on, p50_off = report["arms"]["cache"]["ttft_p50_s"], report["arms"]["no-cache"]["ttft_p50_s"]
         report["speedup_ttft_p50"] = p50_off / p50_on if p50_on > 0 else float("nan")
+    if "cache" in results and "peer" in results:  # another server, the same ids, after ours
+        ours, theirs = report["arms"]["cache"], report["arms"]["peer"]
+        report["total_over_peer"] = _ratio(results["cache"].total_s, results["peer"].total_s)
+        report["ttft_p50_over_peer"] = _ratio(ours["ttft_p50_s"], theirs["ttft_p50_s"])
+        report["peer_greedy_agree_fraction"] = agreement(results["cache"], results["peer"])["greedy_agree_fraction"]
     if "det-cache" in results and "det-no-cache" in results:
         report["deterministic"] = _deterministic_figures(results)
     return report

@@ -80,18 +80,22 @@ def build_arms(args: argparse.Namespace, both: bool) -> dict[str, Backend]:
         arms: dict[str, Backend] = {"cache": HttpBackend(args.url, args.served_model, "cache", args.api_key)}
         if both and args.cold_url:
             arms["no-cache"] = HttpBackend(args.cold_url, args.served_model, "no-cache", args.api_key)
-        return arms
-    from promptcache.engine.config import engine_config_from_args
-    from promptcache.engine.llm_engine import LLMEngine
+    else:
+        from promptcache.engine.config import engine_config_from_args
+        from promptcache.engine.llm_engine import LLMEngine
 
-    config = engine_config_from_args(args)
-    arms = {"cache": EngineBackend(LLMEngine(config.replace(enable_prefix_caching=True)), "cache")}
-    if both:
-        off = config.replace(enable_prefix_caching=False)
-        arms["no-cache"] = EngineBackend(LLMEngine(off), "no-cache")
-        if getattr(args, "deterministic_arms", False):  # the same two arms in deterministic mode
-            for arm, cfg in (("det-cache", config), ("det-no-cache", off)):
-                arms[arm] = EngineBackend(LLMEngine(cfg.replace(deterministic=True)), arm)
+        config = engine_config_from_args(args)
+        arms = {"cache": EngineBackend(LLMEngine(config.replace(enable_prefix_caching=True)), "cache")}
+        if both:
+            off = config.replace(enable_prefix_caching=False)
+            arms["no-cache"] = EngineBackend(LLMEngine(off), "no-cache")
+            if getattr(args, "deterministic_arms", False):  # the same two arms in deterministic mode
+                for arm, cfg in (("det-cache", config), ("det-no-cache", off)):
+                    arms[arm] = EngineBackend(LLMEngine(cfg.replace(deterministic=True)), arm)
+    if getattr(args, "peer_url", None):  # another server on the same ids, same run
+        from promptcache.bench.http_client import HttpBackend
+
+        arms["peer"] = HttpBackend(args.peer_url, args.peer_served_model, "peer", args.peer_api_key)
     return arms
 
 
@@ -103,6 +107,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the engine then leaves torch's count alone
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
+    if getattr(args, "peer_url", None) and isinstance(workload, TenantProbe | TierBench | MultiReplica):
+        raise ValueError(f"--peer-url: the {args.workload} workload runs in-process only; prefix-pair, "
+                         "shared-prefix, multi-turn and long-doc run against a peer")
     if isinstance(workload, TenantProbe):
         return _tenant_probe(args, workload)
     if isinstance(workload, TierBench):
@@ -114,7 +121,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     baseline = _baseline(args, reference)
     started = time.time()
     if isinstance(workload, PrefixPair):
-        report = run_prefix_pair(workload, arms["cache"], baseline, progress)
+        report = run_prefix_pair(workload, arms["cache"], baseline, progress, peer=arms.get("peer"))
     else:
         report = run_workload(workload, arms, progress)
     report["engine"] = arms["cache"].describe()
@@ -225,6 +232,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         ("warm TTFT / suffix-only TTFT", "warm_over_suffix_only", 1.25),
         ("cold TTFT / transformers cold TTFT", "cold_over_transformers_cold", 0.75),
         ("warm TTFT / transformers warm TTFT", "warm_over_transformers_warm", 0.5),
+        # issue 10's targets against vLLM (any peer server: --peer-url)
+        ("warm TTFT / the peer's warm TTFT", "warm_over_peer_warm", 0.6),
+        ("total time / the peer's total time", "total_over_peer", 0.75),
+        ("TTFT p50 / the peer's TTFT p50", "ttft_p50_over_peer", 0.75),
     ]
     out = []
     for name, key, limit in checks:
