@@ -168,11 +168,19 @@ def test_prefix_pair_alternates_with_a_peer_request_by_request():
     repeat, right before) ours, so a slow phase of the host hits both; ratios come per repeat."""
     log: list = []
     ours, peer = _Logged("ours", log, 0.2), _Logged("peer", log, 0.5)
+    waits = []
+
+    def settle() -> float:  # the host goes quiet at once, after either side
+        waits.append(len(log))
+        return 0.25 if log[-1][0] == "peer" else 0.0
+
     report = run_prefix_pair(PrefixPair(prompt_tokens=48, suffix_tokens=16, repeats=3, seed=3), ours,
-                             progress=False, peer=peer)
+                             progress=False, peer=peer, settle=settle)
     assert [who for who, _, _ in log[:2]] == ["ours", "peer"]  # each warmed up
     timed = log[2:]
     assert len(timed) == 3 * 3 * 2
+    assert waits == list(range(2, 2 + len(timed)))  # before every timed request
+    assert report["quiet_wait_s"] == {"after ours": 0.0, "after the peer": 0.25}
     for i in range(0, len(timed), 2):
         (a, name_a, ids_a), (b, name_b, ids_b) = timed[i], timed[i + 1]
         repeat = i // 6
@@ -197,7 +205,7 @@ def test_bench_against_a_peer_server(tmp_path, capsys):
     from test_server_harness import running, serve, tiny_engine
 
     with running(tiny_engine()) as a, serve(a) as ours, running(tiny_engine()) as b, serve(b) as peer:
-        http = ["--url", ours.url, "--peer-url", peer.url, "--no-throughput"]
+        http = ["--url", ours.url, "--peer-url", peer.url, "--no-throughput", "--peer-quiet-s", "2"]
         r = _run(tmp_path, "--workload", "prefix-pair", "--prompt-tokens", "96", "--suffix-tokens", "32",
                  "--repeats", "2", "--output-tokens", "3", *http)
         assert r["backends"]["peer"]["url"] == peer.url + "/v1"
@@ -214,6 +222,31 @@ def test_bench_against_a_peer_server(tmp_path, capsys):
         assert r["arms"]["cache"]["cached_tokens"] == r["arms"]["peer"]["cached_tokens"] == 2 * 64
         assert r["peer_greedy_agree_fraction"] == 1.0 and r["total_over_peer"] > 0 and r["ttft_p50_over_peer"] > 0
     assert "| TTFT p50 / the peer's |" in capsys.readouterr().out
+
+
+def test_wait_for_quiet_waits_out_a_busy_core_up_to_its_limit():
+    """A process spinning on a core (as a server polling after its answer) keeps the host busy: the
+    wait lasts while it spins, and never past its limit."""
+    import subprocess
+    import sys
+    import time
+
+    from promptcache.bench.machine import wait_for_quiet
+
+    spin = "import time\nprint('go', flush=True)\nt = time.time()\nwhile time.time() - t < {}: pass\n"
+    for seconds, limit in ((1.0, 20.0), (20.0, 0.5)):
+        proc = subprocess.Popen([sys.executable, "-c", spin.format(seconds)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "go\n"
+            started = time.monotonic()
+            waited = wait_for_quiet(limit)
+            assert waited >= min(seconds, limit) - 0.3  # not quiet while the core spins
+            assert waited <= limit + 0.5
+            if seconds < limit:  # quiet once it stops (unless the host is busy with other work)
+                assert proc.wait(timeout=5) == 0 and time.monotonic() - started >= seconds - 0.3
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def test_bench_multi_turn_and_long_doc(tmp_path):

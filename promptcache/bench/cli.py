@@ -84,6 +84,9 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
                    "workloads run it as an arm after ours")
     h.add_argument("--peer-served-model", help="model name to send the peer (default: the first of its /v1/models)")
     h.add_argument("--peer-api-key", help="bearer token for the peer")
+    h.add_argument("--peer-quiet-s", type=float, default=10.0, metavar="S",
+                   help="with a peer, before each timed request (prefix-pair) or arm, wait up to S seconds for "
+                   "this host's CPUs to go quiet: a server may poll on a core after it answers (0: never wait)")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the full report as JSON")
     o.add_argument("--plot", metavar="FILE.png", help="plot TTFT per request, coloured by cached fraction")

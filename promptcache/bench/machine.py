@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import statistics
@@ -28,6 +29,36 @@ def gemm_flops_per_s(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 
             torch.nn.functional.linear(a, w)
             best = min(best, time.perf_counter() - start)
     return 2.0 * m * k * n / best
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(total, idle + iowait) jiffies of all CPUs since boot; None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields), fields[3] + fields[4]
+
+
+def wait_for_quiet(max_s: float, window_s: float = 0.1, busy_cores: float = 0.5) -> float:
+    """Wait until this host's CPUs are quiet — less than ``busy_cores`` cores' worth busy over a
+    ``window_s`` window — or ``max_s`` passed; returns the seconds waited. Servers that share the
+    host with the one being timed may keep a core busy after they answer (vLLM's CPU workers poll
+    for about a second after each request), which would be timed as the next server's slowness."""
+    start = time.perf_counter()
+    cpus = os.cpu_count() or 1
+    prev = _cpu_times()
+    while prev is not None and time.perf_counter() - start < max_s:
+        time.sleep(window_s)
+        cur = _cpu_times()
+        if cur is None:
+            break
+        total, idle = cur[0] - prev[0], cur[1] - prev[1]
+        if total > 0 and (total - idle) / total * cpus < busy_cores:
+            break
+        prev = cur
+    return time.perf_counter() - start
 
 
 def largest_gemm(arch: ArchConfig, num_tokens: int) -> tuple[int, int, int]:

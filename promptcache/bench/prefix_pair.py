@@ -14,11 +14,16 @@ second prompt is also run cold once. Over HTTP (no reset) each repeat uses fresh
 With a peer (``--peer-url``: vLLM, llama.cpp, another promptcache) the peer runs the same ids, request
 by request: ours cold, the peer's cold, ours warm, the peer's warm, ... and the next repeat the peer
 first. A noisy host's slow phases then hit both alike (two runs minutes apart moved a warm TTFT by
-±25 % on a shared 2-core VM), and each repeat gives a ratio of its own.
+±25 % on a shared 2-core VM), and each repeat gives a ratio of its own. Before each of those
+requests the bench waits for the host's CPUs to go quiet (``settle``): a server on the same host
+may keep a core busy after it answers — vLLM's CPU workers poll for about a second after each
+request — and the next request, timed on the other server, would pay for it (measured: our warm
+TTFT 1.30 s right after vLLM's requests, 0.45 s on a quiet host).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,9 +85,12 @@ KINDS = ("cold", "warm", "suffix-only")
 
 
 def run_prefix_pair(pp: PrefixPair, backend: Backend, baseline: TransformersBaseline | None = None,
-                    progress: bool = True, peer: Backend | None = None) -> dict[str, Any]:
+                    progress: bool = True, peer: Backend | None = None,
+                    settle: Callable[[], float] | None = None) -> dict[str, Any]:
     """The engine's repeats, each followed by the baseline's (interleaved: noise hits both alike);
-    ``peer``: another server on the same ids, request by request (see the module's docstring)."""
+    ``peer``: another server on the same ids, request by request (see the module's docstring);
+    ``settle``: called before each of those requests, it waits for the host to go quiet and returns
+    the seconds it waited."""
     bar = tqdm(total=pp.repeats, unit="repeat", desc="prefix-pair", disable=not progress, leave=False)
     warm_up(backend)
     if peer is not None:
@@ -95,6 +103,8 @@ def run_prefix_pair(pp: PrefixPair, backend: Backend, baseline: TransformersBase
     theirs: dict[str, list[RequestResult]] = {kind: [] for kind in KINDS}
     cold_out: dict[int, RequestResult] = {}  # which prompt (0 or 1) -> a cold run of it
     warm_out: dict[int, RequestResult] = {}
+    quiet: dict[str, list[float]] = {"": [], "peer-": []}  # seconds waited after each side's requests
+    last = ""
     for r in range(pp.repeats):
         pair = pp.prompts(pp.repeat_seed(r) if fresh else pp.seed)
         first = 0 if fresh else r % 2
@@ -102,8 +112,11 @@ def run_prefix_pair(pp: PrefixPair, backend: Backend, baseline: TransformersBase
         sides = [(backend, samples, "")] + ([(peer, theirs, "peer-")] if peer is not None else [])
         for kind in KINDS:
             for side, into, tag in sides if r % 2 == 0 else sides[::-1]:
+                if peer is not None and settle is not None:
+                    quiet[last].append(settle())
                 name = f"{tag}{kind.split('-')[0]}-{r}"
                 into[kind].append(_one(side, name, prompts[kind], pp.output_tokens, reset=kind != "warm"))
+                last = tag
         if not fresh:
             cold_out.setdefault(first, samples["cold"][-1])
             warm_out.setdefault(1 - first, samples["warm"][-1])
@@ -116,6 +129,8 @@ def run_prefix_pair(pp: PrefixPair, backend: Backend, baseline: TransformersBase
     report = _summarise(pp, samples, cold_out, warm_out)
     if peer is not None:
         report.update(_peer_figures(samples, theirs))
+        if settle is not None:
+            report["quiet_wait_s"] = {"after ours": median(quiet[""]), "after the peer": median(quiet["peer-"])}
         for kind in KINDS:
             report["requests"][f"peer {kind}"] = [request_row(x) for x in theirs[kind]]
             report["arms"][f"peer {kind}"] = summarize(theirs[kind], with_ideal=False)

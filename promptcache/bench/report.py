@@ -118,6 +118,10 @@ def markdown(report: dict[str, Any]) -> str:
         for name, rate in tier["load_gb_s"].items():
             lines.append(f"| tier: {name} load throughput | {'-' if rate is None else f'{rate} GB/s'} |")
         lines.append(f"| memory copy rate (numpy, 256 MiB) | {tier['memory_copy_gb_s']} GB/s |")
+    quiet = report.get("quiet_wait_s")
+    if quiet:
+        lines.append(f"| waited for a quiet host (median), after ours / after the peer's | "
+                     f"{_seconds(quiet['after ours'])} / {_seconds(quiet['after the peer'])} s |")
     for dtype, rate in report.get("gemm_flops_per_s_by_dtype", {}).items():
         lines.append(f"| GEMM GFLOP/s in {dtype} | {_fmt(rate, 'gflops')} |")
     for target in report.get("targets", []):

@@ -7,6 +7,7 @@ weights, and their greedy outputs must match (reuse must not change results).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -124,11 +125,15 @@ def agreement(a: ArmResult, b: ArmResult) -> dict[str, Any]:
     }
 
 
-def run_workload(workload: Workload, arms: dict[str, Backend], progress: bool = True) -> dict[str, Any]:
-    """Every arm through the whole workload; each starts from an empty cache where it can."""
+def run_workload(workload: Workload, arms: dict[str, Backend], progress: bool = True,
+                 settle: Callable[[], float] | None = None) -> dict[str, Any]:
+    """Every arm through the whole workload; each starts from an empty cache where it can.
+    ``settle``: called before each arm (waits for the host to go quiet after the previous one)."""
     bar = tqdm(total=num_requests(workload) * len(arms), unit="req", disable=not progress, leave=False)
     results: dict[str, ArmResult] = {}
     for arm, backend in arms.items():
+        if settle is not None:
+            settle()
         warm_up(backend)
         results[arm] = run_arm(arm, workload, backend, bar)
     bar.close()

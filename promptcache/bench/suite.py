@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import os
 import time
@@ -19,6 +20,7 @@ from promptcache.bench.machine import (
     largest_gemm,
     peak_rss_bytes,
     prefill_flops,
+    wait_for_quiet,
 )
 from promptcache.bench.prefix_pair import PrefixPair, run_prefix_pair
 from promptcache.bench.runner import measure_decode, measure_prefill, measure_structured_decode, run_workload
@@ -120,10 +122,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     reference = arms.get("no-cache", arms["cache"])
     baseline = _baseline(args, reference)
     started = time.time()
+    settle = None
+    if "peer" in arms and args.peer_quiet_s > 0:
+        settle = functools.partial(wait_for_quiet, args.peer_quiet_s)
     if isinstance(workload, PrefixPair):
-        report = run_prefix_pair(workload, arms["cache"], baseline, progress, peer=arms.get("peer"))
+        report = run_prefix_pair(workload, arms["cache"], baseline, progress, peer=arms.get("peer"), settle=settle)
     else:
-        report = run_workload(workload, arms, progress)
+        report = run_workload(workload, arms, progress, settle=settle)
     report["engine"] = arms["cache"].describe()
     report["backends"] = {arm: backend.describe() for arm, backend in arms.items()}
     report["host"] = describe_host()
