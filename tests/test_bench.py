@@ -115,7 +115,10 @@ def test_bench_prefix_pair_with_transformers(tmp_path):
                 "transformers_warm_ttft_s", "transformers_cache_copy_s", "transformers_decode_tokens_per_s_b1"):
         assert r[key] > 0, key
     assert r["cached_tokens"] == 64 and r["greedy_match"] is True
-    assert {t["name"] for t in r["targets"]} >= {"warm TTFT / suffix-only TTFT"}
+    assert {t["name"] for t in r["targets"]} >= {"warm TTFT / suffix-only TTFT",
+                                                 "warm / suffix-only TTFT over its FLOP floor"}
+    floor = r["warm_flops_over_suffix_only_flops"]
+    assert floor > 1 and r["warm_over_suffix_only_vs_floor"] == r["warm_over_suffix_only"] / floor
     assert r["transformers"]["logits_to_keep"] is True
 
 

@@ -13,6 +13,7 @@ FIGURES: list[tuple[str, str, str]] = [
     ("speedup_ttft_p50", "TTFT p50, no-cache / cache", "{:.2f}x"),
     ("warm_over_suffix_only", "warm / suffix-only TTFT (ideal 1.0)", "{:.3f}"),
     ("warm_flops_over_suffix_only_flops", "warm / suffix-only FLOPs (attention floor)", "{:.3f}"),
+    ("warm_over_suffix_only_vs_floor", "warm / suffix-only TTFT over that floor (ideal 1.0)", "{:.3f}"),
     ("warm_over_cold", "warm / cold TTFT", "{:.3f}"),
     ("cold_over_transformers_cold", "cold / transformers cold TTFT", "{:.3f}"),
     ("warm_over_transformers_warm", "warm / transformers warm TTFT", "{:.3f}"),

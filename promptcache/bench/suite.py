@@ -216,6 +216,8 @@ def _throughput(args: argparse.Namespace, report: dict[str, Any], workload: Work
             arch, s = runner.loaded.arch, workload.suffix_tokens
             warm = prefill_flops(arch, s, workload.shared_tokens)
             report["warm_flops_over_suffix_only_flops"] = warm / prefill_flops(arch, s)
+            report["warm_over_suffix_only_vs_floor"] = (report["warm_over_suffix_only"]
+                                                        / report["warm_flops_over_suffix_only_flops"])
 
 
 def _baseline(args: argparse.Namespace, reference: Backend) -> TransformersBaseline | None:
@@ -237,7 +239,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         ("warm TTFT / suffix-only TTFT", "warm_over_suffix_only", 1.25),
         ("cold TTFT / transformers cold TTFT", "cold_over_transformers_cold", 0.75),
         ("warm TTFT / transformers warm TTFT", "warm_over_transformers_warm", 0.5),
-        # issue 10's targets against vLLM (any peer server: --peer-url)
+        # issue 10's: the warm path within 10 % of its FLOP floor, and against vLLM (any peer: --peer-url)
+        ("warm / suffix-only TTFT over its FLOP floor", "warm_over_suffix_only_vs_floor", 1.1),
         ("warm TTFT / the peer's warm TTFT", "warm_over_peer_warm", 0.6),
         ("total time / the peer's total time", "total_over_peer", 0.75),
         ("TTFT p50 / the peer's TTFT p50", "ttft_p50_over_peer", 0.75),
