@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 
 from promptcache.bench.backends import RequestResult
 from promptcache.bench.http_client import HttpBackend
@@ -208,11 +209,12 @@ def test_bench_against_a_peer_server(tmp_path, capsys):
     from test_server_harness import running, serve, tiny_engine
 
     with running(tiny_engine()) as a, serve(a) as ours, running(tiny_engine()) as b, serve(b) as peer:
-        http = ["--url", ours.url, "--peer-url", peer.url, "--no-throughput", "--peer-quiet-s", "2"]
+        http = ["--url", ours.url, "--peer-url", peer.url, "--no-throughput", "--peer-quiet-s", "0.5"]
         r = _run(tmp_path, "--workload", "prefix-pair", "--prompt-tokens", "96", "--suffix-tokens", "32",
                  "--repeats", "2", "--output-tokens", "3", *http)
         assert r["backends"]["peer"]["url"] == peer.url + "/v1"
         assert r["cached_tokens"] == r["peer_cached_tokens"] == 64
+        assert r["cold_cached_tokens"] == r["peer_cold_cached_tokens"] == 0  # fresh ids: cold is cold
         assert r["peer_greedy_agree_fraction"] == 1.0  # the same weights, the same kernels
         assert len(r["warm_over_peer_warm_per_repeat"]) == 2 and r["warm_over_peer_warm"] > 0
         assert [x["cached_tokens"] for x in r["requests"]["peer warm"]] == [64, 64]
@@ -227,6 +229,26 @@ def test_bench_against_a_peer_server(tmp_path, capsys):
     assert "| TTFT p50 / the peer's |" in capsys.readouterr().out
 
 
+def test_bench_refuses_what_a_peer_cannot_pair_with(capsys):
+    for extra, says in ((["--peer-served-model", "m"], "need --peer-url"),
+                        (["--peer-url", "http://127.0.0.1:9", "--baseline", "transformers"], "fresh ids"),
+                        (["--peer-url", "http://127.0.0.1:9", "--workload", "tenant-probe"], "in-process only")):
+        rc = main(["bench", "--model", "random:tiny", "--dtype", "float32", "--no-progress", "--no-throughput",
+                   *extra])
+        assert rc != 0 and says in capsys.readouterr().err
+
+
+def test_quiet_host_stops_waiting_once_waits_keep_running_out(capsys):
+    from promptcache.bench.machine import QuietHost
+
+    quiet = QuietHost(0.0, give_up=3)  # a limit of 0 s: every wait runs out
+    for _ in range(5):
+        quiet()
+    assert quiet.timeouts == 3  # then no more waits
+    assert capsys.readouterr().err.count("no more waits for a quiet host") == 1
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat (Linux)")
 def test_wait_for_quiet_waits_out_a_busy_core_up_to_its_limit():
     """A process spinning on a core (as a server polling after its answer) keeps the host busy: the
     wait lasts while it spins, and never past its limit."""
@@ -237,7 +259,7 @@ def test_wait_for_quiet_waits_out_a_busy_core_up_to_its_limit():
     from promptcache.bench.machine import wait_for_quiet
 
     spin = "import time\nprint('go', flush=True)\nt = time.time()\nwhile time.time() - t < {}: pass\n"
-    for seconds, limit in ((1.0, 20.0), (20.0, 0.5)):
+    for seconds, limit in ((1.0, 5.0), (20.0, 0.5)):
         proc = subprocess.Popen([sys.executable, "-c", spin.format(seconds)], stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None and proc.stdout.readline() == "go\n"

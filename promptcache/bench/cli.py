@@ -13,7 +13,7 @@ examples:
   promptcache bench --model random:smollm2-135m --dtype bfloat16 --workload prefix-pair \\
       --baseline transformers --json pair.json --plot pair.png
   promptcache bench --workload shared-prefix --url http://127.0.0.1:8000 --cold-url http://127.0.0.1:8001
-  promptcache bench --workload prefix-pair --url http://127.0.0.1:8093 --peer-url http://127.0.0.1:8092 \
+  promptcache bench --workload prefix-pair --url http://127.0.0.1:8093 --peer-url http://127.0.0.1:8092 \\
       --prompt-tokens 2048 --suffix-tokens 128 --repeats 9 --no-throughput
 """
 

@@ -104,7 +104,7 @@ def run_prefix_pair(pp: PrefixPair, backend: Backend, baseline: TransformersBase
     cold_out: dict[int, RequestResult] = {}  # which prompt (0 or 1) -> a cold run of it
     warm_out: dict[int, RequestResult] = {}
     quiet: dict[str, list[float]] = {"": [], "peer-": []}  # seconds waited after each side's requests
-    last = ""
+    last = "peer-" if peer is not None else ""  # the peer's warm-up ran last
     for r in range(pp.repeats):
         pair = pp.prompts(pp.repeat_seed(r) if fresh else pp.seed)
         first = 0 if fresh else r % 2
@@ -144,13 +144,20 @@ def run_prefix_pair(pp: PrefixPair, backend: Backend, baseline: TransformersBase
     return report
 
 
+def _same_output(a: RequestResult, b: RequestResult) -> bool:
+    """Greedy outputs compared by token ids where both sides returned them, else by text."""
+    return a.output_ids == b.output_ids if a.output_ids and b.output_ids else a.output_text == b.output_text
+
+
 def _peer_figures(ours: dict[str, list[RequestResult]], theirs: dict[str, list[RequestResult]]) -> dict[str, Any]:
     """Medians of the peer's TTFTs, ours over theirs (ratio of the medians, and each repeat's own
     ratio: both sides of a repeat ran within seconds of each other), and how often the two sides'
     greedy outputs agree (the same ids; kernels round differently, so this informs, never fails)."""
-    out: dict[str, Any] = {"peer_cached_tokens": min(x.cached_tokens for x in theirs["warm"])}
+    out: dict[str, Any] = {"peer_cached_tokens": min(x.cached_tokens for x in theirs["warm"]),
+                           # > 0: "cold" hit (a long-lived server given a --seed it had seen)
+                           "peer_cold_cached_tokens": max(x.cached_tokens for x in theirs["cold"])}
     pairs = [(a, b) for kind in KINDS for a, b in zip(ours[kind], theirs[kind], strict=True)]
-    out["peer_greedy_agree_fraction"] = sum(a.output_key == b.output_key for a, b in pairs) / len(pairs)
+    out["peer_greedy_agree_fraction"] = sum(_same_output(a, b) for a, b in pairs) / len(pairs)
     out["peer_ratios_per_repeat"] = {}
     for kind in KINDS:
         key = kind.replace("-", "_")
@@ -216,6 +223,7 @@ def _summarise(pp: PrefixPair, samples: dict[str, list[RequestResult]], cold_out
         "warm_ttft_s": median(ttft["warm"]),
         "suffix_only_ttft_s": median(ttft["suffix-only"]),
         "cached_tokens": min(x.cached_tokens for x in samples["warm"]),
+        "cold_cached_tokens": max(x.cached_tokens for x in samples["cold"]),  # > 0: "cold" hit
         "ideal_cached_tokens": pp.shared_tokens,
         "greedy_match": greedy,
         "samples": ttft,

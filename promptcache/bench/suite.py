@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import inspect
 import os
 import time
@@ -15,12 +14,12 @@ from promptcache.bench.backends import Backend, EngineBackend
 from promptcache.bench.baselines import TransformersBaseline
 from promptcache.bench.cluster_bench import MultiReplica, multi_replica_targets
 from promptcache.bench.machine import (
+    QuietHost,
     describe_host,
     gemm_flops_per_s,
     largest_gemm,
     peak_rss_bytes,
     prefill_flops,
-    wait_for_quiet,
 )
 from promptcache.bench.prefix_pair import PrefixPair, run_prefix_pair
 from promptcache.bench.runner import measure_decode, measure_prefill, measure_structured_decode, run_workload
@@ -109,6 +108,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the engine then leaves torch's count alone
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
+    if not getattr(args, "peer_url", None) and (getattr(args, "peer_served_model", None)
+                                                or getattr(args, "peer_api_key", None)):
+        raise ValueError("--peer-served-model and --peer-api-key need --peer-url")
+    if getattr(args, "peer_url", None) and getattr(args, "baseline", "none") != "none":
+        raise ValueError("--peer-url gives each repeat fresh ids; --baseline transformers reuses one prefix: "
+                         "run them separately")
     if getattr(args, "peer_url", None) and isinstance(workload, TenantProbe | TierBench | MultiReplica):
         raise ValueError(f"--peer-url: the {args.workload} workload runs in-process only; prefix-pair, "
                          "shared-prefix, multi-turn and long-doc run against a peer")
@@ -122,13 +127,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     reference = arms.get("no-cache", arms["cache"])
     baseline = _baseline(args, reference)
     started = time.time()
-    settle = None
-    if "peer" in arms and args.peer_quiet_s > 0:
-        settle = functools.partial(wait_for_quiet, args.peer_quiet_s)
+    quiet_s = getattr(args, "peer_quiet_s", 10.0)
+    settle = QuietHost(quiet_s) if "peer" in arms and quiet_s > 0 else None
     if isinstance(workload, PrefixPair):
         report = run_prefix_pair(workload, arms["cache"], baseline, progress, peer=arms.get("peer"), settle=settle)
     else:
         report = run_workload(workload, arms, progress, settle=settle)
+    if settle is not None:
+        report["quiet_wait_timeouts"] = settle.timeouts
     report["engine"] = arms["cache"].describe()
     report["backends"] = {arm: backend.describe() for arm, backend in arms.items()}
     report["host"] = describe_host()
