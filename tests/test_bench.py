@@ -195,7 +195,7 @@ def test_prefix_pair_alternates_with_a_peer_request_by_request():
     assert kinds == ["cold", "warm", "suffix"] * 3
     assert len({ids for _, _, ids in timed}) == 9  # fresh ids per repeat, on both sides
     assert report["warm_over_peer_warm"] == report["cold_over_peer_cold"] == 0.2 / 0.5
-    assert report["warm_over_peer_warm_per_repeat"] == [0.2 / 0.5] * 3
+    assert report["warm_over_peer_warm_per_repeat"] == report["cold_over_peer_cold_per_repeat"] == [0.2 / 0.5] * 3
     assert report["peer_warm_ttft_s"] == 0.5 and report["arms"]["peer warm"]["requests"] == 3
     # outputs: each request's one id is the log's length parity, so ours and the peer's never agree
     assert report["peer_greedy_agree_fraction"] == 0.0
@@ -227,6 +227,16 @@ def test_bench_against_a_peer_server(tmp_path, capsys):
         assert r["arms"]["cache"]["cached_tokens"] == r["arms"]["peer"]["cached_tokens"] == 2 * 64
         assert r["peer_greedy_agree_fraction"] == 1.0 and r["total_over_peer"] > 0 and r["ttft_p50_over_peer"] > 0
     assert "| TTFT p50 / the peer's |" in capsys.readouterr().out
+
+
+def test_outputs_agree_by_ids_where_both_sides_give_them_else_by_text():
+    def res(ids, text):
+        return RequestResult("x", 3, 0, ids, text, len(ids), 0.1, 0.1)
+
+    assert res([5, 6], "ab").same_output(res([5, 6], "zz"))  # ids decide where both have them
+    assert not res([5, 6], "ab").same_output(res([5, 7], "ab"))
+    assert res([5, 6], "ab").same_output(res([], "ab"))  # a server that returns no ids: text
+    assert not res([], "ab").same_output(res([5, 6], "ac"))
 
 
 def test_bench_refuses_what_a_peer_cannot_pair_with(capsys):

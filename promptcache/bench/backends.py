@@ -36,10 +36,12 @@ class RequestResult:
     output_logprobs: list[float] = field(default_factory=list)  # per generated token, where known
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def output_key(self) -> tuple[int, ...] | str:
-        """What greedy outputs are compared by: token ids where known, else text."""
-        return tuple(self.output_ids) if self.output_ids else self.output_text
+    def same_output(self, other: RequestResult) -> bool:
+        """Whether two greedy outputs agree: by token ids where both sides returned them, else by
+        text (a server that returns no ids is compared on what it does return)."""
+        if self.output_ids and other.output_ids:
+            return self.output_ids == other.output_ids
+        return self.output_text == other.output_text
 
 
 class Backend(Protocol):

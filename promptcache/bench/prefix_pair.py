@@ -144,11 +144,6 @@ def run_prefix_pair(pp: PrefixPair, backend: Backend, baseline: TransformersBase
     return report
 
 
-def _same_output(a: RequestResult, b: RequestResult) -> bool:
-    """Greedy outputs compared by token ids where both sides returned them, else by text."""
-    return a.output_ids == b.output_ids if a.output_ids and b.output_ids else a.output_text == b.output_text
-
-
 def _peer_figures(ours: dict[str, list[RequestResult]], theirs: dict[str, list[RequestResult]]) -> dict[str, Any]:
     """Medians of the peer's TTFTs, ours over theirs (ratio of the medians, and each repeat's own
     ratio: both sides of a repeat ran within seconds of each other), and how often the two sides'
@@ -157,15 +152,13 @@ def _peer_figures(ours: dict[str, list[RequestResult]], theirs: dict[str, list[R
                            # > 0: "cold" hit (a long-lived server given a --seed it had seen)
                            "peer_cold_cached_tokens": max(x.cached_tokens for x in theirs["cold"])}
     pairs = [(a, b) for kind in KINDS for a, b in zip(ours[kind], theirs[kind], strict=True)]
-    out["peer_greedy_agree_fraction"] = sum(_same_output(a, b) for a, b in pairs) / len(pairs)
-    out["peer_ratios_per_repeat"] = {}
+    out["peer_greedy_agree_fraction"] = sum(a.same_output(b) for a, b in pairs) / len(pairs)
     for kind in KINDS:
         key = kind.replace("-", "_")
         out[f"peer_{key}_ttft_s"] = median([x.ttft_s for x in theirs[kind]])
         out[f"{key}_over_peer_{key}"] = median([x.ttft_s for x in ours[kind]]) / out[f"peer_{key}_ttft_s"]
-        out["peer_ratios_per_repeat"][kind] = [a.ttft_s / b.ttft_s for a, b in zip(ours[kind], theirs[kind],
-                                                                                   strict=True)]
-    out["warm_over_peer_warm_per_repeat"] = out["peer_ratios_per_repeat"]["warm"]
+        out[f"{key}_over_peer_{key}_per_repeat"] = [a.ttft_s / b.ttft_s
+                                                    for a, b in zip(ours[kind], theirs[kind], strict=True)]
     return out
 
 
@@ -215,7 +208,7 @@ def _summarise(pp: PrefixPair, samples: dict[str, list[RequestResult]], cold_out
     ttft = {arm: [x.ttft_s for x in xs] for arm, xs in samples.items()}
     greedy: bool | None = None
     if warm_out:
-        greedy = all(cold_out[i].output_key == w.output_key for i, w in warm_out.items())
+        greedy = all(cold_out[i].same_output(w) for i, w in warm_out.items())
     report: dict[str, Any] = {
         "workload": "prefix-pair",
         "params": pp.params(),

@@ -98,8 +98,8 @@ def num_requests(workload: Workload) -> int:
 
 def greedy_mismatches(a: ArmResult, b: ArmResult) -> list[str]:
     """Names of requests whose greedy outputs differ between two arms."""
-    theirs = {r.name: r.output_key for r in b.results}
-    return [r.name for r in a.results if theirs.get(r.name) != r.output_key]
+    theirs = {r.name: r for r in b.results}
+    return [r.name for r in a.results if r.name not in theirs or not r.same_output(theirs[r.name])]
 
 
 def agreement(a: ArmResult, b: ArmResult) -> dict[str, Any]:

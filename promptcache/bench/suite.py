@@ -108,13 +108,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the engine then leaves torch's count alone
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
-    if not getattr(args, "peer_url", None) and (getattr(args, "peer_served_model", None)
-                                                or getattr(args, "peer_api_key", None)):
+    peer_url = getattr(args, "peer_url", None)
+    if not peer_url and (getattr(args, "peer_served_model", None) or getattr(args, "peer_api_key", None)):
         raise ValueError("--peer-served-model and --peer-api-key need --peer-url")
-    if getattr(args, "peer_url", None) and getattr(args, "baseline", "none") != "none":
+    if peer_url and getattr(args, "baseline", "none") != "none":
         raise ValueError("--peer-url gives each repeat fresh ids; --baseline transformers reuses one prefix: "
                          "run them separately")
-    if getattr(args, "peer_url", None) and isinstance(workload, TenantProbe | TierBench | MultiReplica):
+    if peer_url and isinstance(workload, TenantProbe | TierBench | MultiReplica):
         raise ValueError(f"--peer-url: the {args.workload} workload runs in-process only; prefix-pair, "
                          "shared-prefix, multi-turn and long-doc run against a peer")
     if isinstance(workload, TenantProbe):
