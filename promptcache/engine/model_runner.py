@@ -19,7 +19,7 @@ from promptcache.engine.request import TokenLogprob
 from promptcache.engine.sampler import Sampler
 from promptcache.engine.sampling import SamplingParams
 from promptcache.flags import parse_bytes
-from promptcache.model.attention import AttentionMetadata, runs_of_blocks, slots_after
+from promptcache.model.attention import AttentionMetadata, output_rows, runs_of_blocks, slots_after
 from promptcache.model.backends import AttentionBackend, pick_backend
 from promptcache.model.loader import LoadedModel, load_model, resolve_model_dir
 
@@ -113,6 +113,9 @@ class ModelRunner:
             for _ in range(arch.num_layers)
         ]
         self.sampler = Sampler(config.scheduler.seed)
+        # the last layer's attention, projection and MLP for the rows that sample only (``OutputRows``);
+        # False computes every row (the reference the tests compare with)
+        self.last_layer_rows_only = True
         self.attention: AttentionBackend = pick_backend(self.device, config.model.deterministic, self.compute_dtype,
                                                         arch.head_dim)
 
@@ -143,15 +146,20 @@ class ModelRunner:
             num_kv_heads=self.loaded.arch.num_kv_heads,
             backend=self.attention,
         )
+        rows = [i for i, s in enumerate(seqs) if s.sample]
+        # the last layer computes only the rows that sample (every row's K/V still stored)
+        attn.outputs = output_rows(attn, rows) if self.last_layer_rows_only else None
         self.attention.prepare(attn, self.loaded.arch.num_heads, self.compute_dtype, self.device)
+        if attn.outputs is not None:
+            self.attention.prepare(attn.outputs.attn, self.loaded.arch.num_heads, self.compute_dtype, self.device)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.loaded.model(ids_t, pos_t, attn, self.kv_caches)  # [num_tokens, hidden]
-        rows = [i for i, s in enumerate(seqs) if s.sample]
+        hidden = self.loaded.model(ids_t, pos_t, attn, self.kv_caches)  # the sampling rows (or all)
         if not rows:
             return {}
-        last = torch.tensor([starts[i + 1] - 1 for i in rows], device=self.device)
-        logits = self.loaded.model.compute_logits(hidden.index_select(0, last))  # [len(rows), vocab]
+        if hidden.shape[0] != len(rows):  # every row computed: keep each sampling sequence's last
+            hidden = hidden.index_select(0, torch.tensor([starts[i + 1] - 1 for i in rows], device=self.device))
+        logits = self.loaded.model.compute_logits(hidden)  # [len(rows), vocab]
         tokens, logprobs = self.sampler.sample(
             logits, [seqs[i].request_id for i in rows], [seqs[i].params for i in rows]
         )

@@ -12,13 +12,26 @@ whole) is ``model/cascade.py``'s plan.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 Run = tuple[int, int]  # (first slot, number of slots): consecutive slots in token order
+
+
+class Backend(Protocol):
+    """What the model calls of the runner's attention backend (``model/backends.py``)."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 attn: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Store the step's K/V (at ``attn.slot_mapping``), then attend every query over its context."""
+        ...
+
+    def write(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store K/V rows at ``slots`` only (``write_kv``'s meaning, the backend's fastest way)."""
+        ...
 
 
 @dataclass
@@ -36,14 +49,47 @@ class AttentionMetadata:
     context_runs: list[list[Run]]  # per sequence, covering exactly seq_lens[i] slots
     num_kv_heads: int = 0  # of the KV storage (plans need it before any layer runs)
     # the backend the runner picked (model/backends.py); the model refuses to run without one
-    backend: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
+    backend: Backend | None = field(default=None, repr=False)
     # per-step plans a backend builds once, before the first layer, and every layer reuses
     cascade_plan: object | None = field(default=None, repr=False)  # model/cascade.py's
     deterministic_plan: object | None = field(default=None, repr=False)  # model/deterministic.py's
+    # the rows whose final hidden states are wanted, where that is not every row (``output_rows``)
+    outputs: OutputRows | None = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
+
+
+@dataclass
+class OutputRows:
+    """The rows of a step whose final hidden states anyone reads: each sampling sequence's last
+    token. The last layer stores every row's K/V but runs its attention, output projection and MLP
+    for these rows only — nothing reads the other rows' results (a next layer would; there is none).
+    A prefill chunk that samples nothing skips all but the last layer's K/V; a warm request's chunk
+    computes one row of it (``model/transformer.py``)."""
+
+    rows: torch.Tensor  # [R] int64, ascending: rows of the step's batch
+    attn: AttentionMetadata  # those rows as one-token queries over their whole contexts (decodes' shape)
+
+
+def output_rows(attn: AttentionMetadata, seqs: list[int]) -> OutputRows | None:
+    """``OutputRows`` of the last tokens of sequences ``seqs`` (ascending) of a step, or None when
+    those are all of its rows (a step of decodes only). Its metadata's plans are the backend's to
+    build, like the step's."""
+    qsl = attn.query_start_loc
+    if len(seqs) == qsl[-1]:
+        return None
+    rows = torch.tensor([qsl[i + 1] - 1 for i in seqs], dtype=torch.long)
+    last = AttentionMetadata(
+        slot_mapping=attn.slot_mapping.index_select(0, rows.to(attn.slot_mapping.device)),
+        query_start_loc=list(range(len(seqs) + 1)),
+        seq_lens=[attn.seq_lens[i] for i in seqs],
+        context_runs=[attn.context_runs[i] for i in seqs],
+        num_kv_heads=attn.num_kv_heads,
+        backend=attn.backend,
+    )
+    return OutputRows(rows.to(attn.slot_mapping.device), last)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ from promptcache.model import cascade_plan as _plan
 from promptcache.model import deterministic as _deterministic
 from promptcache.model import kernels as _kernels
 from promptcache.model import native
-from promptcache.model.attention import AttentionMetadata
+from promptcache.model.attention import AttentionMetadata, write_kv
 
 
 class AttentionBackend(Protocol):
@@ -35,9 +35,17 @@ class AttentionBackend(Protocol):
         scale: float,
     ) -> torch.Tensor: ...
 
+    def write(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store K/V rows at ``slots`` only (the last layer's rows that no query reads: ``OutputRows``)."""
+        ...
+
 
 class CascadeCPU:
     name = "cpu-cascade"
+    grouped = False
+
+    def write(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        _cascade.write(kv_cache, k, v, slots, self.grouped)
 
     def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
         attn.cascade_plan = _plan.plan_cascade(attn, dtype, device)
@@ -48,6 +56,7 @@ class CascadeCPU:
 
 class CascadeNative(CascadeCPU):
     name = "cpu-native"
+    grouped = True
 
     def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
         # every decode's tail in the one tail call, however long (read by slot, stopped at its length) —
@@ -69,6 +78,9 @@ class CascadeNative(CascadeCPU):
 class Portable:
     name = "portable"
 
+    def write(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        write_kv(kv_cache, k, v, slots)
+
     def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
         attn.cascade_plan = _plan.plan_cascade(attn, dtype, device)
 
@@ -81,6 +93,9 @@ class Deterministic:
 
     def __init__(self, cpu_kernels: bool) -> None:
         self.cpu_kernels = cpu_kernels
+
+    def write(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        write_kv(kv_cache, k, v, slots)
 
     def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
         group = num_heads // int(attn.num_kv_heads)

@@ -69,7 +69,8 @@ def _tail_call(kernel: Kernel, grouped: bool, q: torch.Tensor, kv_cache: torch.T
     return kernel(q, kt, vt, scale, plan.tail_mask, False)
 
 
-def _write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, grouped: bool) -> None:
+def write(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, grouped: bool) -> None:
+    """K/V rows to their slots: our library's copy for the native (``grouped``) kernels, else ``write_kv``."""
     lib = native.library_for(k.dtype) if grouped and k.dtype == kv_cache.dtype else None
     if lib is not None:
         lib.write_kv(kv_cache, k, v, slots)  # rows copied to their slots (index_copy_ is ~10x slower here)
@@ -93,7 +94,7 @@ def cascade_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     the decode tails' lengths (``kv_lens=``) instead of their padding mask (``native_flash``);
     otherwise cold chunks go to SDPA and fresh K/V are repeated per query head.
     """
-    _write(kv_cache, k, v, attn.slot_mapping, grouped)
+    write(kv_cache, k, v, attn.slot_mapping, grouped)
     plan = attn.cascade_plan
     if not isinstance(plan, CascadePlan):
         plan = attn.cascade_plan = plan_cascade(attn, q.dtype, q.device)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcache.model.attention import AttentionMetadata
+from promptcache.model.attention import AttentionMetadata, OutputRows
 from promptcache.model.config import ArchConfig
 from promptcache.model.deterministic import pointwise, tiled_linear, tiled_rows
 from promptcache.model.native_lib import unpack_w16
@@ -156,7 +156,9 @@ class Attention(nn.Module):
         attn: AttentionMetadata,
         kv_cache: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
+        outputs: OutputRows | None = None,
     ) -> torch.Tensor:
+        """``outputs``: store every row's K/V, attend for those rows only (``[R, hidden]`` back)."""
         num_tokens = x.shape[0]
         qkv = self.qkv(x)
         heads = self.num_heads + self.num_kv_heads
@@ -173,9 +175,17 @@ class Attention(nn.Module):
             if rope is not None:
                 qk = self._rotate(qk, rope)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        if attn.backend is None:  # one choice, the runner's (model/backends.py): never a silent default
+        backend = attn.backend
+        if backend is None:  # one choice, the runner's (model/backends.py): never a silent default
             raise ValueError("AttentionMetadata.backend is not set; the model runner picks the backend")
-        out = attn.backend(q, k, v, kv_cache, attn, self.scale)  # [T, H, d]
+        if outputs is not None:
+            backend.write(kv_cache, k, v, attn.slot_mapping)
+            if outputs.rows.numel() == 0:
+                return x.new_empty(0, self.o.out_features)
+            rows, attn = outputs.rows, outputs.attn  # the wanted rows' queries (their K/V stored again: R rows)
+            q, k, v = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
+            num_tokens = rows.numel()
+        out = backend(q, k, v, kv_cache, attn, self.scale)  # [T, H, d]
         return self.o(out.reshape(num_tokens, self.q_size))
 
 
@@ -212,18 +222,29 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = norm()
         self.mlp = MLP(cfg)
 
-    def forward(self, x, attn, kv_cache, rope):
-        x = x + self.attn(self.attn_norm(x), attn, kv_cache, rope)
+    def forward(self, x, attn, kv_cache, rope, outputs: OutputRows | None = None):
+        """``outputs``: the last layer's (``OutputRows``): returns those rows only."""
+        a = self.attn(self.attn_norm(x), attn, kv_cache, rope, outputs)
+        if outputs is not None:
+            if outputs.rows.numel() == 0:
+                return a
+            x = x.index_select(0, outputs.rows)
+        x = x + a
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_pair(self, residual: torch.Tensor, delta: torch.Tensor | None, attn: AttentionMetadata,
                      kv_cache: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     outputs: OutputRows | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``forward`` with each residual add done by the norm after it (native RMSNorm: one pass):
         takes and returns the residual stream and the delta not yet added to it."""
         assert isinstance(self.attn_norm, RMSNorm) and isinstance(self.mlp_norm, RMSNorm)
         residual, h = self.attn_norm.add_norm(residual, delta)
-        residual, h = self.mlp_norm.add_norm(residual, self.attn(h, attn, kv_cache, rope))
+        a = self.attn(h, attn, kv_cache, rope, outputs)
+        if outputs is not None:
+            if outputs.rows.numel() == 0:
+                return a, None
+            residual = residual.index_select(0, outputs.rows)
+        residual, h = self.mlp_norm.add_norm(residual, a)
         return residual, self.mlp(h)
 
 
@@ -282,20 +303,21 @@ class CausalLM(nn.Module):
         attn: AttentionMetadata,
         kv_caches: list[torch.Tensor],
     ) -> torch.Tensor:
-        # input_ids, positions: [T] -> hidden: [T, hidden]
+        # input_ids, positions: [T] -> hidden: [T, hidden], or [R, hidden] for ``attn.outputs``' rows
         x = self.embed(input_ids).to(self.norm.weight.dtype)  # a 16-bit table (model/prepack.py): exact upcast
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         rope = self.rotary.tables(positions, x.dtype) if self.rotary is not None else None
+        last = len(self.layers) - 1
         if isinstance(self.norm, RMSNorm) and self.norm.native is not None:  # residual adds fused into the norms
             delta: torch.Tensor | None = None
-            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
                 assert isinstance(layer, DecoderLayer)
-                x, delta = layer.forward_pair(x, delta, attn, kv_cache, rope)
-            return self.norm.add_norm(x, delta)[1]
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, attn, kv_cache, rope)
-        return self.norm(x)
+                x, delta = layer.forward_pair(x, delta, attn, kv_cache, rope, attn.outputs if i == last else None)
+            return self.norm.add_norm(x, delta)[1] if x.shape[0] else x
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x = layer(x, attn, kv_cache, rope, attn.outputs if i == last else None)
+        return self.norm(x) if x.shape[0] else x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
