@@ -173,6 +173,14 @@ static void p16_rows(const float *x, int64_t xs, const uint16_t *wp, const float
     for (; m0 < m_hi; m0 += P16_MR, next = NULL) {
         const float *xm = x + m0 * xs;
         float *ym = y + m0 * ys;
+        /* the next tile's output lines, fetched while this one computes: outputs are fresh memory
+         * (a step's new tensor), and their stores missing every cache cost the [128, 576] x [576,
+         * 3072] up projection ~20 % (measured against all rows stored to one cached row); this
+         * recovers 2-7 % of it (2-core Zen 3, interleaved medians, a fresh output per call) */
+        for (int64_t i = m0 + P16_MR; i < m0 + 2 * P16_MR && i < m_hi; i++) {
+            _mm_prefetch((const char *)(y + i * ys), _MM_HINT_T0);
+            _mm_prefetch((const char *)(y + i * ys + nr - 1), _MM_HINT_T0);
+        }
         int64_t mr = m_hi - m0 < P16_MR ? m_hi - m0 : P16_MR;
         if (wf != NULL && mr == P16_MR) {
             if (next != NULL) /* the first tile only: a copy of its own, the others' loop without the test */
