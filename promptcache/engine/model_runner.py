@@ -150,14 +150,14 @@ class ModelRunner:
         # the last layer computes only the rows that sample (every row's K/V still stored)
         attn.outputs = output_rows(attn, rows) if self.last_layer_rows_only else None
         self.attention.prepare(attn, self.loaded.arch.num_heads, self.compute_dtype, self.device)
-        if attn.outputs is not None:
+        if attn.outputs is not None and attn.outputs.attn is not None:
             self.attention.prepare(attn.outputs.attn, self.loaded.arch.num_heads, self.compute_dtype, self.device)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.loaded.model(ids_t, pos_t, attn, self.kv_caches)  # the sampling rows (or all)
         if not rows:
             return {}
-        if hidden.shape[0] != len(rows):  # every row computed: keep each sampling sequence's last
+        if attn.outputs is None and len(rows) != len(input_ids):  # every row computed: keep each sampler's last
             hidden = hidden.index_select(0, torch.tensor([starts[i + 1] - 1 for i in rows], device=self.device))
         logits = self.loaded.model.compute_logits(hidden)  # [len(rows), vocab]
         tokens, logprobs = self.sampler.sample(

@@ -20,23 +20,16 @@ from promptcache.model import cascade_plan as _plan
 from promptcache.model import deterministic as _deterministic
 from promptcache.model import kernels as _kernels
 from promptcache.model import native
-from promptcache.model.attention import AttentionMetadata, write_kv
+from promptcache.model.attention import AttentionMetadata, Backend, write_kv
 
 
-class AttentionBackend(Protocol):
+class AttentionBackend(Backend, Protocol):
+    """What the runner calls besides what the model does (``attention.Backend``: attend, write)."""
+
     name: str
 
     def prepare(self, attn: AttentionMetadata, num_heads: int, dtype: torch.dtype, device: torch.device) -> None:
         """Build this step's plan into ``attn`` (once; every layer reuses it)."""
-        ...
-
-    def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor: ...
-
-    def write(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Store K/V rows at ``slots`` only (the last layer's rows that no query reads: ``OutputRows``)."""
         ...
 
 

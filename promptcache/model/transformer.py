@@ -178,15 +178,20 @@ class Attention(nn.Module):
         backend = attn.backend
         if backend is None:  # one choice, the runner's (model/backends.py): never a silent default
             raise ValueError("AttentionMetadata.backend is not set; the model runner picks the backend")
-        if outputs is not None:
+        if outputs is None:
+            out = backend(q, k, v, kv_cache, attn, self.scale)  # [T, H, d]
+            return self.o(out.reshape(num_tokens, self.q_size))
+        rows = outputs.rows
+        if outputs.attn is None:  # every row attends by the step's plan; the rows are kept after
+            out = backend(q, k, v, kv_cache, attn, self.scale).index_select(0, rows)
+        else:
             backend.write(kv_cache, k, v, attn.slot_mapping)
-            if outputs.rows.numel() == 0:
+            if rows.numel() == 0:
                 return x.new_empty(0, self.o.out_features)
-            rows, attn = outputs.rows, outputs.attn  # the wanted rows' queries (their K/V stored again: R rows)
+            # the wanted rows' queries over their contexts (their K/V stored again: R rows)
             q, k, v = q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
-            num_tokens = rows.numel()
-        out = backend(q, k, v, kv_cache, attn, self.scale)  # [T, H, d]
-        return self.o(out.reshape(num_tokens, self.q_size))
+            out = backend(q, k, v, kv_cache, outputs.attn, self.scale)
+        return self.o(out.reshape(rows.numel(), self.q_size))
 
 
 class MLP(nn.Module):
