@@ -119,7 +119,8 @@ def test_a_step_that_samples_nothing_skips_the_last_layer_but_its_kv(hf_checkpoi
             kv.zero_()
         _prefill_shared(runner)
         rows: list[int] = []
-        handle = runner.loaded.model.layers[-1].mlp.register_forward_hook(lambda _m, a, _o: rows.append(a[0].shape[0]))
+        handle = runner.loaded.model.layers[-1].mlp.register_forward_hook(
+            lambda _m, a, _o, seen=rows: seen.append(a[0].shape[0]))
         outs.append((runner.execute(steps), [c.clone() for c in runner.kv_caches], rows))
         handle.remove()
     (full, kv_full, rows_full), (pruned, kv_pruned, rows_pruned) = outs
