@@ -150,3 +150,6 @@ def test_output_rows_plan_the_kept_rows_only_without_decodes():
     assert output_rows(meta([1, 1], [7, 9]), [0, 1]) is None
     nothing = output_rows(meta([5], [5]), [])
     assert nothing is not None and nothing.rows.numel() == 0 and nothing.attn is not None
+    # a one-token chunk that samples nothing beside a longer one: no row to keep, no kernel on none
+    nothing = output_rows(meta([5, 1], [5, 9]), [])
+    assert nothing is not None and nothing.rows.numel() == 0 and nothing.attn is not None

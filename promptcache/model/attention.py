@@ -88,7 +88,7 @@ def output_rows(attn: AttentionMetadata, seq_indices: list[int]) -> OutputRows |
         return None
     device = attn.slot_mapping.device
     rows = torch.tensor([qsl[i + 1] - 1 for i in seq_indices], dtype=torch.long).to(device)
-    if any(qsl[i + 1] - qsl[i] == 1 for i in range(attn.num_seqs)):  # a decode (or a one-token chunk)
+    if seq_indices and any(qsl[i + 1] - qsl[i] == 1 for i in range(attn.num_seqs)):  # a decode (or a 1-token chunk)
         return OutputRows(rows, None)
     last = AttentionMetadata(
         slot_mapping=attn.slot_mapping.index_select(0, rows),
