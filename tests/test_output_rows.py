@@ -63,30 +63,35 @@ def _run(runner, prune: bool, decode: bool, sample_b: bool = True):
     return out, kv, rows
 
 
-# family, kernel mode, backend, deterministic, KV cache dtype
+F32 = ("float32", "auto", "auto")  # weights, math, KV cache
+# family, kernel mode, backend, deterministic, dtypes
 CASES = [
-    ("llama", "torch", None, False, None),
-    ("llama", "native", None, False, None),
-    ("qwen3", "native", None, False, None),
-    ("gpt2", "torch", None, False, None),
-    ("llama", "torch", "portable", False, None),
-    ("llama", "native", None, False, "bfloat16"),
-    ("llama", "torch", None, True, None),
-    ("gpt2", "torch", None, True, None),
+    ("llama", "torch", None, False, F32),
+    ("llama", "native", None, False, F32),
+    ("qwen3", "native", None, False, F32),
+    ("gpt2", "torch", None, False, F32),
+    ("llama", "torch", "portable", False, F32),
+    ("llama", "native", None, False, ("float32", "auto", "bfloat16")),
+    ("llama", "torch", None, True, F32),
+    ("gpt2", "torch", None, True, F32),
+    # bf16 math, the dtype CPUs with AVX512-BF16 / AMX and GPUs compute in (forced here; bit-exact)
+    ("llama", "torch", None, True, ("bfloat16", "bfloat16", "auto")),
 ]
 
 
 @pytest.mark.parametrize("decode", [False, True], ids=["chunks", "with-decode"])
-@pytest.mark.parametrize("family,kernels,backend,deterministic,kv_dtype", CASES,
-                         ids=[f"{f}-{k}-{b or 'default'}{'-det' if d else ''}{'-kv-' + kv if kv else ''}"
-                              for f, k, b, d, kv in CASES])
+@pytest.mark.parametrize("family,kernels,backend,deterministic,dtypes", CASES,
+                         ids=[f"{f}-{k}-{b or 'default'}{'-det' if d else ''}"
+                              f"{'' if t == F32 else '-' + '-'.join(t)}" for f, k, b, d, t in CASES])
 def test_last_layer_runs_only_sampling_rows(hf_checkpoints, monkeypatch, family, kernels, backend, deterministic,
-                                            kv_dtype, decode):
+                                            dtypes, decode):
     if kernels == "native" and not native.can_run(spec=native.F32):
         pytest.skip("the float32 kernels need AVX2 and FMA")
     monkeypatch.setenv("PROMPTCACHE_CPU_KERNELS", kernels)
-    runner = LLM(str(hf_checkpoints[family]), dtype="float32", num_blocks=64, device="cpu",
-                 deterministic=deterministic, kv_cache_dtype=kv_dtype or "auto").engine.runner
+    dtype, compute, kv_dtype = dtypes
+    runner = LLM(str(hf_checkpoints[family]), dtype=dtype, compute_dtype=compute, kv_cache_dtype=kv_dtype,
+                 num_blocks=64, device="cpu", deterministic=deterministic).engine.runner
+    assert runner.compute_dtype == getattr(torch, dtype)
     if backend == "portable":
         runner.attention = backends.Portable()
     if kernels == "native" and not deterministic:  # the fused-norm residual path and our kernels, really
